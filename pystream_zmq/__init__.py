@@ -1,0 +1,31 @@
+"""pystream_zmq: PyStream's pipeline API with every stage in its own process, linked by
+ZeroMQ. Change ``from pystream import Pipeline, Stage`` to
+``from pystream_zmq import Pipeline, Stage``."""
+
+from .errors import (
+    DecodeError,
+    PipelineStateError,
+    PyStreamError,
+    StageError,
+    StageNameError,
+    UnsupportedTypeError,
+    WorkerStartupError,
+)
+from .pipeline import Pipeline
+from .profiler import get_profiler_db_folder, set_profiler_db_folder
+from .stage import MAIN_PIPELINE_NAME, Stage
+
+__all__ = [
+    "MAIN_PIPELINE_NAME",
+    "DecodeError",
+    "Pipeline",
+    "PipelineStateError",
+    "PyStreamError",
+    "Stage",
+    "StageError",
+    "StageNameError",
+    "UnsupportedTypeError",
+    "WorkerStartupError",
+    "get_profiler_db_folder",
+    "set_profiler_db_folder",
+]

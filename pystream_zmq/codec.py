@@ -1,0 +1,309 @@
+"""Wire format of data items: ``encode(obj) -> frames`` and ``decode(frames) -> obj``.
+
+A message is a list of ZeroMQ frames. ``frames[0]`` is a msgpack header holding the object
+tree; dicts (str keys), lists, str, bytes, int, float, bool and None are plain msgpack. The
+rest are ExtTypes whose payload is itself msgpack:
+
+- ``EXT_TUPLE`` (1): a list of items, decoded as a tuple.
+- ``EXT_ARRAY`` (2): ``[dtype.str, shape, raw C-order bytes]``, a small numpy array inline.
+- ``EXT_BUFFER`` (3): ``[dtype.str, shape, frame index]``, an array whose C-order bytes are
+  the whole frame ``frames[index]``. Arrays of ``OUT_OF_BAND_MIN_BYTES`` or more travel this
+  way, as zero-copy memoryviews; each frame after the header is referenced exactly once.
+- ``EXT_SCALAR`` (4): ``[dtype.str, raw bytes]``, a numpy scalar.
+
+Byte order is kept as it is (``'>f4'`` arrives as ``'>f4'``). Decoding treats every frame
+as hostile: no pickle, only bool/int/uint/float/complex dtypes, sizes checked before any
+allocation, and every failure raised as one ``DecodeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import reprlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+from pystream_zmq.errors import DecodeError, UnsupportedTypeError
+
+if TYPE_CHECKING:
+    import zmq
+    from typing_extensions import Buffer
+
+__all__ = [
+    "DEFAULT_MAX_CONTAINER_LEN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_DEPTH",
+    "OUT_OF_BAND_MIN_BYTES",
+    "decode",
+    "encode",
+]
+
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_CONTAINER_LEN = 1_000_000
+MAX_DEPTH = 100  # levels of nested containers; far below Python's recursion limit
+EXT_TUPLE, EXT_ARRAY, EXT_BUFFER, EXT_SCALAR = 1, 2, 3, 4
+
+_KINDS = frozenset("biufc")
+_PLAIN = frozenset({str, float, bool, bytes, type(None)})  # msgpack carries these as they are
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_MAX_NDIM = 64  # numpy's own limit; also keeps the shape product cheap
+# Only names like '<f4', '|b1', 'c16' ever reach np.dtype, whose parser accepts far more.
+_DTYPE_NAME = re.compile(r"[<>|=]?[biufc][0-9]{1,2}")
+
+
+class _Refused(Exception):
+    """Raised inside the walk; collects the key path while unwinding (free when nothing fails)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.keys: list[object] = []
+
+
+def encode(obj: object) -> list[bytes | memoryview]:
+    """Turn ``obj`` into frames: a msgpack header, then one frame per large array.
+
+    Subclasses of dict, list and tuple (OrderedDict, defaultdict, namedtuple) are sent as
+    plain dict, list and tuple; subclasses of str, bytes, int and float (e.g. IntEnum) as
+    their base type. ndarray subclasses (masked arrays, matrices) are refused, as are sets,
+    bytearray and every other type: ``UnsupportedTypeError`` names the key path, e.g.
+    ``data['items'][3]: cannot send a set``.
+    """
+    buffers: list[bytes | memoryview] = []
+    try:
+        tree = _walk(obj, buffers, 0)
+    except _Refused as e:
+        path = "data" + "".join(f"[{key!r}]" for key in reversed(e.keys))
+        raise UnsupportedTypeError(f"{path}: {e.reason}") from None
+    return [msgpack.packb(tree), *buffers]
+
+
+def _walk(obj: object, buffers: list[bytes | memoryview], depth: int) -> object:
+    kind = type(obj)
+    if kind in _PLAIN:
+        return obj
+    if kind is int:
+        return _int(obj)  # type: ignore[arg-type]
+    if isinstance(obj, (dict, list, tuple)):
+        if depth >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(obj, dict):
+            return _walk_dict(obj, buffers, depth + 1)
+        items = []
+        for index, item in enumerate(obj):
+            try:
+                items.append(_walk(item, buffers, depth + 1))
+            except _Refused as e:
+                e.keys.append(index)
+                raise
+        return items if isinstance(obj, list) else msgpack.ExtType(EXT_TUPLE, msgpack.packb(items))
+    if kind is np.ndarray:
+        return _array(obj, buffers)  # type: ignore[arg-type]
+    if isinstance(obj, np.generic):
+        if obj.dtype.kind not in _KINDS:
+            raise _Refused(f"cannot send a numpy {kind.__name__}")
+        return msgpack.ExtType(EXT_SCALAR, msgpack.packb((obj.dtype.str, obj.tobytes())))
+    if isinstance(obj, int):
+        return _int(obj)
+    if isinstance(obj, (str, bytes, float)):
+        return obj
+    raise _Refused(f"cannot send a {kind.__name__}")
+
+
+def _walk_dict(obj: dict[Any, Any], buffers: list[bytes | memoryview], depth: int) -> object:
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise _Refused(
+                f"dict key {_show(key)} is a {type(key).__name__}; only str keys can be sent"
+            )
+        try:
+            out[key] = _walk(value, buffers, depth)
+        except _Refused as e:
+            e.keys.append(key)
+            raise
+    return out
+
+
+def _int(value: int) -> int:
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _Refused(f"int of {value.bit_length()} bits is outside the 64-bit range")
+    return value
+
+
+def _array(arr: np.ndarray[Any, Any], buffers: list[bytes | memoryview]) -> msgpack.ExtType:
+    if arr.dtype.kind not in _KINDS:
+        raise _Refused(f"cannot send a numpy array of dtype {arr.dtype}")
+    shape = list(arr.shape)
+    if arr.nbytes < OUT_OF_BAND_MIN_BYTES:
+        return msgpack.ExtType(EXT_ARRAY, msgpack.packb((arr.dtype.str, shape, arr.tobytes())))
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)  # the one copy; contiguous arrays go out as they are
+    # A uint8 view, since the buffer protocol refuses some dtypes (e.g. non-native longdouble).
+    buffers.append(arr.reshape(-1).view(np.uint8).data)
+    return msgpack.ExtType(EXT_BUFFER, msgpack.packb((arr.dtype.str, shape, len(buffers))))
+
+
+def _show(value: object) -> str:
+    try:
+        return reprlib.repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        return "?"
+
+
+def decode(
+    frames: Sequence[Buffer | zmq.Frame],
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+) -> object:
+    """Rebuild the object from ``frames`` (bytes, bytearray, memoryview or zmq.Frame).
+
+    Arrays come back writeable, each copied exactly once, never aliasing the frames.
+    Raises ``DecodeError`` for any malformed input and nothing else. Left unchecked on
+    purpose: bytes dict keys pass (a check per map costs ~60% on dict-heavy messages, and
+    ``encode`` refuses them downstream); msgpack's timestamp ext (-1) arrives as a float.
+    """
+    try:
+        views = [_frame_view(frame) for frame in frames]
+        if not views:
+            raise DecodeError("empty message: no frames")
+        size = sum(view.nbytes for view in views)
+        if size > max_message_bytes:
+            raise DecodeError(f"message of {size} bytes is over the {max_message_bytes} limit")
+        decoder = _Decoder(views, max_container_len, max_message_bytes)
+        obj = decoder.unpack(views[0], decoder.ext_hook)
+        unused = decoder.used.count(False) - 1  # the header is never referenced
+        if unused:
+            raise DecodeError(f"{unused} frame(s) not referenced by the header")
+        return obj
+    except DecodeError:
+        raise
+    except Exception as e:  # msgpack, numpy and memoryview errors alike
+        raise DecodeError(f"malformed message: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _frame_view(frame: object) -> memoryview:
+    view = memoryview(frame)  # type: ignore[arg-type]
+    if not view.c_contiguous:
+        raise DecodeError("frame is not a contiguous buffer")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class _Decoder:
+    __slots__ = ("budget", "count", "depth", "frames", "length", "used")
+
+    def __init__(self, frames: list[memoryview], max_container_len: int, budget: int) -> None:
+        self.frames = frames
+        self.used = [False] * len(frames)
+        self.depth = 0
+        # Ext payloads are copied once per nesting level; the budget bounds that amplification.
+        self.budget = budget
+        self.length = frames[0].nbytes  # nothing inside the header can be longer than it
+        self.count = min(max_container_len, self.length)
+
+    def unpack(self, data: bytes | memoryview, ext_hook: Callable[[int, bytes], object]) -> object:
+        # Keywords spelled out, not **kwargs: that alone would double the cost of a small message.
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,  # bytes keys still pass; encode refuses them on the way out
+            use_list=True,
+            timestamp=1,  # msgpack's built-in ext -1 becomes a plain float, not a Timestamp
+            ext_hook=ext_hook,
+            max_str_len=self.length,
+            max_bin_len=self.length,
+            max_ext_len=self.length,
+            max_array_len=self.count,
+            max_map_len=self.count,
+        )
+
+    def ext_hook(self, code: int, data: bytes) -> object:
+        self.budget -= len(data)
+        if self.budget < 0:
+            raise DecodeError("ext payloads too large")
+        if code == EXT_TUPLE:
+            return self.unpack_tuple(data)
+        # Array and scalar payloads hold no ext, so this unpackb never recurses.
+        fields = self.unpack(data, _no_ext)
+        if type(fields) is not list:
+            raise DecodeError(f"ext {code} payload is not a list")
+        if code == EXT_ARRAY and len(fields) == 3 and type(fields[2]) is bytes:
+            return _array_from(fields[0], fields[1], fields[2])
+        if code == EXT_BUFFER and len(fields) == 3:
+            return _array_from(fields[0], fields[1], self.take(fields[2]))
+        if code == EXT_SCALAR and len(fields) == 2 and type(fields[1]) is bytes:
+            return _array_from(fields[0], [], fields[1])[()]
+        raise DecodeError(f"unknown ext code {code} or bad payload")
+
+    def unpack_tuple(self, data: bytes) -> tuple[object, ...]:
+        # unpackb keeps a ~40 KB parse stack on the C stack, so nesting it per tuple level
+        # segfaults a thread within a few dozen levels; an Unpacker keeps it on the heap.
+        if self.depth >= MAX_DEPTH:
+            raise DecodeError(f"tuples nested deeper than {MAX_DEPTH} levels")
+        unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            timestamp=1,
+            ext_hook=self.ext_hook,
+            max_buffer_size=max(len(data), 1),
+            max_str_len=self.length,
+            max_bin_len=self.length,
+            max_ext_len=self.length,
+            max_array_len=self.count,
+            max_map_len=self.count,
+        )
+        unpacker.feed(data)
+        self.depth += 1
+        try:
+            items = unpacker.unpack()
+        finally:
+            self.depth -= 1
+        if type(items) is not list or unpacker.tell() != len(data):
+            raise DecodeError("tuple payload is not exactly one list")
+        return tuple(items)
+
+    def take(self, index: object) -> memoryview:
+        if type(index) is not int or not 0 < index < len(self.frames) or self.used[index]:
+            raise DecodeError("bad or repeated out-of-band frame index")
+        self.used[index] = True
+        return self.frames[index]
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise DecodeError(f"ext {code} inside an array payload")
+
+
+def _array_from(dtype_name: object, shape: object, buf: bytes | memoryview) -> np.ndarray[Any, Any]:
+    dtype = _dtype(dtype_name)
+    if type(shape) is not list or len(shape) > _MAX_NDIM:
+        raise DecodeError("array shape is not a list of at most 64 dims")
+    if not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise DecodeError("array shape holds a negative or non-int dim")
+    if math.prod(shape) * dtype.itemsize != len(buf):  # Python ints: no overflow
+        raise DecodeError(f"array {dtype}{shape} does not match its {len(buf)} bytes")
+    return np.frombuffer(buf, dtype).reshape(shape).copy()  # the one copy: writeable, own data
+
+
+def _dtype(name: object) -> np.dtype[Any]:
+    if type(name) is not str or not _DTYPE_NAME.fullmatch(name):
+        raise DecodeError(f"unsupported dtype {_show(name)}")
+    return _parse_dtype(name)
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_dtype(name: str) -> np.dtype[Any]:
+    try:
+        dtype = np.dtype(name)
+    except Exception as e:  # TypeError for 'f3', but np.dtype may raise anything
+        raise DecodeError(f"unsupported dtype {name!r}") from e
+    if dtype.kind not in _KINDS or dtype.itemsize <= 0 or dtype.fields or dtype.shape != ():
+        raise DecodeError(f"unsupported dtype {name!r}")
+    return dtype

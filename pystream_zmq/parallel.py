@@ -1,0 +1,430 @@
+"""The orchestrator of a parallel pipeline: starts one worker process per unit, owns the
+source and sink ends of the chain, collects profile events, and shuts everything down
+within a deadline.
+
+Chain over ipc:// files in a private directory: each worker binds its input, connects to
+the next one's, and the last one connects to the orchestrator's sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from . import codec, profiler, transport
+from .errors import DecodeError, PipelineStateError, WorkerStartupError
+from .stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf
+from .worker import WorkerSpec, write_spec
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_IDLE_FLUSH_MS = 200
+# Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
+_WORKER_MAIN = "from pystream_zmq.worker import main; main()"
+
+
+@dataclass
+class Unit:
+    """What one worker process runs: a stage, or a serial sub-pipeline's stages inline."""
+
+    name: str
+    leaves: list[Leaf]
+
+
+@dataclass
+class ParallelSettings:
+    block_input: bool = True
+    input_timeout: float = 10.0
+    block_output: bool = False
+    output_timeout: float = 10.0
+    hwm: int = transport.DEFAULT_HWM
+    startup_timeout: float = 30.0
+    stop_timeout: float = 5.0
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+    def left_ms(self) -> int:
+        return int(self.left() * 1000)
+
+
+class ParallelRunner:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        settings: ParallelSettings,
+        record: Callable[[list[Event]], object] | None,
+    ) -> None:
+        if not units:
+            raise PipelineStateError("a parallel pipeline needs at least one stage")
+        self.units = list(units)
+        self.settings = settings
+        self._record = record
+        self._dir = tempfile.mkdtemp(prefix="pystream-")
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._procs: list[subprocess.Popen[bytes]] = []
+        # Kills workers and removes socket files even if cleanup() is never called.
+        self._finalizer = weakref.finalize(self, _teardown, self._procs, self._dir)
+        self._closed = False
+        self._ready: set[int] = set()  # workers that said READY: the ones that answer commands
+        self.worker_counters: dict[str, dict[str, Any]] = {}
+
+        self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
+        self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._control.bind(self._endpoint("control"))
+        self._source = transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
+        self._source.setsockopt(zmq.SNDTIMEO, int(settings.input_timeout * 1000))
+        self._source_lock = threading.Lock()
+        self._next_seq = 0
+        self._next_eos = 0
+        self._collector = _Collector(
+            self._ctx,
+            self._endpoint("sink"),
+            self._endpoint("profile") if record else None,
+            settings.hwm,
+            record,
+        )
+        try:
+            self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+        self._source.connect(self._input_endpoint(0))
+        self._collector.start()
+
+    # -- start-up ------------------------------------------------------------------------
+    def _endpoint(self, name: str) -> str:
+        return transport.ipc_endpoint(self._dir, name)
+
+    def _input_endpoint(self, index: int) -> str:
+        if index == len(self.units):
+            return self._endpoint("sink")
+        return self._endpoint(f"in{index}")
+
+    def _start_workers(self) -> None:
+        blobs = []
+        for unit in self.units:
+            try:
+                blobs.append(cloudpickle.dumps(unit.leaves))
+            except Exception as e:
+                raise WorkerStartupError(
+                    unit.name, f"it cannot be sent to a worker process ({e!r})"
+                ) from e
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        for index, (unit, blob) in enumerate(zip(self.units, blobs, strict=True)):
+            spec = WorkerSpec(
+                name=unit.name,
+                ident=str(index).encode(),
+                pull=self._input_endpoint(index),
+                push=self._input_endpoint(index + 1),
+                control=self._endpoint("control"),
+                profile=self._endpoint("profile") if self._record else None,
+                hwm=self.settings.hwm,
+                sys_path=list(sys.path),
+                log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
+            )
+            self._procs.append(proc)
+            assert proc.stdin is not None
+            write_spec(proc.stdin, spec, blob)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        waiting = set(range(len(self.units)))
+        deadline = _Deadline(self.settings.startup_timeout)
+        while waiting:
+            if self._control.poll(min(100, deadline.left_ms())):
+                ident, kind, *rest = self._control.recv_multipart()
+                index = int(ident)
+                if kind == transport.FAILED:
+                    detail = rest[0].decode(errors="replace").strip()
+                    raise WorkerStartupError(
+                        self.units[index].name, detail.splitlines()[-1] + "\n" + detail
+                    )
+                waiting.discard(index)
+                self._ready.add(index)
+                continue
+            for index in sorted(waiting):
+                code = self._procs[index].poll()
+                if code is not None:
+                    raise WorkerStartupError(
+                        self.units[index].name, f"its process exited with code {code}"
+                    )
+            if not deadline.left():
+                names = ", ".join(self.units[i].name for i in sorted(waiting))
+                raise WorkerStartupError(
+                    names, f"not ready after {self.settings.startup_timeout:g} s"
+                )
+
+    # -- data ----------------------------------------------------------------------------
+    def forward(self, data: Any) -> bool:
+        sent_at = time.time()
+        frames = codec.encode(data)
+        flags = 0 if self.settings.block_input else zmq.NOBLOCK
+        with self._source_lock:
+            self._check_open()
+            envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
+            try:
+                # copy=True: the caller may reuse its arrays as soon as forward() returns.
+                self._source.send_multipart([envelope, *frames], flags, copy=True)
+            except zmq.Again:
+                return False
+            self._next_seq += 1
+            return True
+
+    def get_results(self) -> Any:
+        timeout = self.settings.output_timeout if self.settings.block_output else 0.0
+        return self._collector.take_latest(timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Deliver everything forwarded so far: an end-of-stream marker follows the items
+        through every worker, and the sink seeing it means all before it arrived."""
+        deadline = _Deadline(timeout)
+        with self._source_lock:
+            self._check_open()
+            self._next_eos += 1
+            token = self._next_eos
+            envelope = transport.pack_envelope(transport.KIND_EOS, token, time.time())
+            if not self._source.poll(deadline.left_ms(), zmq.POLLOUT):
+                return False
+            self._source.send(envelope, zmq.NOBLOCK)
+        return self._collector.wait_for_eos(token, deadline.left())
+
+    # -- control -------------------------------------------------------------------------
+    def _alive(self) -> list[int]:
+        return [i for i in sorted(self._ready) if self._procs[i].poll() is None]
+
+    def _ask_all(self, command: bytes, timeout: float) -> dict[int, list[bytes]]:
+        """Send a command to every live worker and collect one reply from each."""
+        deadline = _Deadline(timeout)
+        waiting = set(self._alive())
+        for index in list(waiting):
+            try:
+                self._control.send_multipart([str(index).encode(), command])
+            except zmq.ZMQError:  # never connected (ROUTER_MANDATORY): nothing to ask
+                waiting.discard(index)
+        replies: dict[int, list[bytes]] = {}
+        while waiting and self._control.poll(deadline.left_ms()):
+            ident, *reply = self._control.recv_multipart()
+            index = int(ident)
+            replies[index] = reply
+            waiting.discard(index)
+        for index in waiting:
+            log.warning("worker %s did not answer %r in time", self.units[index].name, command)
+        return replies
+
+    def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
+        """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
+        states: dict[str, dict[str, Any]] = {}
+        for index, reply in self._ask_all(command, self.settings.stop_timeout).items():
+            if reply[0] != transport.STATE:
+                continue
+            try:
+                state = codec.decode(reply[1:])
+            except DecodeError as e:
+                log.warning("unreadable state from %s: %s", self.units[index].name, e)
+                continue
+            if isinstance(state, dict):
+                states.update(state)
+        return states
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PipelineStateError("the pipeline has been cleaned up")
+
+    # -- shutdown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every worker within ``stop_timeout``: STOP, wait for BYE and their last
+        profile events, close their stdin (the acknowledgement that lets them exit), then
+        terminate and kill whatever is left. Idempotent."""
+        if self._closed:
+            return
+        with self._source_lock:
+            self._closed = True
+        deadline = _Deadline(self.settings.stop_timeout)
+        replies = self._ask_all(transport.STOP, deadline.left())
+        for index, reply in replies.items():
+            if reply and reply[0] == transport.BYE:
+                try:
+                    counters = codec.decode(reply[1:])
+                except DecodeError:
+                    continue
+                if isinstance(counters, dict):
+                    self.worker_counters[self.units[index].name] = counters
+        if self._record is not None:
+            # Every worker that said BYE sent its profile END before it.
+            self._collector.wait_for_profile_ends(len(replies), deadline.left())
+        _teardown(self._procs, self._dir, deadline.left())
+        self._collector.stop()
+        self._finalizer.detach()
+        self._ctx.destroy(linger=0)
+
+
+def _teardown(procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0) -> None:
+    """Let workers exit (closing stdin is their signal), then terminate and kill whatever
+    is left; remove the socket files."""
+    for proc in procs:
+        if proc.stdin is not None and not proc.stdin.closed:
+            with contextlib.suppress(OSError):  # a dead worker's pipe may be broken
+                proc.stdin.close()
+    _wait_all(procs, grace)
+    for step in (subprocess.Popen.terminate, subprocess.Popen.kill):
+        alive = [proc for proc in procs if proc.poll() is None]
+        if not alive:
+            break
+        log.warning("%s %d worker(s) that did not exit in time", step.__name__, len(alive))
+        for proc in alive:
+            step(proc)
+        _wait_all(alive, 1.0)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = _Deadline(timeout)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(deadline.left())
+
+
+class _Collector(threading.Thread):
+    """Background thread that owns the sink and profile sockets: keeps the latest output,
+    records MainPipeline timings, notices end-of-stream markers and forwards profile events."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        sink_endpoint: str,
+        profile_endpoint: str | None,
+        hwm: int,
+        record: Callable[[list[Event]], object] | None,
+    ) -> None:
+        super().__init__(name="pystream-collector", daemon=True)
+        self._sink = transport.make_socket(ctx, zmq.PULL, hwm)
+        self._sink.bind(sink_endpoint)
+        self._profile: zmq.Socket[Any] | None = None
+        if profile_endpoint is not None:
+            self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
+            self._profile.bind(profile_endpoint)
+        self._record = record  # worker batches go straight on; our own events are batched
+        self._events = EventBuffer(record) if record is not None else None
+        self._wake_endpoint = f"inproc://wake-{id(self)}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(self._wake_endpoint)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(self._wake_endpoint)
+        self._cond = threading.Condition()
+        self._latest: Any = None
+        self._has_new = False
+        self._eos_seen = 0
+        self._profile_ends = 0
+        self.delivered = 0
+        self.decode_errors = 0
+        self.dropped_events = 0
+
+    # -- called from the user's threads ---------------------------------------------------
+    def take_latest(self, timeout: float) -> Any:
+        with self._cond:
+            if timeout > 0:
+                self._cond.wait_for(lambda: self._has_new, timeout)
+            if not self._has_new:
+                return None
+            self._has_new = False
+            latest, self._latest = self._latest, None
+            return latest
+
+    def wait_for_eos(self, token: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._eos_seen >= token, timeout)
+
+    def wait_for_profile_ends(self, count: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._profile_ends >= count, timeout)
+
+    def stop(self) -> None:
+        if self.is_alive():
+            self._wake_tx.send(b"")
+            self.join()
+        else:
+            self._close_sockets()
+
+    # -- the thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sink, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        if self._profile is not None:
+            poller.register(self._profile, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll(_IDLE_FLUSH_MS))
+                if self._events is not None:
+                    self._events.flush_if_old()
+                if self._wake_rx in ready:
+                    return
+                if self._sink in ready:
+                    self._on_output(self._sink.recv_multipart(copy=False))
+                if self._profile is not None and self._profile in ready:
+                    self._on_profile(self._profile.recv_multipart())
+        finally:
+            if self._events is not None:
+                self._events.flush()
+            self._close_sockets()
+
+    def _on_output(self, frames: list[zmq.Frame]) -> None:
+        end = time.time()
+        try:
+            kind, seq, sent_at = transport.unpack_envelope(frames[0])
+            data = codec.decode(frames[1:]) if kind == transport.KIND_DATA else None
+        except DecodeError as e:
+            self.decode_errors += 1
+            log.warning("dropped a malformed output: %s", e)
+            return
+        with self._cond:
+            if kind == transport.KIND_EOS:
+                self._eos_seen = max(self._eos_seen, seq)
+            else:
+                self._latest, self._has_new = data, True
+                self.delivered += 1
+            self._cond.notify_all()
+        if kind == transport.KIND_DATA and self._events is not None:
+            self._events.add((MAIN_PIPELINE_NAME, seq, sent_at, sent_at, end))
+
+    def _on_profile(self, message: list[bytes]) -> None:
+        if message[0] == transport.PROFILE_END:
+            with self._cond:
+                self._profile_ends += 1
+                self._cond.notify_all()
+        elif message[0] == transport.EVENTS and len(message) == 2 and self._record is not None:
+            try:
+                self._record(profiler.unpack_events(message[1]))
+            except DecodeError as e:
+                log.warning("dropped malformed profile events: %s", e)
+
+    def _close_sockets(self) -> None:
+        for sock in (self._sink, self._profile, self._wake_rx, self._wake_tx):
+            if sock is not None:
+                sock.close(linger=0)

@@ -1,0 +1,330 @@
+"""``Pipeline``: PyStream's API over serial (inline) and parallel (one process per stage)
+runners."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import profiler, transport
+from .errors import PipelineStateError, PyStreamError, StageNameError
+from .parallel import ParallelRunner, ParallelSettings, Unit
+from .serial import SerialRunner
+from .stage import (
+    MAIN_PIPELINE_NAME,
+    PATH_SEPARATOR,
+    Event,
+    Leaf,
+    Stage,
+    StageChain,
+    check_stage_name,
+)
+
+log = logging.getLogger(__name__)
+
+_GENERATE: Any = object()  # forward()'s default: take the item from input_generator
+
+
+class Pipeline:
+    """A chain of stages, run serially (``serialize()``) or one process per stage
+    (``parallelize()``). A drop-in replacement for ``pystream.Pipeline``."""
+
+    def __init__(
+        self, input_generator: Callable[[], Any] | None = None, use_profiler: bool = False
+    ) -> None:
+        self.input_generator = input_generator
+        self.use_profiler = use_profiler
+        self._entries: list[tuple[str, Callable[[Any], Any]]] = []
+        self._unnamed = 0
+        self._mode: str | None = None
+        self._runner: SerialRunner | ParallelRunner | None = None
+        self._loop: _InputLoop | None = None
+        self._drain_timeout = 10.0
+        self._writer: profiler.ProfileWriter | None = None
+        self._profile_run: tuple[Path, int] | None = None
+
+    # -- building ------------------------------------------------------------------------
+    def add(self, stage: Callable[[Any], Any], name: str | None = None) -> None:
+        """Append a stage: a ``Stage`` instance, a one-argument function, or another
+        pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
+        else ``Stage_N``."""
+        if self._runner is not None:
+            raise PipelineStateError("stages cannot be added while running; cleanup() first")
+        if not callable(stage):
+            raise TypeError(f"a stage must be callable, not {type(stage).__name__}")
+        if name is None and isinstance(stage, Stage):
+            name = getattr(stage, "name", None)
+        taken = {existing for existing, _ in self._entries}
+        if name is None:
+            while name is None or name in taken:
+                self._unnamed += 1
+                name = f"Stage_{self._unnamed}"
+        check_stage_name(name)
+        if name in taken:
+            raise StageNameError(f"a stage named {name!r} is already in this pipeline")
+        self._entries.append((name, stage))
+
+    def as_stage(self) -> PipelineStage:
+        """This pipeline as one stage of another. Serialized, it runs as one worker that
+        executes its stages inline; parallelized, its stages join the parent's workers."""
+        return PipelineStage(self)
+
+    # -- starting ------------------------------------------------------------------------
+    def serialize(self) -> Pipeline:
+        """Run every stage inline, in the caller's thread."""
+        self._start("serial", None)
+        return self
+
+    def parallelize(
+        self,
+        block_input: bool = True,
+        input_timeout: float = 10,
+        block_output: bool = False,
+        output_timeout: float = 10,
+        *,
+        hwm: int = transport.DEFAULT_HWM,
+        startup_timeout: float = 30.0,
+        drain_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+    ) -> Pipeline:
+        """Run every stage (or serial sub-pipeline) in its own process; returns once all
+        workers are ready. ``hwm`` bounds each link's queue (backpressure)."""
+        if hwm < 1:
+            raise ValueError("hwm must be at least 1")
+        settings = ParallelSettings(
+            block_input=block_input,
+            input_timeout=input_timeout,
+            block_output=block_output,
+            output_timeout=output_timeout,
+            hwm=hwm,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self._drain_timeout = drain_timeout
+        self._start("parallel", settings)
+        return self
+
+    def _start(self, mode: str, settings: ParallelSettings | None) -> None:
+        if self._runner is not None:
+            raise PipelineStateError(
+                f"the pipeline is already running ({self._mode}); call cleanup() first"
+            )
+        for child in self._children():
+            child._release()  # its stages now run under this pipeline
+        self._mode = mode
+        record = self._open_profile_run(mode)
+        try:
+            if settings is None:
+                self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record)
+            else:
+                self._runner = ParallelRunner(
+                    list(self._units(MAIN_PIPELINE_NAME)), settings, record
+                )
+        except BaseException:
+            self._close_profile()
+            raise
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, data: Any = _GENERATE) -> bool:
+        """Push one item (by default, the input generator's). False when a parallel
+        pipeline could not take it within ``input_timeout`` (or at once, non-blocking)."""
+        runner = self._running()
+        if data is _GENERATE:
+            data = self._generate()
+        return runner.forward(data)
+
+    def get_results(self) -> Any:
+        """The latest output, never the same one twice; None when there is nothing new."""
+        return self._running().get_results()
+
+    def start_loop(self, period: float = 0.01) -> None:
+        """Forward the input generator's data every ``period`` seconds, in a thread."""
+        self._running()
+        if self.input_generator is None:
+            raise PipelineStateError("start_loop() needs an input_generator")
+        if self._loop is not None:
+            raise PipelineStateError("the loop is already running")
+        self._loop = _InputLoop(self.forward, period)
+        self._loop.start()
+
+    def stop_loop(self) -> None:
+        """Stop the input loop (if any), deliver what is in flight, and bring the stages'
+        state (their attributes) back from the workers."""
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop()
+        if isinstance(self._runner, ParallelRunner):
+            self._drain(self._runner)
+            self._apply_state(self._runner.collect_state())
+        if loop is not None and loop.error is not None:
+            raise PyStreamError(f"the input loop stopped early: {loop.error!r}") from loop.error
+
+    def _drain(self, runner: ParallelRunner) -> None:
+        if not runner.drain(self._drain_timeout):
+            log.warning("gave up waiting for items in flight after %g s", self._drain_timeout)
+
+    # -- stopping ------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Stop the loop and every worker, run every stage's cleanup(); idempotent."""
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop()
+        runner, self._runner = self._runner, None
+        try:
+            if isinstance(runner, ParallelRunner):
+                self._drain(runner)
+                self._apply_state(runner.collect_state(transport.CLEANUP))
+                runner.close()
+            elif runner is not None:
+                runner.close()
+        finally:
+            self._close_profile()
+
+    def _release(self) -> None:
+        """Stop this pipeline's own runner without running stage cleanups: its stages are
+        about to run inside a parent pipeline."""
+        runner, self._runner = self._runner, None
+        if isinstance(runner, ParallelRunner):
+            runner.close()
+        self._close_profile()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    # -- profiles ------------------------------------------------------------------------
+    def get_profiles(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(latency in s, throughput in items/s) per stage path, as PyStream defines them."""
+        if self._profile_run is None:
+            return {}, {}
+        if isinstance(self._runner, SerialRunner):
+            self._runner.flush_events()
+        if self._writer is not None:
+            self._writer.flush()
+        return profiler.read_profiles(*self._profile_run)
+
+    def _open_profile_run(self, mode: str) -> Callable[[list[Event]], object] | None:
+        if not self.use_profiler:
+            return None
+        db_path = profiler.profiler_db_path()
+        writer = profiler.ProfileWriter(db_path)
+        layout = [(MAIN_PIPELINE_NAME, "pipeline")]
+        layout += [(path, kind) for path, kind, _ in self._layout(MAIN_PIPELINE_NAME)]
+        run_id = writer.start_run(MAIN_PIPELINE_NAME, mode, layout)
+        self._writer, self._profile_run = writer, (db_path, run_id)
+        return functools.partial(writer.submit, run_id)
+
+    def _close_profile(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            if writer.dropped_events:
+                log.warning(
+                    "%d profile events were dropped (the database was too slow)",
+                    writer.dropped_events,
+                )
+
+    # -- structure -----------------------------------------------------------------------
+    def _layout(self, prefix: str) -> Iterator[tuple[str, str, Callable[[Any], Any]]]:
+        """(path, 'stage' | 'pipeline', stage) for every level, in display order."""
+        for name, stage in self._entries:
+            path = prefix + PATH_SEPARATOR + name
+            if isinstance(stage, PipelineStage):
+                yield path, "pipeline", stage
+                yield from stage.pipeline._layout(path)
+            else:
+                yield path, "stage", stage
+
+    def _leaves(self, prefix: str) -> list[Leaf]:
+        return [(path, stage) for path, kind, stage in self._layout(prefix) if kind == "stage"]
+
+    def _units(self, prefix: str) -> Iterator[Unit]:
+        for name, stage in self._entries:
+            path = prefix + PATH_SEPARATOR + name
+            if not isinstance(stage, PipelineStage):
+                yield Unit(path, [(path, stage)])
+            elif stage.pipeline._mode == "parallel":
+                yield from stage.pipeline._units(path)
+            else:
+                yield Unit(path, stage.pipeline._leaves(path))
+
+    def _children(self) -> list[Pipeline]:
+        return [stage.pipeline for _, stage in self._entries if isinstance(stage, PipelineStage)]
+
+    def _apply_state(self, states: dict[str, dict[str, Any]]) -> None:
+        """Copy attributes sent back by workers onto the user's own stage objects."""
+        stages = {path: stage for path, kind, stage in self._layout(MAIN_PIPELINE_NAME)}
+        for path, attributes in states.items():
+            stage = stages.get(path)
+            for key, value in attributes.items() if stage is not None else ():
+                try:
+                    setattr(stage, key, value)
+                except Exception as e:
+                    log.debug("could not set %s.%s: %r", path, key, e)
+
+    def _running(self) -> SerialRunner | ParallelRunner:
+        if self._runner is None:
+            raise PipelineStateError(
+                "the pipeline is not running: call serialize() or parallelize() first"
+            )
+        return self._runner
+
+    def _generate(self) -> Any:
+        if self.input_generator is None:
+            raise PipelineStateError("forward() without data needs an input_generator")
+        return self.input_generator()
+
+
+class PipelineStage(Stage):
+    """A pipeline used as a stage of another pipeline (see ``Pipeline.as_stage``)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, data: Any) -> Any:
+        ok, out = StageChain(self.pipeline._leaves(""), None).run(data, 0, time.time())
+        return out if ok else None
+
+    def cleanup(self) -> None:
+        StageChain(self.pipeline._leaves(""), None).cleanup()
+
+
+class _InputLoop(threading.Thread):
+    """Calls ``forward()`` every ``period`` seconds until stopped. When the pipeline is
+    slower than the period it does not burst to catch up."""
+
+    def __init__(self, forward: Callable[[], bool], period: float) -> None:
+        super().__init__(name="pystream-input-loop", daemon=True)
+        self._forward = forward
+        self._period = period
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.refused = 0
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                if not self._forward():
+                    self.refused += 1
+            except Exception as e:
+                log.exception("the input loop stopped: forward() raised")
+                self.error = e
+                return
+            next_at += self._period
+            delay = next_at - time.monotonic()
+            if delay < 0:
+                next_at = time.monotonic()
+            elif self._stopping.wait(delay):
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()

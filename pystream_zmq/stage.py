@@ -1,0 +1,122 @@
+"""Stages: the user's unit of work, its naming rules, and running a chain of them inline."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import StageNameError
+
+MAIN_PIPELINE_NAME = "MainPipeline"
+PATH_SEPARATOR = "__"
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, int, float, float, float]  # (path, seq, arrive, start, end)
+
+
+class Stage(abc.ABC):
+    """A stage with state: derive from it and define ``__call__`` and ``cleanup``.
+
+    Setting ``self.name`` in ``__init__`` names the stage in profiles.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, data: Any) -> Any:
+        """Process one item and return the result for the next stage."""
+
+    @abc.abstractmethod
+    def cleanup(self) -> None:
+        """Release resources and reset state; called by ``Pipeline.cleanup()``."""
+
+
+def check_stage_name(name: object) -> str:
+    """Return ``name`` if it can be a profile level, else raise StageNameError."""
+    if not isinstance(name, str) or not name:
+        raise StageNameError(f"a stage name must be a non-empty str, not {name!r}")
+    problems = []
+    if "-" in name:
+        problems.append("contains '-'")
+    if PATH_SEPARATOR in name:
+        problems.append(f"contains {PATH_SEPARATOR!r}")
+    if name.startswith("_") or name.endswith("_"):
+        problems.append("starts or ends with '_'")
+    if name == MAIN_PIPELINE_NAME:
+        problems.append(f"is reserved ({MAIN_PIPELINE_NAME!r})")
+    if problems:
+        raise StageNameError(f"invalid stage name {name!r}: it {' and '.join(problems)}")
+    return name
+
+
+Leaf = tuple[str, Callable[[Any], Any]]  # (profile path, stage)
+
+
+class StageChain:
+    """Runs leaves one after the other on an item, timing each one.
+
+    A stage that raises drops the item: the error is logged with the stage path and the
+    item's sequence number, counted, and the chain stays usable for the next item.
+    """
+
+    def __init__(self, leaves: Sequence[Leaf], record: Callable[[Event], None] | None) -> None:
+        self.leaves = list(leaves)
+        self._record = record
+        self.errors = 0
+
+    def run(self, data: Any, seq: int, arrive: float) -> tuple[bool, Any]:
+        for path, stage in self.leaves:
+            start = time.time()
+            try:
+                data = stage(data)
+            except Exception:
+                self.errors += 1
+                log.exception("stage %s raised on item %d; the item is dropped", path, seq)
+                return False, None
+            end = time.time()
+            if self._record is not None:
+                self._record((path, seq, arrive, start, end))
+            arrive = end
+        return True, data
+
+    def cleanup(self) -> None:
+        """Call every stage's own cleanup(); one failing does not stop the others."""
+        for path, stage in self.leaves:
+            cleanup = getattr(stage, "cleanup", None)
+            if callable(cleanup):
+                try:
+                    cleanup()
+                except Exception:
+                    log.exception("cleanup() of stage %s raised", path)
+
+
+class EventBuffer:
+    """Collects profile events and hands them on in batches, so the per-item cost is an
+    append. ``flush`` must never block the data path: ``sink`` decides what to drop."""
+
+    def __init__(
+        self, sink: Callable[[list[Event]], object], max_events: int = 512, max_age: float = 0.2
+    ) -> None:
+        self._sink = sink
+        self._max_events = max_events
+        self._max_age = max_age
+        self._events: list[Event] = []
+        self._oldest = 0.0
+
+    def add(self, event: Event) -> None:
+        if not self._events:
+            self._oldest = time.monotonic()
+        self._events.append(event)
+        if len(self._events) >= self._max_events:
+            self.flush()
+
+    def flush_if_old(self) -> None:
+        if self._events and time.monotonic() - self._oldest >= self._max_age:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            self._sink(events)

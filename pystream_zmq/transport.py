@@ -1,0 +1,62 @@
+"""ZeroMQ plumbing shared by the orchestrator and the workers: socket set-up, the envelope
+that precedes every item on the data path, and the control-channel vocabulary."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import zmq
+
+from .errors import DecodeError
+
+DEFAULT_HWM = 2
+
+# Data path: [envelope, *codec frames]. The envelope is fixed-size so a worker can route an
+# end-of-stream marker without decoding anything.
+KIND_DATA = 0
+KIND_EOS = 1
+_ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it
+
+
+def pack_envelope(kind: int, seq: int, sent_at: float) -> bytes:
+    return _ENVELOPE.pack(kind, seq, sent_at)
+
+
+def unpack_envelope(frame: Any) -> tuple[int, int, float]:
+    buf = memoryview(frame)
+    if buf.nbytes != _ENVELOPE.size:
+        raise DecodeError(f"envelope has {buf.nbytes} bytes, expected {_ENVELOPE.size}")
+    kind, seq, sent_at = _ENVELOPE.unpack(buf)
+    if kind not in (KIND_DATA, KIND_EOS):
+        raise DecodeError(f"unknown envelope kind {kind}")
+    return kind, seq, sent_at
+
+
+# Control channel: the orchestrator's ROUTER talks to each worker's DEALER.
+# worker -> orchestrator
+READY = b"ready"
+FAILED = b"failed"  # + traceback text
+STATE = b"state"  # + codec frames of {path: {attribute: value}}
+BYE = b"bye"  # + codec frames of the worker's counters
+# orchestrator -> worker
+GET_STATE = b"get-state"
+CLEANUP = b"cleanup"  # run every stage's cleanup(), then reply STATE
+STOP = b"stop"  # flush profile events, reply BYE, wait for stdin to close
+
+# Profile channel: [EVENTS, packed events] ... then [PROFILE_END, worker id] once at stop.
+EVENTS = b"events"
+PROFILE_END = b"end"
+
+
+def make_socket(ctx: zmq.Context[Any], kind: int, hwm: int = DEFAULT_HWM) -> zmq.Socket[Any]:
+    """A socket with explicit linger (so closing never hangs) and a bounded queue."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def ipc_endpoint(directory: str, name: str) -> str:
+    return f"ipc://{directory}/{name}"

@@ -1,0 +1,276 @@
+"""A worker process: runs one unit of stages between a PULL and a PUSH socket.
+
+The orchestrator starts it with ``main()`` below and writes its spec to
+stdin: a plain header (endpoints, settings) and the stages, cloudpickled, so that stages
+defined in ``__main__`` or a notebook travel by value. stdin stays open for the worker's
+life: when it closes -- orchestrator done, or dead -- the worker exits, so no worker
+outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+
+import zmq
+
+from . import codec, profiler, transport
+from .errors import DecodeError, PyStreamError
+from .stage import EventBuffer, Leaf, StageChain
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<Q")
+_POLL_MS = 100  # how often an idle worker flushes its profile events
+_BURST = 64  # items handled between two polls of the control socket
+_EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
+EXIT_ORPHANED = 3
+
+
+@dataclass
+class WorkerSpec:
+    name: str  # the unit's profile path, used in logs
+    ident: bytes  # routing id on the control channel
+    pull: str  # endpoint this worker binds for its input
+    push: str  # endpoint it connects to for its output
+    control: str
+    profile: str | None  # where profile events go; None when profiling is off
+    hwm: int
+    sys_path: list[str]
+    log_level: int
+
+
+def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:
+    for part in (pickle.dumps(spec), stages_blob):
+        stream.write(_LENGTH.pack(len(part)))
+        stream.write(part)
+    stream.flush()
+
+
+def _read_part(stream: BinaryIO) -> bytes:
+    (size,) = _LENGTH.unpack(stream.read(_LENGTH.size))
+    return stream.read(size)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, leaves: list[Leaf], ctx: zmq.Context[Any]) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.pull = transport.make_socket(ctx, zmq.PULL, spec.hwm)
+        self.push = transport.make_socket(ctx, zmq.PUSH, spec.hwm)
+        self.pull.bind(spec.pull)
+        self.push.connect(spec.push)
+        self.profile: zmq.Socket[Any] | None = None
+        self.events: EventBuffer | None = None
+        if spec.profile is not None:
+            self.profile = transport.make_socket(ctx, zmq.PUSH, 1000)
+            self.profile.connect(spec.profile)
+            self.events = EventBuffer(self._send_events)
+        self.chain = StageChain(leaves, self.events.add if self.events else None)
+        self.counters = {
+            "processed": 0,
+            "decode_errors": 0,
+            "encode_errors": 0,
+            "dropped_events": 0,
+        }
+        self._tracker: zmq.MessageTracker | None = None
+
+    # -- profile events ------------------------------------------------------------------
+    def _send_events(self, events: list[profiler.Event]) -> None:
+        assert self.profile is not None
+        try:
+            self.profile.send_multipart(
+                [transport.EVENTS, profiler.pack_events(events)], zmq.NOBLOCK
+            )
+        except zmq.Again:  # the collector is behind: drop rather than stall the data path
+            self.counters["dropped_events"] += len(events)
+
+    # -- data path -----------------------------------------------------------------------
+    def handle_item(self, frames: list[zmq.Frame], control: zmq.Socket[Any]) -> bool:
+        """Process one message; False when a STOP arrived while waiting to send."""
+        arrive = time.time()
+        try:
+            kind, seq, sent_at = transport.unpack_envelope(frames[0])
+            if kind == transport.KIND_EOS:
+                if self.events is not None:
+                    self.events.flush()
+                return self._send([frames[0].bytes], control)
+            data = codec.decode(frames[1:])
+        except DecodeError as e:
+            self.counters["decode_errors"] += 1
+            log.warning("dropped a malformed message: %s", e)
+            return True
+        ok, out = self.chain.run(data, seq, arrive)
+        if not ok:
+            return True
+        try:
+            out_frames = codec.encode(out)
+        except PyStreamError as e:
+            self.counters["encode_errors"] += 1
+            log.error(
+                "stage %s returned what cannot be sent (item %d dropped): %s",
+                self.spec.name,
+                seq,
+                e,
+            )
+            return True
+        self.counters["processed"] += 1
+        return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames], control)
+
+    def _send(self, frames: list[Any], control: zmq.Socket[Any]) -> bool:
+        # Arrays go out zero-copy; a stage may reuse its output buffer on its next call, so
+        # wait until ZeroMQ has let go of the previous message first.
+        if self._tracker is not None:
+            self._tracker.wait()
+            self._tracker = None
+        poller = None
+        while True:
+            try:
+                zero_copy = len(frames) > 2  # out-of-band arrays follow envelope and header
+                tracker = self.push.send_multipart(
+                    frames, zmq.NOBLOCK, copy=not zero_copy, track=zero_copy
+                )
+                if zero_copy:
+                    self._tracker = tracker
+                return True
+            except zmq.Again:
+                pass
+            # Downstream is full: wait for room, but keep answering the control channel.
+            if poller is None:
+                poller = zmq.Poller()
+                poller.register(self.push, zmq.POLLOUT)
+                poller.register(control, zmq.POLLIN)
+            ready = dict(poller.poll(_POLL_MS))
+            if control in ready and not self.handle_control(control):
+                return False
+
+    # -- control -------------------------------------------------------------------------
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Each stage's attributes that can be sent; the rest stay where they are."""
+        states: dict[str, dict[str, Any]] = {}
+        for path, stage in self.chain.leaves:
+            attrs = getattr(stage, "__dict__", None)
+            if not attrs:
+                continue
+            sendable = {}
+            for key, value in attrs.items():
+                try:
+                    codec.encode(value)
+                except PyStreamError:
+                    continue
+                sendable[key] = value
+            states[path] = sendable
+        return states
+
+    def handle_control(self, control: zmq.Socket[Any]) -> bool:
+        """Answer one command; False on STOP."""
+        command = control.recv_multipart()[0]
+        if command == transport.GET_STATE:
+            control.send_multipart([transport.STATE, *codec.encode(self.state())])
+        elif command == transport.CLEANUP:
+            self.chain.cleanup()
+            control.send_multipart([transport.STATE, *codec.encode(self.state())])
+        elif command == transport.STOP:
+            return False
+        else:
+            log.warning("ignored unknown control command %r", command[:32])
+        return True
+
+    def run(self, control: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(_POLL_MS))
+            if control in ready and not self.handle_control(control):
+                return
+            if self.pull in ready:
+                for _ in range(_BURST):
+                    try:
+                        frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if not self.handle_item(frames, control):
+                        return
+            if self.events is not None:
+                self.events.flush_if_old()
+
+    def finish(self, control: zmq.Socket[Any]) -> None:
+        """Flush profile events, then say goodbye; the orchestrator acknowledges both by
+        closing stdin (closing a socket earlier could lose what it had not read)."""
+        if self.events is not None:
+            self.events.flush()
+        if self.profile is not None:
+            self.profile.send_multipart(
+                [transport.PROFILE_END, self.spec.ident], flags=0, copy=True
+            )
+        counters = {**self.counters, "stage_errors": self.chain.errors}
+        control.send_multipart([transport.BYE, *codec.encode(counters)])
+
+
+def serve(
+    spec: WorkerSpec, stages_blob: bytes, finished: threading.Event, stdin_closed: threading.Event
+) -> int:
+    import cloudpickle
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    control = transport.make_socket(ctx, zmq.DEALER, 1000)
+    control.setsockopt(zmq.ROUTING_ID, spec.ident)
+    control.connect(spec.control)
+    try:
+        try:
+            leaves = cloudpickle.loads(stages_blob)
+            worker = Worker(spec, leaves, ctx)
+        except Exception:
+            log.exception("could not start")
+            finished.set()
+            control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
+            stdin_closed.wait(_EXIT_GRACE)
+            return 1
+        control.send(transport.READY)
+        worker.run(control)
+        finished.set()
+        worker.finish(control)
+        stdin_closed.wait(_EXIT_GRACE)
+        return 0
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _watch_stdin(finished: threading.Event, stdin_closed: threading.Event) -> None:
+    sys.stdin.buffer.read()  # returns only at EOF
+    stdin_closed.set()
+    if not finished.is_set():
+        # The orchestrator vanished mid-run: nobody will read our output, so do not linger.
+        log.warning("orchestrator has gone away; exiting")
+        os._exit(EXIT_ORPHANED)
+
+
+def main() -> None:
+    spec: WorkerSpec = pickle.loads(_read_part(sys.stdin.buffer))
+    stages_blob = _read_part(sys.stdin.buffer)
+    sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s [{spec.name} pid %(process)d] %(name)s: %(message)s",
+    )
+    finished = threading.Event()
+    stdin_closed = threading.Event()
+    threading.Thread(target=_watch_stdin, args=(finished, stdin_closed), daemon=True).start()
+    code = serve(spec, stages_blob, finished, stdin_closed)
+    logging.shutdown()
+    # os._exit: the stdin watcher thread is still blocked in read(), and a normal
+    # interpreter shutdown aborts on the lock that read() holds.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Stages the tests run in worker processes (importable by the workers by module name)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from pystream_zmq import Stage
+
+
+def add_one(data: dict[str, Any]) -> dict[str, Any]:
+    data["x"] += 1
+    return data
+
+
+def double(data: dict[str, Any]) -> dict[str, Any]:
+    data["x"] *= 2
+    return data
+
+
+def draw(data: dict[str, Any]) -> dict[str, Any]:
+    """Writes into its input in place, as cv2 drawing functions do."""
+    data["image"][0, 0] = 255
+    return data
+
+
+def record_pid(data: dict[str, Any]) -> dict[str, Any]:
+    data.setdefault("pids", []).append(os.getpid())
+    return data
+
+
+class Counter(Stage):
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+        self.count = 0
+        self.kernel = np.arange(4)
+
+    def __call__(self, data: Any) -> Any:
+        self.count += 1
+        return data
+
+    def cleanup(self) -> None:
+        self.count = 0
+
+
+class FailOn(Stage):
+    """Raises on the item whose ``x`` equals ``bad``."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data["x"] == self.bad:
+            raise ValueError(f"cannot take {self.bad}")
+        return data
+
+    def cleanup(self) -> None:
+        pass
+
+
+class Gate(Stage):
+    """Holds each item until the test writes one byte into a FIFO: backpressure on demand,
+    with no sleeping."""
+
+    def __init__(self, fifo: str) -> None:
+        self.fifo = fifo
+        self._reader: Any = None
+
+    def __call__(self, data: Any) -> Any:
+        if self._reader is None:
+            self._reader = open(self.fifo, "rb", buffering=0)  # noqa: SIM115
+        self._reader.read(1)
+        return data
+
+    def cleanup(self) -> None:
+        pass
+
+
+def _refuse_to_load() -> None:
+    raise ImportError("this stage cannot be loaded in a worker")
+
+
+class Unloadable(Stage):
+    def __reduce__(self) -> Any:
+        return (_refuse_to_load, ())
+
+    def __call__(self, data: Any) -> Any:
+        return data
+
+    def cleanup(self) -> None:
+        pass
+
+
+def spin(data: dict[str, Any]) -> dict[str, Any]:
+    """Pure-Python work that holds the GIL."""
+    total = 0
+    for i in range(data.get("work", 200_000)):
+        total += i * i
+    data["total"] = total
+    return data

@@ -1,0 +1,148 @@
+"""The seed notebook's code, with only its import line changed, run the two ways users run
+it: as a plain script (no main guard) and cell by cell inside a Jupyter kernel."""
+
+from __future__ import annotations
+
+import queue
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import wait_until
+
+DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
+SEED_KEYS = [
+    ["MainPipeline", *(f"MainPipeline__Stage{i}" for i in range(1, 6))],
+    ["MainPipeline", *(f"MainPipeline__Stage{i}" for i in range(1, 6))],
+    [
+        "MainPipeline",
+        "MainPipeline__StageA",
+        "MainPipeline__StageB",
+        "MainPipeline__Stage_1",
+        "MainPipeline__Stage_2",
+    ],
+    [
+        "MainPipeline",
+        "MainPipeline__Stage1",
+        "MainPipeline__Stage2",
+        "MainPipeline__ChildPipeline",
+        "MainPipeline__ChildPipeline__StageA",
+        "MainPipeline__ChildPipeline__StageB",
+    ],
+]
+
+
+def check_seed_output(output: str) -> None:
+    """The notebook's printed results: shapes, counts, resets and exactly its profile keys."""
+    assert output.count("Last output shape:\n(480, 720, 3)") == 4, output
+    counts = [int(n) for n in re.findall(r"Number of processed data:\n(\d+)", output)]
+    assert len(counts) == 2 and counts[0] > 0, output
+    assert counts[1] >= counts[0], f"parallel processed fewer items than serial: {counts}"
+    assert output.count("Data counter was reset to 0.") == 2, output
+    table_pattern = r"Pipeline profile:\n.*?\n-+.*?\n((?:MainPipeline\S* +\S+ +\S+\n?)+)"
+    tables = re.findall(table_pattern, output)
+    keys = [[line.split()[0] for line in table.strip().splitlines()] for table in tables]
+    assert keys == SEED_KEYS, output
+    for table in tables:
+        for line in table.strip().splitlines():
+            _, latency, throughput = line.split()
+            assert float(latency) > 0 and float(throughput) > 0, line
+
+
+def test_seed_notebook_as_a_plain_script(tmp_path: Path) -> None:
+    env_dir = tmp_path / "profiles"
+    result = subprocess.run(
+        [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env={**_env(), "PYSTREAM_PROFILE_DIR": str(env_dir)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    check_seed_output(result.stdout)
+    assert (env_dir / "profiles.sqlite3").exists()
+
+
+def test_a_script_without_main_guard_defining_its_stages(tmp_path: Path) -> None:
+    script = tmp_path / "pasted_cells.py"
+    script.write_text(
+        "import os\n"
+        "from pystream_zmq import Pipeline, Stage\n"
+        "class Tag(Stage):\n"
+        "    def __init__(self): self.seen = 0\n"
+        "    def __call__(self, data):\n"
+        "        self.seen += 1\n"
+        "        return data + [os.getpid()]\n"
+        "    def cleanup(self): pass\n"
+        "def twice(data): return data + data\n"
+        "tag = Tag()\n"
+        "pipeline = Pipeline()\n"
+        "pipeline.add(tag)\n"
+        "pipeline.add(twice)\n"
+        "pipeline.parallelize(block_output=True)\n"
+        "pipeline.forward([os.getpid()])\n"
+        "out = pipeline.get_results()\n"
+        "pipeline.stop_loop()\n"
+        "print('OUT', out[0] == os.getpid(), out[1] != os.getpid(), len(out), tag.seen)\n"
+        "pipeline.cleanup()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OUT True True 4 1"
+
+
+def test_seed_notebook_in_a_jupyter_kernel(tmp_path: Path) -> None:
+    jupyter_client = pytest.importorskip("jupyter_client")
+    manager, client = jupyter_client.manager.start_new_kernel(
+        kernel_name="python3", cwd=str(tmp_path),
+        env={**_env(), "PYSTREAM_PROFILE_DIR": str(tmp_path / "profiles")},
+    )  # fmt: skip
+    kernel = psutil.Process(manager.provisioner.process.pid)
+    workers: list[psutil.Process] = []
+    try:
+        output = []
+        for cell in _cells(DEMO.read_text()):
+            msg_id = client.execute(cell)
+            while True:
+                try:
+                    msg = client.get_iopub_msg(timeout=120)
+                except queue.Empty:
+                    pytest.fail(f"kernel went silent in cell:\n{cell}")
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "stream":
+                    output.append(content["text"])
+                elif kind == "error":
+                    pytest.fail("\n".join(content["traceback"]))
+                elif kind == "status" and content["execution_state"] == "idle":
+                    break
+            workers += [p for p in kernel.children(recursive=True) if p not in workers]
+        check_seed_output("".join(output))
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=False)
+    assert workers, "the notebook's parallel pipelines started no worker processes"
+    assert wait_until(lambda: not any(p.is_running() for p in workers), timeout=10)
+
+
+def _cells(source: str) -> list[str]:
+    """Split the demo back into cells at top-level statements that start a new cell."""
+    return [
+        c
+        for c in re.split(r"\n\n(?=(?:pipeline|child_pipeline|parent_pipeline|# Gen))", source)
+        if c.strip()
+    ]
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
