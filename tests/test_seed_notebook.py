@@ -146,3 +146,19 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    readme = (DEMO.parent.parent / "README.md").read_text()
+    example = re.search(r"```python\n(import time\n.*?)```", readme, re.S)
+    assert example is not None
+    script = tmp_path / "example.py"
+    script.write_text(example.group(1) + "print('PROFILE', sorted(latency))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env=_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shape_line, profile_line = result.stdout.strip().splitlines()
+    assert shape_line.startswith("(480, 720, 3) ") and int(shape_line.split()[-1]) > 10
+    assert profile_line == (
+        "PROFILE ['MainPipeline', 'MainPipeline__Count', 'MainPipeline__Stage_1']"
+    )
