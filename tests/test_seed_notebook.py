@@ -130,7 +130,7 @@ def test_seed_notebook_in_a_jupyter_kernel(tmp_path: Path) -> None:
         client.stop_channels()
         manager.shutdown_kernel(now=False)
     assert workers, "the notebook's parallel pipelines started no worker processes"
-    assert wait_until(lambda: not any(p.is_running() for p in workers), timeout=10)
+    assert wait_until(lambda: not any(map(alive, workers)), timeout=10)
 
 
 def _cells(source: str) -> list[str]:
@@ -140,6 +140,14 @@ def _cells(source: str) -> list[str]:
         for c in re.split(r"\n\n(?=(?:pipeline|child_pipeline|parent_pipeline|# Gen))", source)
         if c.strip()
     ]
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (an orphan's reaper may be slow to collect it)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _env() -> dict[str, str]:
@@ -162,3 +170,30 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert profile_line == (
         "PROFILE ['MainPipeline', 'MainPipeline__Count', 'MainPipeline__Stage_1']"
     )
+
+
+def test_workers_exit_when_the_orchestrator_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "victim.py"
+    script.write_text(
+        "import sys\n"
+        "from pystream_zmq import Pipeline\n"
+        "def same(data): return data\n"
+        "pipeline = Pipeline()\n"
+        "pipeline.add(same)\n"
+        "pipeline.add(same)\n"
+        "pipeline.parallelize()\n"
+        "print('READY', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    victim = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    try:
+        assert victim.stdout is not None and victim.stdout.readline() == "READY\n"
+        workers = psutil.Process(victim.pid).children()
+        assert len(workers) == 2
+        victim.kill()
+        victim.wait(timeout=10)
+        assert wait_until(lambda: not any(map(alive, workers)), timeout=5)
+    finally:
+        victim.kill()
+        victim.communicate(timeout=10)
