@@ -1,0 +1,11 @@
+"""The ``pystream`` command: tools around pipelines (subcommands are added by later work)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="pystream-zmq")
+def main() -> None:
+    """pystream_zmq tools."""
