@@ -108,6 +108,8 @@ class Worker:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
             return True
+        if not self._previous_output_released(control):
+            return False
         ok, out = self.chain.run(data, seq, arrive)
         if not ok:
             return True
@@ -125,12 +127,20 @@ class Worker:
         self.counters["processed"] += 1
         return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames], control)
 
+    def _previous_output_released(self, control: zmq.Socket[Any]) -> bool:
+        """Arrays go out zero-copy, and a stage may write into the buffer it returned last
+        time on its next call: wait until ZeroMQ has let go of the previous output. False
+        when a STOP arrived while waiting."""
+        while self._tracker is not None:
+            try:
+                self._tracker.wait(_POLL_MS / 1000)
+                self._tracker = None
+            except zmq.NotDone:
+                if control.poll(0) and not self.handle_control(control):
+                    return False
+        return True
+
     def _send(self, frames: list[Any], control: zmq.Socket[Any]) -> bool:
-        # Arrays go out zero-copy; a stage may reuse its output buffer on its next call, so
-        # wait until ZeroMQ has let go of the previous message first.
-        if self._tracker is not None:
-            self._tracker.wait()
-            self._tracker = None
         poller = None
         while True:
             try:

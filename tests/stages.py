@@ -101,3 +101,32 @@ def spin(data: dict[str, Any]) -> dict[str, Any]:
         total += i * i
     data["total"] = total
     return data
+
+
+class ReusesItsBuffer(Stage):
+    """Returns the same 1 MB array every time, overwritten with the item's number: the
+    zero-copy send must not let a later call change what an earlier item carries."""
+
+    def __init__(self) -> None:
+        self.buffer = np.zeros(1 << 20, np.int64)
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.buffer[:] = data["x"]
+        return {"x": data["x"], "buffer": self.buffer}
+
+    def cleanup(self) -> None:
+        pass
+
+
+class ChecksBuffer(Stage):
+    def __init__(self) -> None:
+        self.checked = 0
+        self.corrupt = 0
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.checked += 1
+        self.corrupt += int(not (data["buffer"] == data["x"]).all())
+        return {"x": data["x"]}
+
+    def cleanup(self) -> None:
+        pass

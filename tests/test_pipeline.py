@@ -143,6 +143,18 @@ def test_arrays_arrive_intact_and_writeable() -> None:
     assert image[0, 0, 0] != 255 or expected[0, 0, 0] == image[0, 0, 0]  # caller's untouched
 
 
+def test_a_stage_reusing_its_output_buffer_cannot_corrupt_items_in_flight() -> None:
+    checker = stages.ChecksBuffer()
+    with Pipeline() as pipeline:
+        pipeline.add(stages.ReusesItsBuffer())
+        pipeline.add(checker)
+        pipeline.parallelize()
+        for x in range(100):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        assert (checker.checked, checker.corrupt) == (100, 0)
+
+
 def test_forward_refuses_unsupported_types_with_the_key_path() -> None:
     with Pipeline() as pipeline:
         pipeline.add(stages.add_one)
