@@ -133,7 +133,15 @@ class ParallelRunner:
                 ) from e
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        for index, (unit, blob) in enumerate(zip(self.units, blobs, strict=True)):
+        # Start every process before feeding any, so their imports overlap.
+        for _ in self.units:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
+            )
+            self._procs.append(proc)
+        for index, (unit, blob, proc) in enumerate(
+            zip(self.units, blobs, self._procs, strict=True)
+        ):
             spec = WorkerSpec(
                 name=unit.name,
                 ident=str(index).encode(),
@@ -145,12 +153,11 @@ class ParallelRunner:
                 sys_path=list(sys.path),
                 log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
             )
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
-            )
-            self._procs.append(proc)
             assert proc.stdin is not None
-            write_spec(proc.stdin, spec, blob)
+            try:
+                write_spec(proc.stdin, spec, blob)
+            except OSError as e:  # the process died before reading its spec
+                raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
         self._wait_ready()
 
     def _wait_ready(self) -> None:
