@@ -3,7 +3,6 @@ runners."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -18,7 +17,6 @@ from .serial import SerialRunner
 from .stage import (
     MAIN_PIPELINE_NAME,
     PATH_SEPARATOR,
-    Event,
     Leaf,
     Stage,
     StageChain,
@@ -210,7 +208,7 @@ class Pipeline:
             self._writer.flush()
         return profiler.read_profiles(*self._profile_run)
 
-    def _open_profile_run(self, mode: str) -> Callable[[list[Event]], object] | None:
+    def _open_profile_run(self, mode: str) -> profiler.RunRecorder | None:
         if not self.use_profiler:
             return None
         db_path = profiler.profiler_db_path()
@@ -219,7 +217,7 @@ class Pipeline:
         layout += [(path, kind) for path, kind, _ in self._layout(MAIN_PIPELINE_NAME)]
         run_id = writer.start_run(MAIN_PIPELINE_NAME, mode, layout)
         self._writer, self._profile_run = writer, (db_path, run_id)
-        return functools.partial(writer.submit, run_id)
+        return profiler.RunRecorder(writer, run_id)
 
     def _close_profile(self) -> None:
         writer, self._writer = self._writer, None
