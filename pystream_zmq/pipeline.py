@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import profiler, transport
+from . import profiler, report, transport
 from .errors import PipelineStateError, PyStreamError, StageNameError
 from .parallel import ParallelRunner, ParallelSettings, Unit
 from .serial import SerialRunner
@@ -202,11 +202,23 @@ class Pipeline:
         """(latency in s, throughput in items/s) per stage path, as PyStream defines them."""
         if self._profile_run is None:
             return {}, {}
+        self._flush_profile()
+        return profiler.read_profiles(*self._profile_run)
+
+    def get_profile_report(self) -> report.ProfileReport | None:
+        """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,
+        throughput, drops and errors (see ``pystream_zmq.report``). None without profiling.
+        While running, counters may be up to a second old; after cleanup() they are final."""
+        if self._profile_run is None:
+            return None
+        self._flush_profile()
+        return report.build_report(*self._profile_run)
+
+    def _flush_profile(self) -> None:
         if isinstance(self._runner, SerialRunner):
             self._runner.flush_events()
         if self._writer is not None:
             self._writer.flush()
-        return profiler.read_profiles(*self._profile_run)
 
     def _open_profile_run(self, mode: str) -> profiler.RunRecorder | None:
         if not self.use_profiler:
