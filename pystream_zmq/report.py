@@ -119,11 +119,25 @@ def latest_run(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-def build_report(
+@dataclasses.dataclass
+class RunData:
+    """One run as read from the database, with every item's timings per path."""
+
+    db_path: str
+    run_id: int
+    pipeline: str
+    mode: str
+    started: float
+    layout: list[tuple[str, str]]  # (path, kind) in display order
+    timings: dict[str, Timings]
+    counters: dict[str, dict[str, int]]
+
+
+def load_run(
     db_path: str | Path, run_id: int | None = None, *, since: float | None = None
-) -> ProfileReport:
-    """The report of ``run_id`` (default: the latest run), from events that ended at or after
-    ``since`` (Unix time; default: all of them). Counters are the run's latest values."""
+) -> RunData:
+    """Run ``run_id`` (default: the latest run), with the events that ended at or after
+    ``since`` (Unix time; default: all of them) and its latest counters."""
     with open_db(db_path) as conn:
         if run_id is None:
             run_id = latest_run(conn)
@@ -137,8 +151,17 @@ def build_report(
         ).fetchall()
         timings = compute_timings(layout, _read_events(conn, run_id, since))
         counters = _read_counters(conn, run_id)
-    stages = [_stage_report(path, kind, timings[path], counters) for path, kind in layout]
-    return ProfileReport(str(db_path), run_id, run[0], run[1], run[2], stages)
+    pipeline, mode, started = run
+    return RunData(str(db_path), run_id, pipeline, mode, started, layout, timings, counters)
+
+
+def build_report(
+    db_path: str | Path, run_id: int | None = None, *, since: float | None = None
+) -> ProfileReport:
+    """The report of ``run_id`` (default: the latest run); see load_run."""
+    run = load_run(db_path, run_id, since=since)
+    stages = [_stage_report(p, kind, run.timings[p], run.counters) for p, kind in run.layout]
+    return ProfileReport(run.db_path, run.run_id, run.pipeline, run.mode, run.started, stages)
 
 
 def _read_events(
