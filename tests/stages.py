@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -100,4 +101,14 @@ def spin(data: dict[str, Any]) -> dict[str, Any]:
     for i in range(data.get("work", 200_000)):
         total += i * i
     data["total"] = total
+    return data
+
+
+def sleep_5ms(data: Any) -> Any:
+    time.sleep(0.005)  # the stage's work (a known delay), not synchronisation
+    return data
+
+
+def sleep_10ms(data: Any) -> Any:
+    time.sleep(0.010)  # the stage's work (a known delay), not synchronisation
     return data
