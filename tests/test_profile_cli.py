@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import wait_until
 
 import pystream_zmq
-from pystream_zmq import Pipeline, profiler
+from pystream_zmq import Pipeline, profile_cli, profiler
 from pystream_zmq.cli import main as cli
 from pystream_zmq.report import ProfileReport
 
@@ -87,6 +87,23 @@ def test_top_once_shows_the_live_stages(profiled_run: tuple[Path, Any]) -> None:
     for path in PATHS:
         assert path in live.output
     assert "items/s" in live.output
+
+
+def test_top_refreshes_until_ctrl_c(
+    profiled_run: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frames = []
+
+    def interrupt_on_second_wait(seconds: float) -> None:
+        frames.append(seconds)
+        if len(frames) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile_cli.time, "sleep", interrupt_on_second_wait)
+    out = CliRunner().invoke(cli, ["top", str(profiled_run[0]), "--interval", "0.5"])
+    assert out.exit_code == 0, out.output
+    assert frames == [0.5, 0.5]
+    assert out.output.count(f"{MAIN}__Sleep10") == 2
 
 
 def test_profile_table_has_the_stage_names(profiled_run: tuple[Path, Any]) -> None:
