@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
+from .profile_cli import profile, top
+
 
 @click.group()
 @click.version_option(package_name="pystream-zmq")
 def main() -> None:
     """pystream_zmq tools."""
+
+
+main.add_command(profile)
+main.add_command(top)

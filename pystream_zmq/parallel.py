@@ -21,20 +21,22 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import cloudpickle
 import zmq
 
 from . import codec, profiler, transport
 from .errors import DecodeError, PipelineStateError, WorkerStartupError
-from .stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf
+from .profiler import RunRecorder
+from .stage import MAIN_PIPELINE_NAME, EventBuffer, Leaf
 from .worker import WorkerSpec, write_spec
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _IDLE_FLUSH_MS = 200
+_COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
 # Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
 _WORKER_MAIN = "from pystream_zmq.worker import main; main()"
 
@@ -74,13 +76,13 @@ class ParallelRunner:
         self,
         units: Sequence[Unit],
         settings: ParallelSettings,
-        record: Callable[[list[Event]], object] | None,
+        recorder: RunRecorder | None,
     ) -> None:
         if not units:
             raise PipelineStateError("a parallel pipeline needs at least one stage")
         self.units = list(units)
         self.settings = settings
-        self._record = record
+        self._recorder = recorder
         self._dir = tempfile.mkdtemp(prefix="pystream-")
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -88,7 +90,8 @@ class ParallelRunner:
         self._finalizer = weakref.finalize(self, _teardown, self._procs, self._dir)
         self._closed = False
         self._ready: set[int] = set()  # workers that said READY: the ones that answer commands
-        self.worker_counters: dict[str, dict[str, Any]] = {}
+        self.worker_counters: dict[str, dict[str, int]] = {}  # {path: {name: value}} from BYE
+        self.forwarded = self.refused = 0  # items forward() sent / could not send
 
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -101,9 +104,10 @@ class ParallelRunner:
         self._collector = _Collector(
             self._ctx,
             self._endpoint("sink"),
-            self._endpoint("profile") if record else None,
+            self._endpoint("profile") if recorder else None,
             settings.hwm,
-            record,
+            recorder,
+            self.main_counters,
         )
         try:
             self._start_workers()
@@ -148,7 +152,7 @@ class ParallelRunner:
                 pull=self._input_endpoint(index),
                 push=self._input_endpoint(index + 1),
                 control=self._endpoint("control"),
-                profile=self._endpoint("profile") if self._record else None,
+                profile=self._endpoint("profile") if self._recorder else None,
                 hwm=self.settings.hwm,
                 sys_path=list(sys.path),
                 log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
@@ -199,9 +203,23 @@ class ParallelRunner:
                 # copy=True: the caller may reuse its arrays as soon as forward() returns.
                 self._source.send_multipart([envelope, *frames], flags, copy=True)
             except zmq.Again:
+                self.refused += 1
                 return False
             self._next_seq += 1
+            self.forwarded += 1
             return True
+
+    def main_counters(self) -> dict[str, int]:
+        """The orchestrator's counters, recorded under MainPipeline."""
+        counters = {
+            "forwarded": self.forwarded,
+            "refused": self.refused,
+            "delivered": self._collector.delivered,
+            "decode_errors": self._collector.decode_errors,
+        }
+        if self._recorder is not None:
+            counters["dropped_events"] = self._recorder.writer.dropped_events
+        return counters
 
     def get_results(self) -> Any:
         timeout = self.settings.output_timeout if self.settings.block_output else 0.0
@@ -274,21 +292,35 @@ class ParallelRunner:
             self._closed = True
         deadline = _Deadline(self.settings.stop_timeout)
         replies = self._ask_all(transport.STOP, deadline.left())
-        for index, reply in replies.items():
+        for reply in replies.values():
             if reply and reply[0] == transport.BYE:
                 try:
                     counters = codec.decode(reply[1:])
                 except DecodeError:
                     continue
-                if isinstance(counters, dict):
-                    self.worker_counters[self.units[index].name] = counters
-        if self._record is not None:
+                if _is_counters(counters):
+                    self.worker_counters.update(counters)
+        if self._recorder is not None:
             # Every worker that said BYE sent its profile END before it.
             self._collector.wait_for_profile_ends(len(replies), deadline.left())
         _teardown(self._procs, self._dir, deadline.left())
         self._collector.stop()
+        if self._recorder is not None:
+            self._recorder.counters(
+                {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
+            )
         self._finalizer.detach()
         self._ctx.destroy(linger=0)
+
+
+def _is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
+    """Whether a decoded message is {path: {name: int}} (it came from another process)."""
+    return isinstance(value, dict) and all(
+        isinstance(path, str)
+        and isinstance(counters, dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in counters.items())
+        for path, counters in value.items()
+    )
 
 
 def _teardown(procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0) -> None:
@@ -327,7 +359,8 @@ class _Collector(threading.Thread):
         sink_endpoint: str,
         profile_endpoint: str | None,
         hwm: int,
-        record: Callable[[list[Event]], object] | None,
+        recorder: RunRecorder | None,
+        main_counters: Callable[[], dict[str, int]],
     ) -> None:
         super().__init__(name="pystream-collector", daemon=True)
         self._sink = transport.make_socket(ctx, zmq.PULL, hwm)
@@ -336,8 +369,10 @@ class _Collector(threading.Thread):
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
             self._profile.bind(profile_endpoint)
-        self._record = record  # worker batches go straight on; our own events are batched
-        self._events = EventBuffer(record) if record is not None else None
+        self._recorder = recorder  # worker batches go straight on; our own events are batched
+        self._events = EventBuffer(recorder.events) if recorder is not None else None
+        self._main_counters = main_counters
+        self._counters_recorded = time.monotonic()
         self._wake_endpoint = f"inproc://wake-{id(self)}"
         self._wake_rx = ctx.socket(zmq.PAIR)
         self._wake_rx.bind(self._wake_endpoint)
@@ -390,6 +425,7 @@ class _Collector(threading.Thread):
                 ready = dict(poller.poll(_IDLE_FLUSH_MS))
                 if self._events is not None:
                     self._events.flush_if_old()
+                    self._record_counters_if_due()
                 if self._wake_rx in ready:
                     return
                 if self._sink in ready:
@@ -425,11 +461,26 @@ class _Collector(threading.Thread):
             with self._cond:
                 self._profile_ends += 1
                 self._cond.notify_all()
-        elif message[0] == transport.EVENTS and len(message) == 2 and self._record is not None:
+        elif message[0] == transport.EVENTS and len(message) == 2 and self._recorder is not None:
             try:
-                self._record(profiler.unpack_events(message[1]))
+                self._recorder.events(profiler.unpack_events(message[1]))
             except DecodeError as e:
                 log.warning("dropped malformed profile events: %s", e)
+        elif message[0] == transport.COUNTERS and self._recorder is not None:
+            try:
+                counters = codec.decode(message[1:])
+            except DecodeError as e:
+                log.warning("dropped malformed counters: %s", e)
+                return
+            if _is_counters(counters):
+                self._recorder.counters(counters)
+
+    def _record_counters_if_due(self) -> None:
+        if self._recorder is not None and (
+            time.monotonic() - self._counters_recorded >= _COUNTERS_INTERVAL
+        ):
+            self._counters_recorded = time.monotonic()
+            self._recorder.counters({MAIN_PIPELINE_NAME: self._main_counters()})
 
     def _close_sockets(self) -> None:
         for sock in (self._sink, self._profile, self._wake_rx, self._wake_tx):

@@ -3,7 +3,6 @@ runners."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -11,14 +10,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import profiler, transport
+from . import profiler, report, transport
 from .errors import PipelineStateError, PyStreamError, StageNameError
 from .parallel import ParallelRunner, ParallelSettings, Unit
 from .serial import SerialRunner
 from .stage import (
     MAIN_PIPELINE_NAME,
     PATH_SEPARATOR,
-    Event,
     Leaf,
     Stage,
     StageChain,
@@ -204,13 +202,25 @@ class Pipeline:
         """(latency in s, throughput in items/s) per stage path, as PyStream defines them."""
         if self._profile_run is None:
             return {}, {}
+        self._flush_profile()
+        return profiler.read_profiles(*self._profile_run)
+
+    def get_profile_report(self) -> report.ProfileReport | None:
+        """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,
+        throughput, drops and errors (see ``pystream_zmq.report``). None without profiling.
+        While running, counters may be up to a second old; after cleanup() they are final."""
+        if self._profile_run is None:
+            return None
+        self._flush_profile()
+        return report.build_report(*self._profile_run)
+
+    def _flush_profile(self) -> None:
         if isinstance(self._runner, SerialRunner):
             self._runner.flush_events()
         if self._writer is not None:
             self._writer.flush()
-        return profiler.read_profiles(*self._profile_run)
 
-    def _open_profile_run(self, mode: str) -> Callable[[list[Event]], object] | None:
+    def _open_profile_run(self, mode: str) -> profiler.RunRecorder | None:
         if not self.use_profiler:
             return None
         db_path = profiler.profiler_db_path()
@@ -219,7 +229,7 @@ class Pipeline:
         layout += [(path, kind) for path, kind, _ in self._layout(MAIN_PIPELINE_NAME)]
         run_id = writer.start_run(MAIN_PIPELINE_NAME, mode, layout)
         self._writer, self._profile_run = writer, (db_path, run_id)
-        return functools.partial(writer.submit, run_id)
+        return profiler.RunRecorder(writer, run_id)
 
     def _close_profile(self) -> None:
         writer, self._writer = self._writer, None

@@ -4,15 +4,17 @@ single writer thread, and PyStream's latency/throughput summary.
 An event is ``(path, seq, arrive, start, end)``: the stage's profile path, the item's
 sequence number, and time.time() when the worker received the item and around the stage call.
 
-Schema (version 1, kept in ``PRAGMA user_version`` so later versions can migrate)::
+Schema (version 2, kept in ``PRAGMA user_version``; the README documents it)::
 
     runs(run_id INTEGER PRIMARY KEY AUTOINCREMENT, pipeline TEXT, mode TEXT, started REAL,
          pid INTEGER)
     stages(run_id, position, path, kind, PRIMARY KEY(run_id, path))  -- kind: pipeline|stage
     events(run_id, path, seq, arrive, start, "end")                  -- index on (run_id, path)
+    counters(run_id, path, name, value, updated, PRIMARY KEY(run_id, path, name))  -- v2
 
-The database uses WAL and a busy timeout so several processes can share one file. Every run
-is kept: there is no retention policy yet, so the file grows until the user deletes it.
+Version 1 lacked ``counters``; opening it for writing adds the table. The database uses WAL
+and a busy timeout so several processes can share one file. Starting a run deletes all but
+the newest ``keep_runs()`` runs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import cast
@@ -41,7 +43,11 @@ log = logging.getLogger(__name__)
 
 PROFILE_DIR_ENV = "PYSTREAM_PROFILE_DIR"
 DB_FILENAME = "profiles.sqlite3"
-SCHEMA_VERSION = 1
+KEEP_RUNS_ENV = "PYSTREAM_PROFILE_KEEP_RUNS"
+DEFAULT_KEEP_RUNS = 100
+SCHEMA_VERSION = 2
+
+Counters = Mapping[str, Mapping[str, int]]  # {path: {name: value}}
 
 _db_folder: str | None = None  # PyStream's API is a module-level setting
 
@@ -63,6 +69,21 @@ def get_profiler_db_folder() -> str:
     if not os.path.isabs(state):  # the XDG spec says to ignore relative paths
         state = os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(state, "pystream_zmq")
+
+
+def keep_runs() -> int:
+    """How many runs a database keeps: $PYSTREAM_PROFILE_KEEP_RUNS (read at each call), else
+    DEFAULT_KEEP_RUNS."""
+    value = os.environ.get(KEEP_RUNS_ENV, "")
+    if not value:
+        return DEFAULT_KEEP_RUNS
+    try:
+        keep = int(value)
+    except ValueError:
+        keep = 0
+    if keep < 1:
+        raise ValueError(f"${KEEP_RUNS_ENV} must be a whole number >= 1, not {value!r}")
+    return keep
 
 
 def profiler_db_path() -> Path:
@@ -134,14 +155,25 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (run_id INTEGER NOT NULL, path TEXT NOT NULL,"
     ' seq INTEGER NOT NULL, arrive REAL, start REAL NOT NULL, "end" REAL NOT NULL)',
     "CREATE INDEX IF NOT EXISTS events_run_path ON events (run_id, path)",
+    # v2: the latest value of each counter, overwritten by every snapshot
+    "CREATE TABLE IF NOT EXISTS counters (run_id INTEGER NOT NULL, path TEXT NOT NULL,"
+    " name TEXT NOT NULL, value INTEGER NOT NULL, updated REAL NOT NULL,"
+    " PRIMARY KEY (run_id, path, name))",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
+)  # every statement is idempotent, so running them all migrates any older version
 _INSERT_EVENT = 'INSERT INTO events (run_id, path, seq, arrive, start, "end") VALUES (?,?,?,?,?,?)'
+_UPSERT_COUNTER = (
+    "INSERT INTO counters (run_id, path, name, value, updated) VALUES (?,?,?,?,?)"
+    " ON CONFLICT (run_id, path, name) DO UPDATE SET value = excluded.value,"
+    " updated = excluded.updated"
+)
+_RUN_TABLES = ("events", "counters", "stages", "runs")
 _START_BUSY_TIMEOUT = 5.0  # start_run may wait this long for another process's lock
 _WRITER_BUSY_TIMEOUT = 1.0  # short, so the writer notices close() while the DB is locked
 _RETRY_DELAY = 0.05
 
-_Batch = tuple[int, Sequence[Event]]
+# (run_id, events, counters): one of the two is empty
+_Batch = tuple[int, Sequence[Event], Counters]
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -152,11 +184,13 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
 class ProfileWriter:
     """Owns the one SQLite connection that stores events, in a daemon thread. ``submit``
     never blocks: beyond ``max_pending_batches`` unwritten batches, whole batches are dropped
-    and counted. Submitted event lists must not be changed afterwards."""
+    and counted. Submitted event lists must not be changed afterwards. ``keep_runs`` (default:
+    keep_runs()) bounds how many runs the database keeps."""
 
     def __init__(self, db_path: Path, *, max_pending_batches: int = 1000,
-                 commit_interval: float = 0.2) -> None:  # fmt: skip
+                 commit_interval: float = 0.2, keep_runs: int | None = None) -> None:  # fmt: skip
         self._db_path = Path(db_path)
+        self._keep_runs = keep_runs
         self._max_pending = max_pending_batches
         self._commit_interval = commit_interval
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
@@ -177,7 +211,8 @@ class ProfileWriter:
 
     def start_run(self, pipeline: str, mode: str, stages: Sequence[tuple[str, str]]) -> int:
         """Record a new run and its stages (display order; the first is the main pipeline),
-        creating the schema if needed, and return its run_id."""
+        creating or migrating the schema if needed, delete the oldest runs beyond
+        ``keep_runs``, and return the new run_id."""
         if mode not in ("serial", "parallel"):
             raise ValueError(f"mode must be 'serial' or 'parallel', not {mode!r}")
         if not stages or tuple(stages[0]) != (MAIN_PIPELINE_NAME, "pipeline"):
@@ -186,6 +221,9 @@ class ProfileWriter:
             raise ValueError("stage paths must be unique")
         if self._closed:
             raise RuntimeError("this ProfileWriter is closed")
+        keep = self._keep_runs if self._keep_runs is not None else keep_runs()
+        if keep < 1:
+            raise ValueError("keep_runs must be at least 1")
         self._db_path.parent.mkdir(parents=True, exist_ok=True)
         with closing(_connect(self._db_path, _START_BUSY_TIMEOUT)) as conn:
             conn.execute("PRAGMA journal_mode = WAL")  # persistent; not allowed in a transaction
@@ -208,6 +246,7 @@ class ProfileWriter:
                     "INSERT INTO stages (run_id, position, path, kind) VALUES (?, ?, ?, ?)",
                     [(run_id, pos, path, kind) for pos, (path, kind) in enumerate(stages)],
                 )
+                _delete_old_runs(conn, keep)
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
@@ -228,7 +267,19 @@ class ProfileWriter:
                 self._dropped += len(events)
                 return False
             self._accepted += 1
-        self._queue.put((run_id, events))
+        self._queue.put((run_id, events, {}))
+        return True
+
+    def submit_counters(self, run_id: int, counters: Counters) -> bool:
+        """Queue a snapshot of counters ({path: {name: value}}; each value replaces the one
+        stored); False if the queue is full (a later snapshot replaces it anyway)."""
+        snapshot = {path: dict(values) for path, values in counters.items()}
+        with self._cond:
+            running = self._thread is not None and not self._closed
+            if not running or self._accepted - self._done >= self._max_pending:
+                return False
+            self._accepted += 1
+        self._queue.put((run_id, [], snapshot))
         return True
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -286,14 +337,24 @@ class ProfileWriter:
 
     def _write(self, conn: sqlite3.Connection | None, group: list[_Batch]) -> None:
         """One transaction for the group; retry while the DB is locked. Never raises."""
-        count = sum(len(events) for _, events in group)
+        count = sum(len(events) for _, events, _ in group)
+        now = time.time()
+        counter_rows = {  # the latest snapshot of each counter wins
+            (run_id, path, name): value
+            for run_id, _, counters in group
+            for path, values in counters.items()
+            for name, value in values.items()
+        }
         written = False
         warned = False
-        while conn is not None and count:
+        while conn is not None and (count or counter_rows):
             try:
-                rows = [(run_id, *event) for run_id, events in group for event in events]
+                rows = [(run_id, *event) for run_id, events, _ in group for event in events]
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT_EVENT, rows)
+                conn.executemany(
+                    _UPSERT_COUNTER, [(*key, value, now) for key, value in counter_rows.items()]
+                )
                 conn.execute("COMMIT")
                 written = True
                 break
@@ -317,6 +378,30 @@ class ProfileWriter:
                 self._dropped += count
             self._done += len(group)
             self._cond.notify_all()
+
+
+class RunRecorder:
+    """What a runner records for one run: event batches and counter snapshots."""
+
+    def __init__(self, writer: ProfileWriter, run_id: int) -> None:
+        self.writer = writer
+        self.run_id = run_id
+
+    def events(self, events: list[Event]) -> bool:
+        return self.writer.submit(self.run_id, events)
+
+    def counters(self, counters: Counters) -> bool:
+        return self.writer.submit_counters(self.run_id, counters)
+
+
+def _delete_old_runs(conn: sqlite3.Connection, keep: int) -> None:
+    # Table names come from _RUN_TABLES, never from input.
+    for table in _RUN_TABLES:
+        conn.execute(
+            f"DELETE FROM {table} WHERE run_id NOT IN"
+            " (SELECT run_id FROM runs ORDER BY run_id DESC LIMIT ?)",
+            (keep,),
+        )
 
 
 def _connect(db_path: Path, busy_timeout: float) -> sqlite3.Connection:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from .profiler import RunRecorder
 from .stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
+
+_COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a counters snapshot
 
 
 class SerialRunner:
-    def __init__(
-        self, leaves: Sequence[Leaf], record: Callable[[list[Event]], object] | None
-    ) -> None:
-        self._events = EventBuffer(record) if record is not None else None
+    def __init__(self, leaves: Sequence[Leaf], recorder: RunRecorder | None) -> None:
+        self._recorder = recorder
+        self._events = EventBuffer(self._record) if recorder is not None else None
         self._chain = StageChain(leaves, self._events.add if self._events else None)
         self._run_lock = threading.Lock()  # one item through the stages at a time
         self._latest_lock = threading.Lock()  # get_results() need not wait for a forward()
         self._next_seq = 0
+        self._delivered = 0
+        self._counters_sent = time.monotonic()
         self._latest: Any = None
         self._has_new = False
 
@@ -30,6 +34,7 @@ class SerialRunner:
             ok, out = self._chain.run(data, seq, start)
             if not ok:
                 return True  # the item was taken; the failing stage logged and counted it
+            self._delivered += 1
             if self._events is not None:
                 self._events.add((MAIN_PIPELINE_NAME, seq, start, start, time.time()))
         with self._latest_lock:
@@ -47,10 +52,27 @@ class SerialRunner:
         with self._run_lock:
             if self._events is not None:
                 self._events.flush()
+                self._record_counters()
 
     def close(self) -> None:
-        """Run every stage's cleanup() and hand on the last profile events."""
+        """Run every stage's cleanup() and hand on the last profile events and counters."""
+        self.flush_events()
         with self._run_lock:
             self._chain.cleanup()
-            if self._events is not None:
-                self._events.flush()
+
+    def _record(self, events: list[Event]) -> None:
+        assert self._recorder is not None
+        self._recorder.events(events)
+        if time.monotonic() - self._counters_sent >= _COUNTERS_INTERVAL:
+            self._record_counters()
+
+    def _record_counters(self) -> None:
+        assert self._recorder is not None
+        self._counters_sent = time.monotonic()
+        main = {
+            "forwarded": self._next_seq,
+            "delivered": self._delivered,
+            "dropped_events": self._recorder.writer.dropped_events,
+        }
+        errors = {path: {"stage_errors": n} for path, n in self._chain.errors.items()}
+        self._recorder.counters({MAIN_PIPELINE_NAME: main, **errors})

@@ -64,7 +64,7 @@ class StageChain:
     def __init__(self, leaves: Sequence[Leaf], record: Callable[[Event], None] | None) -> None:
         self.leaves = list(leaves)
         self._record = record
-        self.errors = 0
+        self.errors = {path: 0 for path, _ in self.leaves}  # items each stage dropped by raising
 
     def run(self, data: Any, seq: int, arrive: float) -> tuple[bool, Any]:
         for path, stage in self.leaves:
@@ -72,7 +72,7 @@ class StageChain:
             try:
                 data = stage(data)
             except Exception:
-                self.errors += 1
+                self.errors[path] += 1
                 log.exception("stage %s raised on item %d; the item is dropped", path, seq)
                 return False, None
             end = time.time()

@@ -44,8 +44,10 @@ GET_STATE = b"get-state"
 CLEANUP = b"cleanup"  # run every stage's cleanup(), then reply STATE
 STOP = b"stop"  # flush profile events, reply BYE, wait for stdin to close
 
-# Profile channel: [EVENTS, packed events] ... then [PROFILE_END, worker id] once at stop.
+# Profile channel: [EVENTS, packed events] and [COUNTERS, codec frames of
+# {path: {name: value}}] ... then [PROFILE_END, worker id] once at stop.
 EVENTS = b"events"
+COUNTERS = b"counters"
 PROFILE_END = b"end"
 
 

@@ -32,6 +32,7 @@ _LENGTH = struct.Struct("<Q")
 _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
 _EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
+_COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
 EXIT_ORPHANED = 3
 
 
@@ -82,6 +83,25 @@ class Worker:
             "dropped_events": 0,
         }
         self._tracker: zmq.MessageTracker | None = None
+        self._counters_sent = time.monotonic()
+
+    def counter_snapshot(self) -> dict[str, dict[str, int]]:
+        """{path: {name: value}}: the unit's counters, and each stage's errors."""
+        snapshot = {self.spec.name: dict(self.counters)}
+        for path, errors in self.chain.errors.items():
+            snapshot.setdefault(path, {})["stage_errors"] = errors
+        return snapshot
+
+    def _send_counters_if_due(self) -> None:
+        # Live values for `pystream top`; the exact final ones travel in BYE.
+        if self.profile is None or time.monotonic() - self._counters_sent < _COUNTERS_INTERVAL:
+            return
+        self._counters_sent = time.monotonic()
+        try:
+            frames = codec.encode(self.counter_snapshot())
+            self.profile.send_multipart([transport.COUNTERS, *frames], zmq.NOBLOCK)
+        except zmq.Again:  # the next snapshot will do
+            pass
 
     # -- profile events ------------------------------------------------------------------
     def _send_events(self, events: list[profiler.Event]) -> None:
@@ -212,6 +232,7 @@ class Worker:
                         return
             if self.events is not None:
                 self.events.flush_if_old()
+                self._send_counters_if_due()
 
     def finish(self, control: zmq.Socket[Any]) -> None:
         """Flush profile events, then say goodbye; the orchestrator acknowledges both by
@@ -222,8 +243,7 @@ class Worker:
             self.profile.send_multipart(
                 [transport.PROFILE_END, self.spec.ident], flags=0, copy=True
             )
-        counters = {**self.counters, "stage_errors": self.chain.errors}
-        control.send_multipart([transport.BYE, *codec.encode(counters)])
+        control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
 
 
 def serve(

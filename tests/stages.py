@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -130,3 +131,13 @@ class ChecksBuffer(Stage):
 
     def cleanup(self) -> None:
         pass
+
+
+def sleep_5ms(data: Any) -> Any:
+    time.sleep(0.005)  # the stage's work (a known delay), not synchronisation
+    return data
+
+
+def sleep_10ms(data: Any) -> Any:
+    time.sleep(0.010)  # the stage's work (a known delay), not synchronisation
+    return data

@@ -1,0 +1,160 @@
+"""``pystream profile`` (a run's report as a table, JSON, CSV or plot) and ``pystream top`` (a
+live view). Both only read the SQLite database, so they work for any process that writes it."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from . import report
+from .profiler import DB_FILENAME, get_profiler_db_folder
+from .report import ProfileNotFoundError, ProfileReport, StageReport
+
+PLOT_HINT = "--plot needs matplotlib: pip install 'pystream-zmq[plot]'"
+_CSV_FIELDS = [f.name for f in dataclasses.fields(StageReport) if f.name != "counters"]
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+
+_db_argument = click.argument("db", required=False, type=click.Path(dir_okay=False, path_type=Path))
+_run_option = click.option(
+    "--run", "run_id", type=int, help="Run id (default: the latest run in the database)."
+)
+
+
+def _default_db(db: Path | None) -> Path:
+    # Not profiler_db_path(): reading must not create the folder.
+    return db if db is not None else Path(get_profiler_db_folder()) / DB_FILENAME
+
+
+@click.command()
+@_db_argument
+@_run_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per stage.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw latency over time and a latency histogram into this PNG file.",
+)
+def profile(
+    db: Path | None, run_id: int | None, as_json: bool, as_csv: bool, plot: Path | None
+) -> None:
+    """Print the profile report of a run: per stage, items, latency (mean, p50, p95, p99),
+    queue wait versus compute, throughput, drops and errors. DB defaults to the profile
+    database of get_profiler_db_folder()."""
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv cannot be combined")
+    db = _default_db(db)
+    try:
+        if plot is not None:
+            _plot(db, run_id, plot)
+        result = report.build_report(db, run_id)
+    except ProfileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif as_csv:
+        writer = csv.DictWriter(sys.stdout, _CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(stage.to_dict() for stage in result.stages)
+    else:
+        click.echo(_header(result))
+        click.echo(format_table(result.stages))
+    if plot is not None:
+        click.echo(f"plot written to {plot}", err=True)
+
+
+def _plot(db: Path, run_id: int | None, out: Path) -> None:
+    try:
+        from .plot import plot_run
+    except ImportError:
+        raise click.ClickException(PLOT_HINT) from None
+    plot_run(report.load_run(db, run_id), out)
+
+
+@click.command()
+@_db_argument
+@_run_option
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+    help="Seconds between refreshes.",
+)  # fmt: skip
+@click.option(
+    "--window", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+    help="Rates and percentiles cover the last this many seconds.",
+)  # fmt: skip
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+def top(db: Path | None, run_id: int | None, interval: float, window: float, once: bool) -> None:
+    """A live view of a run (default: the latest, re-checked at each refresh): per stage
+    items/s, p95 latency, queue wait and compute over the last WINDOW seconds, and the run's
+    drops and errors so far. Ctrl-C exits."""
+    db = _default_db(db)
+    clear = not once and sys.stdout.isatty()
+    try:
+        while True:
+            now = time.time()
+            try:
+                frame = report.build_report(db, run_id, since=now - window)
+            except ProfileNotFoundError as e:
+                raise click.ClickException(str(e)) from None
+            text = _header(frame) + f", last {window:g} s\n" + format_table(frame.stages, window)
+            click.echo((_CLEAR if clear else "") + text)
+            if once:
+                return
+            time.sleep(interval)  # a display refresh, not synchronisation
+    except KeyboardInterrupt:
+        return
+
+
+def _header(result: ProfileReport) -> str:
+    started = datetime.datetime.fromtimestamp(result.started).strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"run {result.run_id} of {result.pipeline} ({result.mode}), started {started}, "
+        f"{result.db_path}"
+    )
+
+
+def format_table(stages: Sequence[StageReport], window: float | None = None) -> str:
+    """Stages as an aligned text table; times in ms. With ``window`` (top): items/s is the
+    number of items in the window divided by its length."""
+    if window is None:
+        head = ["stage", "items", "mean ms", "p50 ms", "p95 ms", "p99 ms", "wait ms", "wait p95",
+                "compute ms", "compute p95", "items/s", "dropped", "errors"]  # fmt: skip
+    else:
+        head = ["stage", "items/s", "p95 ms", "wait ms", "wait p95", "compute ms", "dropped",
+                "errors"]  # fmt: skip
+    rows = [head]
+    for s in stages:
+        if window is None:
+            rows.append([s.path, str(s.items), *_ms(s.latency_mean, s.latency_p50,
+                         s.latency_p95, s.latency_p99, s.queue_wait_mean, s.queue_wait_p95,
+                         s.compute_mean, s.compute_p95), _num(s.throughput, 1),
+                         str(s.dropped), str(s.errors)])  # fmt: skip
+        else:
+            rows.append([s.path, _num(s.items / window, 1), *_ms(s.latency_p95,
+                         s.queue_wait_mean, s.queue_wait_p95, s.compute_mean), str(s.dropped),
+                         str(s.errors)])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]  # fmt: skip
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _ms(*seconds: float) -> list[str]:
+    return [_num(s * 1000, 2) for s in seconds]
+
+
+def _num(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
