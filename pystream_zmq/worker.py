@@ -234,6 +234,8 @@ class Worker:
                         break
                     if not self.handle_item(frames) or done():
                         return
+                    if self.events is not None:  # a slow stage may not leave the burst for long
+                        self.events.flush_if_old()
             if self.events is not None:
                 self.events.flush_if_old()
 
