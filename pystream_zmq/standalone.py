@@ -1,0 +1,261 @@
+"""The roles of ``pystream-worker``, one per process: source, stage (or serial sub-pipeline)
+and sink, wired by endpoints instead of an orchestrator.
+
+Convention: every process binds its own input and connects its output to the next one's
+input, so processes start in any order and a restarted one is reconnected to by ZeroMQ.
+
+Stopping: ``stop`` is set (by the entry point, on SIGTERM/SIGINT). The source stops and
+sends an end-of-stream marker; a stage keeps working until that marker has passed through it
+(or ``drain_timeout``); the sink waits for it the same way. A process then closes its output
+only once the next process has gone (its disconnect is the acknowledgement that it read the
+marker): closing a sender earlier can lose what the receiver had not read yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import codec, profiler, transport
+from .parallel import Collector
+from .stage import MAIN_PIPELINE_NAME, Leaf
+from .worker import Worker, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 100  # how often a blocked send looks at the stop flag
+_ACK_TIMEOUT = 1.0  # after the drain, how long to wait for the next process to leave
+_END: Any = object()
+
+
+@dataclass
+class Stopping:
+    """Shutdown settings shared by every role: after ``stop``, up to ``drain_timeout`` for
+    the items in flight, then up to _ACK_TIMEOUT more for the next process to leave."""
+
+    stop: threading.Event
+    drain_timeout: float = 3.0
+
+    def ack_deadline(self, stopped_at: float) -> float:
+        return stopped_at + self.drain_timeout + _ACK_TIMEOUT
+
+
+class _Drain:
+    """``done()`` for Worker.run: false until ``stop``; then true once upstream's
+    end-of-stream marker has passed, or after ``drain_timeout``."""
+
+    def __init__(self, worker: Worker, stopping: Stopping) -> None:
+        self._worker = worker
+        self._stopping = stopping
+        self.started: float | None = None
+
+    def __call__(self) -> bool:
+        if not self._stopping.stop.is_set():
+            return False
+        if self.started is None:
+            self.started = time.monotonic()
+            log.info("stopping: draining the items in flight")
+        if self._worker.upstream_done:
+            return True
+        timeout = self._stopping.drain_timeout
+        if time.monotonic() - self.started >= timeout:
+            log.warning("no end of stream after %g s; stopping anyway", timeout)
+            return True
+        return False
+
+
+def _end_stream(push: zmq.Socket[Any], deadline: float) -> None:
+    """Send an end-of-stream marker and wait (until ``deadline``, a monotonic time) until
+    the next process disconnects, having read it. ``push`` must have IMMEDIATE set, so that
+    with nobody connected the marker cannot be sent and there is nothing to wait for."""
+
+    def left_ms() -> int:
+        return max(0, int((deadline - time.monotonic()) * 1000))
+
+    monitor = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        marker = transport.pack_envelope(transport.KIND_EOS, 0, time.time())
+        if not push.poll(left_ms(), zmq.POLLOUT):
+            log.info("nobody downstream takes the end of stream; not waiting")
+            return
+        push.send(marker, zmq.NOBLOCK)
+        if not monitor.poll(left_ms()):
+            log.warning("the next process did not stop in time")
+    finally:
+        push.disable_monitor()
+        monitor.close(linger=0)
+
+
+# -- stage -----------------------------------------------------------------------------------
+def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> None:
+    """Run stages between spec.pull (bound) and spec.push (connected) until stopped.
+    Raises zmq.ZMQError if an endpoint cannot be bound or connected."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        worker = Worker(spec, list(leaves), ctx)
+        log.info("ready: input %s, output %s", spec.pull, spec.push)
+        drain = _Drain(worker, stopping)
+        worker.run(done=drain)
+        if worker.events is not None:
+            worker.events.flush()
+        if not worker.upstream_done and (dropped := _discard(worker.pull)):
+            log.warning("dropped %d items still queued at the input", dropped)
+        _end_stream(worker.push, stopping.ack_deadline(drain.started or time.monotonic()))
+        log.info(
+            "stopped after %d items (%d stage errors)",
+            worker.counters["processed"],
+            worker.chain.errors,
+        )
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _discard(pull: zmq.Socket[Any]) -> int:
+    """Read what is queued at the input without processing it; the count of data items."""
+    dropped = 0
+    while True:
+        try:
+            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return dropped
+        dropped += frames[0].bytes[:1] == bytes([transport.KIND_DATA])
+
+
+# -- source ----------------------------------------------------------------------------------
+def run_source(
+    items: Iterator[Any],
+    push_endpoint: str,
+    stopping: Stopping,
+    *,
+    period: float,
+    count: int | None,
+    hwm: int = transport.DEFAULT_HWM,
+) -> None:
+    """Send ``items`` every ``period`` seconds (at most ``count``), then wait for stop."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    stop = stopping.stop
+    try:
+        push = transport.make_socket(ctx, zmq.PUSH, hwm)
+        push.setsockopt(zmq.IMMEDIATE, 1)
+        push.connect(push_endpoint)
+        log.info("ready: output %s, one item every %g s", push_endpoint, period)
+        sent = 0
+        next_at = time.monotonic()
+        while not stop.is_set() and (count is None or sent < count):
+            item = next(items, _END)
+            if item is _END:
+                break
+            envelope = transport.pack_envelope(transport.KIND_DATA, sent, time.time())
+            frames = [envelope, *codec.encode(item)]
+            while not stop.is_set() and not push.poll(_POLL_MS, zmq.POLLOUT):
+                pass  # downstream full or absent: wait, but notice a stop
+            if stop.is_set():
+                break
+            push.send_multipart(frames, zmq.NOBLOCK, copy=True)
+            sent += 1
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < 0:  # slower than the period: do not burst to catch up
+                next_at = time.monotonic()
+            elif stop.wait(delay):
+                break
+        if not stop.is_set():
+            log.info("sent all %d items; waiting to be stopped", sent)
+            stop.wait()
+        _end_stream(push, stopping.ack_deadline(time.monotonic()))
+        log.info("stopped after %d items", sent)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def iterate(produce: Callable[[], Any]) -> Iterator[Any]:
+    """Items from calling ``produce()`` again and again."""
+    return iter(produce, _END)  # a sentinel it never returns: call forever
+
+
+# -- sink ------------------------------------------------------------------------------------
+@dataclass
+class ProfileTarget:
+    """Where the sink records profiles: a database, the run's name and its stage names
+    (levels below MainPipeline joined by '__', e.g. ``Child__StageA``)."""
+
+    db_path: Path
+    run_name: str
+    stages: Sequence[str]
+
+    def layout(self) -> list[tuple[str, str]]:
+        paths = [f"{MAIN_PIPELINE_NAME}__{name}" for name in self.stages]
+        return [(MAIN_PIPELINE_NAME, "pipeline")] + [
+            (path, "pipeline" if any(p.startswith(path + "__") for p in paths) else "stage")
+            for path in paths
+        ]
+
+
+def run_sink(
+    pull_endpoint: str,
+    stopping: Stopping,
+    *,
+    profile_endpoint: str | None = None,
+    profile: ProfileTarget | None = None,
+    report_every: float = 2.0,
+    on_latest: Callable[[Any], None] | None = None,
+    hwm: int = transport.DEFAULT_HWM,
+) -> Any:
+    """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
+    the latest output to ``on_latest``. Returns the latest output."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    writer: profiler.ProfileWriter | None = None
+    collector: Collector | None = None
+    try:
+        record = None
+        if profile is not None and profile_endpoint is not None:
+            writer = profiler.ProfileWriter(profile.db_path)
+            run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
+            record = functools.partial(writer.submit, run_id)
+            log.info("profiles: run %d in %s", run_id, profile.db_path)
+        collector = Collector(ctx, pull_endpoint, profile_endpoint, hwm, record)
+        collector.start()
+        log.info("ready: input %s, profiles %s", pull_endpoint, profile_endpoint or "off")
+        progress = _Progress(collector, on_latest)
+        while not stopping.stop.wait(report_every):
+            progress.report()
+        log.info("stopping: waiting for the items in flight")
+        if not collector.wait_for_end(stopping.drain_timeout):
+            log.warning("no end of stream after %g s; stopping anyway", stopping.drain_timeout)
+        progress.report()
+        log.info("stopped after %d items", collector.delivered)
+        return progress.latest
+    finally:
+        if collector is not None:
+            collector.stop()
+        if writer is not None:
+            writer.close(timeout=_ACK_TIMEOUT)
+        ctx.destroy(linger=0)
+
+
+class _Progress:
+    def __init__(self, collector: Collector, on_latest: Callable[[Any], None] | None) -> None:
+        self._collector = collector
+        self._on_latest = on_latest
+        self._count = 0
+        self._at = time.monotonic()
+        self.latest: Any = None
+
+    def report(self) -> None:
+        now, count = time.monotonic(), self._collector.delivered
+        rate = (count - self._count) / max(now - self._at, 1e-9)
+        log.info("%d items received, %.1f items/s", count, rate)
+        self._count, self._at = count, now
+        latest = self._collector.take_latest(0.0)
+        if latest is not None:
+            self.latest = latest
+            if self._on_latest is not None:
+                self._on_latest(latest)
