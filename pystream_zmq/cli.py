@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import click
 
+from .procfile import procfile_command
+
 
 @click.group()
 @click.version_option(package_name="pystream-zmq")
 def main() -> None:
     """pystream_zmq tools."""
+
+
+main.add_command(procfile_command)
