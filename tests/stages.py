@@ -101,3 +101,8 @@ def spin(data: dict[str, Any]) -> dict[str, Any]:
         total += i * i
     data["total"] = total
     return data
+
+
+def tiny() -> dict[str, Any]:
+    """A source: one small item per call."""
+    return {"x": 0}
