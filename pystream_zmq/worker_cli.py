@@ -3,8 +3,8 @@ sub-pipeline, sink), wired by ZeroMQ endpoints; see README "Pipelines as service
 
 Every option has an environment variable (``PYSTREAM_PULL``, ...). Errors in the command
 line or in ``MODULE:ATTR`` give one line and an exit code below (a traceback too with
-``--verbose``). SIGTERM/SIGINT drain the items in flight and exit 0; a second one exits at
-once with 128 + the signal number.
+``--verbose``). SIGTERM/SIGINT (and SIGQUIT, which honcho's supervisord export sends) drain
+the items in flight and exit 0; a second one exits at once with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ def _start_process(name: str, verbose: bool, drain_timeout: float = 3.0) -> stan
 
 
 def _watch_signals(stop: threading.Event) -> None:
-    """Turn SIGTERM/SIGINT into ``stop``, a second one into an immediate exit.
+    """Turn SIGTERM/SIGINT/SIGQUIT into ``stop``, a second one into an immediate exit.
 
     The Python-level handler does nothing: the interpreter also writes each signal's number
     to the wakeup fd, and a thread reading it sets ``stop``. So no lock is taken inside a
@@ -440,7 +440,7 @@ def _watch_signals(stop: threading.Event) -> None:
     rx, tx = socket.socketpair()
     tx.setblocking(False)
     signal.set_wakeup_fd(tx.fileno(), warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, lambda *_: None)
 
     def watch(rx: socket.socket, tx: socket.socket) -> None:  # holds tx open: the wakeup fd

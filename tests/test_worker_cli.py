@@ -378,3 +378,29 @@ def test_the_services_run_under_the_python_api_too() -> None:
         out = pipeline.get_results()
     assert out["frame"].shape == (240, 320, 3) and out["edges"].shape == (240, 320)
     assert np.any(out["edges"])
+
+
+def test_port_from_honcho_and_a_second_signal_exits_at_once(
+    honcho_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A sink without --pull binds honcho's PORT. With nothing upstream, its drain would wait
+    for an end of stream; a second SIGTERM ends the wait at once."""
+    port = free_port()
+    log = tmp_path / "sink.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [BIN / "pystream-worker", "sink", "--drain-timeout", "30"],
+            stdout=out, stderr=out, env={**honcho_env, "PORT": str(port)},
+        )  # fmt: skip
+    try:
+        assert wait_until(lambda: "ready" in log.read_text(), timeout=30), log.read_text()
+        assert f"ready: input tcp://127.0.0.1:{port}," in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "waiting for the items in flight" in log.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+        assert "second signal (SIGTERM): exiting at once" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
