@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from . import codec, profiler, transport
@@ -259,3 +261,41 @@ class _Progress:
             self.latest = latest
             if self._on_latest is not None:
                 self._on_latest(latest)
+
+
+class ImageSaver:
+    """Writes the image in the latest output with cv2.imwrite, through a temporary file so
+    readers never see half an image."""
+
+    def __init__(self, path: Path, key: str | None) -> None:
+        self._path = path
+        self._key = key
+        self._warned = False
+
+    def __call__(self, output: Any) -> None:
+        import cv2  # only the sink that saves images needs it
+
+        image = output.get(self._key) if isinstance(output, dict) and self._key else None
+        if image is None and isinstance(output, dict) and not self._key:
+            image = next((v for v in output.values() if _is_image(v)), None)
+        if image is None or not _is_image(image):
+            if not self._warned:
+                log.warning(
+                    "the output holds no uint8 image to save (keys: %s)",
+                    list(output) if isinstance(output, dict) else type(output).__name__,
+                )
+                self._warned = True
+            return
+        partial = self._path.with_name(f".{self._path.stem}.partial{self._path.suffix}")
+        if not cv2.imwrite(str(partial), image):
+            log.warning("cv2.imwrite could not write %s", partial)
+            return
+        os.replace(partial, self._path)
+
+
+def _is_image(value: Any) -> bool:
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype == np.uint8
+        and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4)))
+    )

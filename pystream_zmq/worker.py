@@ -78,13 +78,8 @@ class Worker:
             # Standalone, the next process may be absent for a while (not started yet, or
             # restarting): queue nothing for it, wait until it is there.
             self.push.setsockopt(zmq.IMMEDIATE, 1)
-        try:
-            self.pull.bind(spec.pull)
-            self.push.connect(spec.push)
-        except zmq.ZMQError:
-            self.pull.close()
-            self.push.close()
-            raise
+        self.pull.bind(spec.pull)
+        self.push.connect(spec.push)
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
         if spec.profile is not None:

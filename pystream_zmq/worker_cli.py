@@ -327,14 +327,14 @@ def sink(verbose: bool, **opts: Any) -> int:
         names = [name for name in opts["stages"].split(",") if name]
         for name in names:
             for level in name.split(PATH_SEPARATOR):
-                _check_name(level)
+                _check_name(level, " (in --stages)")
         folder = opts["profile_dir"] or profiler.get_profiler_db_folder()
         profile = standalone.ProfileTarget(
             Path(folder) / profiler.DB_FILENAME, opts["run_name"], names
         )
     on_latest = None
     if opts["save_latest"]:
-        on_latest = _ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        on_latest = standalone.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
     stopping = _start_process("sink", verbose, opts["drain_timeout"])
     return _run(
         verbose,
@@ -378,19 +378,19 @@ def _build(verbose: bool, ref: str, opts: dict[str, Any], obj: Any = None) -> An
     return _guard(verbose, ref, lambda: build(found, params, factory=opts["factory"]))
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, hint: str = "") -> str:
     try:
         return check_stage_name(name)
     except ValueError as e:
-        raise click.UsageError(f"{e} (choose another with --name)") from e
+        raise click.UsageError(f"{e}{hint}") from e
 
 
 def _name(given: str | None, own: object, ref: str) -> str:
+    """--name, else the stage's own name attribute, else ATTR."""
     if given:
         return _check_name(given)
-    if isinstance(own, str):
-        return _check_name(own)
-    return _check_name(ref.rpartition(":")[2].rpartition(".")[2])
+    name = own if isinstance(own, str) else ref.rpartition(":")[2].rpartition(".")[2]
+    return _check_name(name, " (choose another with --name)")
 
 
 def _pull_endpoint(opts: dict[str, Any]) -> str:
@@ -467,42 +467,3 @@ def _run(verbose: bool, role: Callable[[], object]) -> int:
         log.error("failed: %s: %s", type(e).__name__, e, exc_info=verbose)
         return EXIT_RUNTIME
     return EXIT_OK
-
-
-class _ImageSaver:
-    """Writes the image in the latest output with cv2.imwrite, through a temporary file so
-    readers never see half an image."""
-
-    def __init__(self, path: Path, key: str | None) -> None:
-        self._path = path
-        self._key = key
-        self._warned = False
-
-    def __call__(self, output: Any) -> None:
-        import cv2
-        import numpy as np
-
-        image = output.get(self._key) if isinstance(output, dict) and self._key else None
-        if image is None and isinstance(output, dict) and not self._key:
-            image = next((v for v in output.values() if _is_image(v, np)), None)
-        if image is None or not _is_image(image, np):
-            if not self._warned:
-                log.warning(
-                    "the output holds no uint8 image to save (keys: %s)",
-                    list(output) if isinstance(output, dict) else type(output).__name__,
-                )
-                self._warned = True
-            return
-        partial = self._path.with_name(f".{self._path.stem}.partial{self._path.suffix}")
-        if not cv2.imwrite(str(partial), image):
-            log.warning("cv2.imwrite could not write %s", partial)
-            return
-        os.replace(partial, self._path)
-
-
-def _is_image(value: Any, np: Any) -> bool:
-    return (
-        isinstance(value, np.ndarray)
-        and value.dtype == np.uint8
-        and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4)))
-    )
