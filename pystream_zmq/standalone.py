@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,23 @@ _END: Any = object()
 
 @dataclass
 class Stopping:
-    """Shutdown settings shared by every role: after ``stop``, up to ``drain_timeout`` for
-    the items in flight, then up to _ACK_TIMEOUT more for the next process to leave."""
+    """When to stop: ``request()`` (from the signal watcher) sets ``stop``; then the items in
+    flight get up to ``drain_timeout``, and the next process up to _ACK_TIMEOUT more to
+    leave, both counted from the request."""
 
-    stop: threading.Event
-    drain_timeout: float = 3.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    drain_timeout: float = 2.5
+    requested_at: float = 0.0  # time.monotonic() of the request
 
-    def ack_deadline(self, stopped_at: float) -> float:
-        return stopped_at + self.drain_timeout + _ACK_TIMEOUT
+    def request(self) -> None:
+        self.requested_at = time.monotonic()
+        self.stop.set()
+
+    def drain_left(self) -> float:
+        return self.requested_at + self.drain_timeout - time.monotonic()
+
+    def ack_deadline(self) -> float:
+        return self.requested_at + self.drain_timeout + _ACK_TIMEOUT
 
 
 class _Drain:
@@ -57,19 +66,18 @@ class _Drain:
     def __init__(self, worker: Worker, stopping: Stopping) -> None:
         self._worker = worker
         self._stopping = stopping
-        self.started: float | None = None
+        self._logged = False
 
     def __call__(self) -> bool:
         if not self._stopping.stop.is_set():
             return False
-        if self.started is None:
-            self.started = time.monotonic()
+        if not self._logged:
+            self._logged = True
             log.info("stopping: draining the items in flight")
         if self._worker.upstream_done:
             return True
-        timeout = self._stopping.drain_timeout
-        if time.monotonic() - self.started >= timeout:
-            log.warning("no end of stream after %g s; stopping anyway", timeout)
+        if self._stopping.drain_left() <= 0:
+            log.warning("no end of stream in %g s; stopping anyway", self._stopping.drain_timeout)
             return True
         return False
 
@@ -104,13 +112,12 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
     try:
         worker = Worker(spec, list(leaves), ctx)
         log.info("ready: input %s, output %s", spec.pull, spec.push)
-        drain = _Drain(worker, stopping)
-        worker.run(done=drain)
+        worker.run(done=_Drain(worker, stopping))
         if worker.events is not None:
             worker.events.flush()
         if not worker.upstream_done and (dropped := _discard(worker.pull)):
             log.warning("dropped %d items still queued at the input", dropped)
-        _end_stream(worker.push, stopping.ack_deadline(drain.started or time.monotonic()))
+        _end_stream(worker.push, stopping.ack_deadline())
         log.info(
             "stopped after %d items (%d stage errors)",
             worker.counters["processed"],
@@ -172,7 +179,7 @@ def run_source(
         if not stop.is_set():
             log.info("sent all %d items; waiting to be stopped", sent)
             stop.wait()
-        _end_stream(push, stopping.ack_deadline(time.monotonic()))
+        _end_stream(push, stopping.ack_deadline())
         log.info("stopped after %d items", sent)
     finally:
         ctx.destroy(linger=0)
@@ -230,8 +237,8 @@ def run_sink(
         while not stopping.stop.wait(report_every):
             progress.report()
         log.info("stopping: waiting for the items in flight")
-        if not collector.wait_for_end(stopping.drain_timeout):
-            log.warning("no end of stream after %g s; stopping anyway", stopping.drain_timeout)
+        if not collector.wait_for_end(max(0.0, stopping.drain_left())):
+            log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
         progress.report()
         log.info("stopped after %d items", collector.delivered)
         return progress.latest

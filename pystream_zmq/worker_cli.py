@@ -160,7 +160,7 @@ def _run_options(f: _F) -> _F:
     f = _opt(
         "--drain-timeout",
         envvar="PYSTREAM_DRAIN_TIMEOUT",
-        default=3.0,
+        default=2.5,
         type=click.FloatRange(min=0),
         help="On a stop signal, how long to wait for the items in flight (honcho kills after 5 s).",
     )(f)
@@ -307,7 +307,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
     "--drain-timeout",
     envvar="PYSTREAM_DRAIN_TIMEOUT",
     type=click.FloatRange(min=0),
-    default=3.5,
+    default=3.0,
     help="On a stop signal, how long to wait for the items in flight (a little longer "
     "than the stages, so that their end-of-stream markers still arrive).",
 )
@@ -415,7 +415,7 @@ def _serve_worker(
     return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))
 
 
-def _start_process(name: str, verbose: bool, drain_timeout: float = 3.0) -> standalone.Stopping:
+def _start_process(name: str, verbose: bool, drain_timeout: float = 2.5) -> standalone.Stopping:
     """Everything a running worker process needs once its arguments are good: logging with
     the stage name and pid, and signals turned into a drain."""
     if hasattr(sys.stdout, "reconfigure"):
@@ -425,13 +425,13 @@ def _start_process(name: str, verbose: bool, drain_timeout: float = 3.0) -> stan
         format=f"%(asctime)s %(levelname)s [{name} pid %(process)d] %(name)s: %(message)s",
         force=True,
     )
-    stopping = standalone.Stopping(threading.Event(), drain_timeout)
-    _watch_signals(stopping.stop)
+    stopping = standalone.Stopping(drain_timeout=drain_timeout)
+    _watch_signals(stopping)
     return stopping
 
 
-def _watch_signals(stop: threading.Event) -> None:
-    """Turn SIGTERM/SIGINT/SIGQUIT into ``stop``, a second one into an immediate exit.
+def _watch_signals(stopping: standalone.Stopping) -> None:
+    """Turn SIGTERM/SIGINT/SIGQUIT into a stop request, a second one into an immediate exit.
 
     The Python-level handler does nothing: the interpreter also writes each signal's number
     to the wakeup fd, and a thread reading it sets ``stop``. So no lock is taken inside a
@@ -445,8 +445,8 @@ def _watch_signals(stop: threading.Event) -> None:
 
     def watch(rx: socket.socket, tx: socket.socket) -> None:  # holds tx open: the wakeup fd
         name = signal.Signals(rx.recv(1)[0]).name
+        stopping.request()
         log.info("%s: stopping (again to exit at once)", name)
-        stop.set()
         signum = rx.recv(1)[0]
         log.warning("second signal (%s): exiting at once", signal.Signals(signum).name)
         logging.shutdown()
