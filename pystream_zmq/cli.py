@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .procfile import procfile_command
 from .profile_cli import profile, top
 
 
@@ -15,3 +16,4 @@ def main() -> None:
 
 main.add_command(profile)
 main.add_command(top)
+main.add_command(procfile_command)

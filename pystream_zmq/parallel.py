@@ -101,7 +101,7 @@ class ParallelRunner:
         self._source_lock = threading.Lock()
         self._next_seq = 0
         self._next_eos = 0
-        self._collector = _Collector(
+        self._collector = Collector(
             self._ctx,
             self._endpoint("sink"),
             self._endpoint("profile") if recorder else None,
@@ -148,12 +148,12 @@ class ParallelRunner:
         ):
             spec = WorkerSpec(
                 name=unit.name,
-                ident=str(index).encode(),
                 pull=self._input_endpoint(index),
                 push=self._input_endpoint(index + 1),
-                control=self._endpoint("control"),
                 profile=self._endpoint("profile") if self._recorder else None,
                 hwm=self.settings.hwm,
+                control=self._endpoint("control"),
+                ident=str(index).encode(),
                 sys_path=list(sys.path),
                 log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
             )
@@ -349,9 +349,10 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             proc.wait(deadline.left())
 
 
-class _Collector(threading.Thread):
+class Collector(threading.Thread):
     """Background thread that owns the sink and profile sockets: keeps the latest output,
-    records MainPipeline timings, notices end-of-stream markers and forwards profile events."""
+    records MainPipeline timings, notices end-of-stream markers and forwards profile events.
+    The orchestrator uses it, and so does ``pystream-worker sink``."""
 
     def __init__(
         self,
@@ -382,6 +383,7 @@ class _Collector(threading.Thread):
         self._latest: Any = None
         self._has_new = False
         self._eos_seen = 0
+        self._ended = False  # an end-of-stream marker arrived, and no data after it
         self._profile_ends = 0
         self.delivered = 0
         self.decode_errors = 0
@@ -401,6 +403,11 @@ class _Collector(threading.Thread):
     def wait_for_eos(self, token: int, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._eos_seen >= token, timeout)
+
+    def wait_for_end(self, timeout: float) -> bool:
+        """Wait until the last message received is an end-of-stream marker."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ended, timeout)
 
     def wait_for_profile_ends(self, count: int, timeout: float) -> bool:
         with self._cond:
@@ -447,6 +454,7 @@ class _Collector(threading.Thread):
             log.warning("dropped a malformed output: %s", e)
             return
         with self._cond:
+            self._ended = kind == transport.KIND_EOS
             if kind == transport.KIND_EOS:
                 self._eos_seen = max(self._eos_seen, seq)
             else:

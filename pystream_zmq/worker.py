@@ -1,10 +1,11 @@
 """A worker process: runs one unit of stages between a PULL and a PUSH socket.
 
-The orchestrator starts it with ``main()`` below and writes its spec to
-stdin: a plain header (endpoints, settings) and the stages, cloudpickled, so that stages
-defined in ``__main__`` or a notebook travel by value. stdin stays open for the worker's
-life: when it closes -- orchestrator done, or dead -- the worker exits, so no worker
-outlives the process that started it.
+Two ways to start one. The orchestrator (``parallel.py``) starts ``main()`` below and
+writes its spec to stdin: a plain header (endpoints, settings) and the stages, cloudpickled,
+so that stages defined in ``__main__`` or a notebook travel by value. stdin stays open for
+the worker's life: when it closes -- orchestrator done, or dead -- the worker exits, so no
+worker outlives the process that started it. ``pystream-worker`` (``worker_cli.py``) runs the
+same ``Worker`` loop standalone, without a control channel.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
 import zmq
@@ -39,14 +41,20 @@ EXIT_ORPHANED = 3
 @dataclass
 class WorkerSpec:
     name: str  # the unit's profile path, used in logs
-    ident: bytes  # routing id on the control channel
     pull: str  # endpoint this worker binds for its input
     push: str  # endpoint it connects to for its output
-    control: str
     profile: str | None  # where profile events go; None when profiling is off
-    hwm: int
-    sys_path: list[str]
-    log_level: int
+    hwm: int = transport.DEFAULT_HWM
+    # Orchestrated workers only: the orchestrator's control endpoint, this worker's routing
+    # id on it, and the orchestrator's sys.path. control is None for a standalone worker.
+    control: str | None = None
+    ident: bytes = b""
+    sys_path: list[str] = field(default_factory=list)
+    log_level: int = logging.INFO
+
+
+def _never() -> bool:
+    return False
 
 
 def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:
@@ -67,6 +75,10 @@ class Worker:
         self.ctx = ctx
         self.pull = transport.make_socket(ctx, zmq.PULL, spec.hwm)
         self.push = transport.make_socket(ctx, zmq.PUSH, spec.hwm)
+        if spec.control is None:
+            # Standalone, the next process may be absent for a while (not started yet, or
+            # restarting): queue nothing for it, wait until it is there.
+            self.push.setsockopt(zmq.IMMEDIATE, 1)
         self.pull.bind(spec.pull)
         self.push.connect(spec.push)
         self.profile: zmq.Socket[Any] | None = None
@@ -83,6 +95,10 @@ class Worker:
             "dropped_events": 0,
         }
         self._tracker: zmq.MessageTracker | None = None
+        self._control: zmq.Socket[Any] | None = None
+        self._done: Callable[[], bool] = _never
+        # True once an end-of-stream marker passed with no data after it: upstream finished.
+        self.upstream_done = False
         self._counters_sent = time.monotonic()
 
     def counter_snapshot(self) -> dict[str, dict[str, int]]:
@@ -114,21 +130,24 @@ class Worker:
             self.counters["dropped_events"] += len(events)
 
     # -- data path -----------------------------------------------------------------------
-    def handle_item(self, frames: list[zmq.Frame], control: zmq.Socket[Any]) -> bool:
-        """Process one message; False when a STOP arrived while waiting to send."""
+    def handle_item(self, frames: list[zmq.Frame]) -> bool:
+        """Process one message; False when told to stop while waiting to send."""
         arrive = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
             if kind == transport.KIND_EOS:
                 if self.events is not None:
                     self.events.flush()
-                return self._send([frames[0].bytes], control)
+                sent = self._send([frames[0].bytes])
+                self.upstream_done = True  # only now: done() may end the loop on it
+                return sent
+            self.upstream_done = False
             data = codec.decode(frames[1:])
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
             return True
-        if not self._previous_output_released(control):
+        if not self._previous_output_released():
             return False
         ok, out = self.chain.run(data, seq, arrive)
         if not ok:
@@ -145,22 +164,25 @@ class Worker:
             )
             return True
         self.counters["processed"] += 1
-        return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames], control)
+        return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames])
 
-    def _previous_output_released(self, control: zmq.Socket[Any]) -> bool:
+    def _previous_output_released(self) -> bool:
         """Arrays go out zero-copy, and a stage may write into the buffer it returned last
         time on its next call: wait until ZeroMQ has let go of the previous output. False
-        when a STOP arrived while waiting."""
+        when told to stop while waiting."""
         while self._tracker is not None:
             try:
                 self._tracker.wait(_POLL_MS / 1000)
                 self._tracker = None
             except zmq.NotDone:
-                if control.poll(0) and not self.handle_control(control):
+                control = self._control
+                if control is not None and control.poll(0) and not self.handle_control(control):
+                    return False
+                if self._done():
                     return False
         return True
 
-    def _send(self, frames: list[Any], control: zmq.Socket[Any]) -> bool:
+    def _send(self, frames: list[Any]) -> bool:
         poller = None
         while True:
             try:
@@ -177,9 +199,13 @@ class Worker:
             if poller is None:
                 poller = zmq.Poller()
                 poller.register(self.push, zmq.POLLOUT)
-                poller.register(control, zmq.POLLIN)
+                if self._control is not None:
+                    poller.register(self._control, zmq.POLLIN)
             ready = dict(poller.poll(_POLL_MS))
-            if control in ready and not self.handle_control(control):
+            control = self._control
+            if control is not None and control in ready and not self.handle_control(control):
+                return False
+            if self._done():
                 return False
 
     # -- control -------------------------------------------------------------------------
@@ -214,13 +240,19 @@ class Worker:
             log.warning("ignored unknown control command %r", command[:32])
         return True
 
-    def run(self, control: zmq.Socket[Any]) -> None:
+    def run(
+        self, control: zmq.Socket[Any] | None = None, done: Callable[[], bool] = _never
+    ) -> None:
+        """Process items until STOP arrives on ``control`` (orchestrated) or ``done()``
+        turns true (standalone, where ``control`` is None)."""
+        self._control, self._done = control, done
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
-        poller.register(control, zmq.POLLIN)
-        while True:
+        if control is not None:
+            poller.register(control, zmq.POLLIN)
+        while not done():
             ready = dict(poller.poll(_POLL_MS))
-            if control in ready and not self.handle_control(control):
+            if control is not None and control in ready and not self.handle_control(control):
                 return
             if self.pull in ready:
                 for _ in range(_BURST):
@@ -228,8 +260,10 @@ class Worker:
                         frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if not self.handle_item(frames, control):
+                    if not self.handle_item(frames) or done():
                         return
+                    if self.events is not None:  # a slow stage may not leave the burst for long
+                        self.events.flush_if_old()
             if self.events is not None:
                 self.events.flush_if_old()
                 self._send_counters_if_due()
@@ -251,6 +285,8 @@ def serve(
 ) -> int:
     import cloudpickle
 
+    if spec.control is None:
+        raise ValueError("an orchestrated worker needs the control endpoint")
     ctx: zmq.Context[Any] = zmq.Context()
     control = transport.make_socket(ctx, zmq.DEALER, 1000)
     control.setsockopt(zmq.ROUTING_ID, spec.ident)

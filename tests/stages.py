@@ -141,3 +141,8 @@ def sleep_5ms(data: Any) -> Any:
 def sleep_10ms(data: Any) -> Any:
     time.sleep(0.010)  # the stage's work (a known delay), not synchronisation
     return data
+
+
+def tiny() -> dict[str, Any]:
+    """A source: one small item per call."""
+    return {"x": 0}
