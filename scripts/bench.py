@@ -483,6 +483,18 @@ def trial_main(spec_json: str) -> None:
 # ==================================================================== parent side ======
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _handle_signals() -> None:
+    """Ctrl-C and SIGTERM both unwind through the ``finally`` that stops every process we
+    started (a shell that runs us in the background would otherwise ignore SIGINT, and
+    SIGTERM would skip the ``finally``)."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _become_subreaper() -> None:
     """Orphaned grandchildren (a trial's workers, if the trial dies) are re-parented to
     this process, so the final check can find and stop them. Linux only."""
@@ -868,10 +880,14 @@ def main() -> None:
     args.sections = args.sections.split(",")
     args.hops = [int(h) for h in args.hops.split(",")]
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    _handle_signals()
     _become_subreaper()
     started = time.monotonic()
     try:
         res = measure(args)
+    except KeyboardInterrupt:
+        print(f"interrupted; stopped {_stop_descendants()} process(es) still running")
+        sys.exit(130)
     finally:
         left = _stop_descendants()
     lines, tables = report(res, args)
