@@ -42,3 +42,12 @@ class StageError(PyStreamError):
         self.stage = stage
         self.seq = seq
         self.remote_traceback = remote_traceback
+
+
+class WorkerCrashedError(PyStreamError):
+    """A worker process kept dying: its restart limit is used up."""
+
+    def __init__(self, stage: str, detail: str) -> None:
+        super().__init__(f"stage {stage!r} stopped working: {detail}")
+        self.stage = stage
+        self.detail = detail

@@ -27,9 +27,11 @@ import cloudpickle
 import zmq
 
 from . import codec, profiler, transport
-from .errors import DecodeError, PipelineStateError, WorkerStartupError
+from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
+from .ledger import Ledger
 from .profiler import RunRecorder
 from .stage import MAIN_PIPELINE_NAME, EventBuffer, Leaf
+from .supervisor import Supervisor
 from .worker import WorkerSpec, write_spec
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Unit:
 
     name: str
     leaves: list[Leaf]
+    raise_on: frozenset[str] = frozenset()  # leaf paths whose errors go to the user
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ParallelSettings:
     hwm: int = transport.DEFAULT_HWM
     startup_timeout: float = 30.0
     stop_timeout: float = 5.0
+    max_restarts: int = 3
 
 
 class _Deadline:
@@ -86,6 +90,8 @@ class ParallelRunner:
         self._dir = tempfile.mkdtemp(prefix="pystream-")
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._blobs: list[bytes] = []
+        self._draining = 0  # the end-of-stream token a drain waits for, 0 when none
         # Kills workers and removes socket files even if cleanup() is never called.
         self._finalizer = weakref.finalize(self, _teardown, self._procs, self._dir)
         self._closed = False
@@ -95,9 +101,9 @@ class ParallelRunner:
 
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id over
         self._control.bind(self._endpoint("control"))
         self._source = transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
-        self._source.setsockopt(zmq.SNDTIMEO, int(settings.input_timeout * 1000))
         self._source_lock = threading.Lock()
         self._next_seq = 0
         self._next_eos = 0
@@ -116,6 +122,10 @@ class ParallelRunner:
             raise
         self._source.connect(self._input_endpoint(0))
         self._collector.start()
+        self._supervisor = Supervisor(
+            self._procs, [u.name for u in self.units], self._relaunch, settings.max_restarts
+        )
+        self._supervisor.start()
 
     # -- start-up ------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -127,42 +137,57 @@ class ParallelRunner:
         return self._endpoint(f"in{index}")
 
     def _start_workers(self) -> None:
-        blobs = []
         for unit in self.units:
             try:
-                blobs.append(cloudpickle.dumps(unit.leaves))
+                self._blobs.append(cloudpickle.dumps(unit.leaves))
             except Exception as e:
                 raise WorkerStartupError(
                     unit.name, f"it cannot be sent to a worker process ({e!r})"
                 ) from e
+        # Start every process before feeding any, so their imports overlap.
+        self._procs.extend(self._popen() for _ in self.units)
+        for index in range(len(self.units)):
+            self._send_spec(index)
+        self._wait_ready()
+
+    def _popen(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        # Start every process before feeding any, so their imports overlap.
-        for _ in self.units:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
-            )
-            self._procs.append(proc)
-        for index, (unit, blob, proc) in enumerate(
-            zip(self.units, blobs, self._procs, strict=True)
-        ):
-            spec = WorkerSpec(
-                name=unit.name,
-                pull=self._input_endpoint(index),
-                push=self._input_endpoint(index + 1),
-                profile=self._endpoint("profile") if self._recorder else None,
-                hwm=self.settings.hwm,
-                control=self._endpoint("control"),
-                ident=str(index).encode(),
-                sys_path=list(sys.path),
-                log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
-            )
-            assert proc.stdin is not None
-            try:
-                write_spec(proc.stdin, spec, blob)
-            except OSError as e:  # the process died before reading its spec
-                raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
-        self._wait_ready()
+        return subprocess.Popen(
+            [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
+        )
+
+    def _send_spec(self, index: int) -> None:
+        unit = self.units[index]
+        spec = WorkerSpec(
+            name=unit.name,
+            pull=self._input_endpoint(index),
+            push=self._input_endpoint(index + 1),
+            profile=self._endpoint("profile") if self._recorder else None,
+            hwm=self.settings.hwm,
+            control=self._endpoint("control"),
+            ident=str(index).encode(),
+            sys_path=list(sys.path),
+            log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
+            raise_on=unit.raise_on,
+            ipc_dir=self._dir,
+        )
+        stdin = self._procs[index].stdin
+        assert stdin is not None
+        try:
+            write_spec(stdin, spec, self._blobs[index])
+        except OSError as e:  # the process died before reading its spec
+            raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
+
+    def _relaunch(self, index: int) -> None:
+        """Called by the supervisor: the same stage, from its original definition."""
+        old = self._procs[index]
+        if old.stdin is not None:
+            with contextlib.suppress(OSError):
+                old.stdin.close()
+        self._procs[index] = self._popen()
+        self._send_spec(index)
+        self._resend_eos()  # a drain's marker may have died with the old worker
 
     def _wait_ready(self) -> None:
         waiting = set(range(len(self.units)))
@@ -192,22 +217,38 @@ class ParallelRunner:
                 )
 
     # -- data ----------------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self._supervisor.failed is not None:
+            raise self._supervisor.failed
+        failure = self._collector.take_failure()
+        if failure is not None:
+            raise failure
+
     def forward(self, data: Any) -> bool:
+        self._raise_if_failed()
         sent_at = time.time()
         frames = codec.encode(data)
-        flags = 0 if self.settings.block_input else zmq.NOBLOCK
+        timeout = self.settings.input_timeout if self.settings.block_input else 0.0
         with self._source_lock:
             self._check_open()
             envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
-            try:
-                # copy=True: the caller may reuse its arrays as soon as forward() returns.
-                self._source.send_multipart([envelope, *frames], flags, copy=True)
-            except zmq.Again:
+            if not self._wait_writable(_Deadline(timeout)):
                 self.refused += 1
+                self._raise_if_failed()
                 return False
+            # copy=True: the caller may reuse its arrays as soon as forward() returns.
+            self._source.send_multipart([envelope, *frames], zmq.NOBLOCK, copy=True)
             self._next_seq += 1
             self.forwarded += 1
             return True
+
+    def _wait_writable(self, deadline: _Deadline) -> bool:
+        """Wait for room at the first stage, in slices, so a worker that can no longer be
+        restarted ends the wait at once instead of at the timeout."""
+        while not self._source.poll(min(deadline.left_ms(), 100), zmq.POLLOUT):
+            if not deadline.left() or self._supervisor.failed is not None:
+                return False
+        return True
 
     def main_counters(self) -> dict[str, int]:
         """The orchestrator's counters, recorded under MainPipeline."""
@@ -215,6 +256,8 @@ class ParallelRunner:
             "forwarded": self.forwarded,
             "refused": self.refused,
             "delivered": self._collector.delivered,
+            "dropped": self._collector.ledger.dropped,
+            "lost": self._collector.ledger.lost,
             "decode_errors": self._collector.decode_errors,
         }
         if self._recorder is not None:
@@ -222,6 +265,7 @@ class ParallelRunner:
         return counters
 
     def get_results(self) -> Any:
+        self._raise_if_failed()
         timeout = self.settings.output_timeout if self.settings.block_output else 0.0
         return self._collector.take_latest(timeout)
 
@@ -232,12 +276,26 @@ class ParallelRunner:
         with self._source_lock:
             self._check_open()
             self._next_eos += 1
-            token = self._next_eos
-            envelope = transport.pack_envelope(transport.KIND_EOS, token, time.time())
-            if not self._source.poll(deadline.left_ms(), zmq.POLLOUT):
+            token = self._draining = self._next_eos
+            forwarded = self._next_seq
+            if not self._wait_writable(deadline):
                 return False
-            self._source.send(envelope, zmq.NOBLOCK)
-        return self._collector.wait_for_eos(token, deadline.left())
+            self._source.send(transport.pack_envelope(transport.KIND_EOS, token, time.time()))
+        # In slices, so a worker that can no longer be restarted ends the wait at once.
+        drained = False
+        while not drained and deadline.left() and self._supervisor.failed is None:
+            drained = self._collector.wait_for_eos(token, min(deadline.left(), 0.1))
+        self._draining = 0
+        if drained:
+            self._collector.settle(forwarded)  # what has not come out by now is lost
+        return drained
+
+    def _resend_eos(self) -> None:
+        with self._source_lock:
+            if self._draining and not self._closed:
+                envelope = transport.pack_envelope(transport.KIND_EOS, self._draining, time.time())
+                with contextlib.suppress(zmq.Again):
+                    self._source.send(envelope, zmq.NOBLOCK)
 
     # -- control -------------------------------------------------------------------------
     def _alive(self) -> list[int]:
@@ -255,6 +313,8 @@ class ParallelRunner:
         replies: dict[int, list[bytes]] = {}
         while waiting and self._control.poll(deadline.left_ms()):
             ident, *reply = self._control.recv_multipart()
+            if reply[:1] == [transport.READY]:  # a restarted worker announcing itself
+                continue
             index = int(ident)
             replies[index] = reply
             waiting.discard(index)
@@ -290,6 +350,8 @@ class ParallelRunner:
             return
         with self._source_lock:
             self._closed = True
+        if hasattr(self, "_supervisor"):
+            self._supervisor.stop()
         deadline = _Deadline(self.settings.stop_timeout)
         replies = self._ask_all(transport.STOP, deadline.left())
         for reply in replies.values():
@@ -320,6 +382,17 @@ def _is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
         and isinstance(counters, dict)
         and all(isinstance(k, str) and type(v) is int for k, v in counters.items())
         for path, counters in value.items()
+    )
+
+
+_WITH_PAYLOAD = (transport.KIND_DATA, transport.KIND_FAILED)
+
+
+def _stage_error(seq: int, report: Any) -> StageError:
+    if not (isinstance(report, dict) and all(isinstance(v, str) for v in report.values())):
+        return StageError("?", seq, "a stage failed, with an unreadable report", "")
+    return StageError(
+        report.get("stage", "?"), seq, report.get("message", ""), report.get("traceback", "")
     )
 
 
@@ -386,6 +459,8 @@ class Collector(threading.Thread):
         self._ended = False  # an end-of-stream marker arrived, and no data after it
         self._profile_ends = 0
         self.delivered = 0
+        self.ledger = Ledger()
+        self._failure: StageError | None = None
         self.decode_errors = 0
         self.dropped_events = 0
 
@@ -399,6 +474,16 @@ class Collector(threading.Thread):
             self._has_new = False
             latest, self._latest = self._latest, None
             return latest
+
+    def take_failure(self) -> StageError | None:
+        """The first stage error reported under on_error="raise", once."""
+        with self._cond:
+            failure, self._failure = self._failure, None
+            return failure
+
+    def settle(self, forwarded: int) -> None:
+        with self._cond:
+            self.ledger.settle(forwarded)
 
     def wait_for_eos(self, token: int, timeout: float) -> bool:
         with self._cond:
@@ -448,7 +533,7 @@ class Collector(threading.Thread):
         end = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
-            data = codec.decode(frames[1:]) if kind == transport.KIND_DATA else None
+            data = codec.decode(frames[1:]) if kind in _WITH_PAYLOAD else None
         except DecodeError as e:
             self.decode_errors += 1
             log.warning("dropped a malformed output: %s", e)
@@ -457,9 +542,14 @@ class Collector(threading.Thread):
             self._ended = kind == transport.KIND_EOS
             if kind == transport.KIND_EOS:
                 self._eos_seen = max(self._eos_seen, seq)
-            else:
+            elif kind == transport.KIND_DATA:
+                self.ledger.arrived(seq)
                 self._latest, self._has_new = data, True
                 self.delivered += 1
+            else:
+                self.ledger.arrived(seq, dropped=True)
+                if kind == transport.KIND_FAILED and self._failure is None:
+                    self._failure = _stage_error(seq, data)
             self._cond.notify_all()
         if kind == transport.KIND_DATA and self._events is not None:
             self._events.add((MAIN_PIPELINE_NAME, seq, sent_at, sent_at, end))

@@ -16,6 +16,7 @@ from .parallel import ParallelRunner, ParallelSettings, Unit
 from .serial import SerialRunner
 from .stage import (
     MAIN_PIPELINE_NAME,
+    ON_ERROR_POLICIES,
     PATH_SEPARATOR,
     Leaf,
     Stage,
@@ -33,11 +34,21 @@ class Pipeline:
     (``parallelize()``). A drop-in replacement for ``pystream.Pipeline``."""
 
     def __init__(
-        self, input_generator: Callable[[], Any] | None = None, use_profiler: bool = False
+        self,
+        input_generator: Callable[[], Any] | None = None,
+        use_profiler: bool = False,
+        *,
+        on_error: str = "drop",
     ) -> None:
+        """``on_error``: what a stage raising does. ``"drop"`` (the default) drops the item,
+        logs the error and counts it; ``"raise"`` also makes the next ``forward()`` or
+        ``get_results()`` raise ``StageError``. ``add(..., on_error=...)`` sets it per stage;
+        a child pipeline's stages follow the top pipeline's setting unless set per stage."""
         self.input_generator = input_generator
         self.use_profiler = use_profiler
+        self.on_error = _check_policy(on_error)
         self._entries: list[tuple[str, Callable[[Any], Any]]] = []
+        self._stage_on_error: dict[str, str] = {}
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
@@ -47,10 +58,12 @@ class Pipeline:
         self._profile_run: tuple[Path, int] | None = None
 
     # -- building ------------------------------------------------------------------------
-    def add(self, stage: Callable[[Any], Any], name: str | None = None) -> None:
+    def add(
+        self, stage: Callable[[Any], Any], name: str | None = None, *, on_error: str | None = None
+    ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
-        else ``Stage_N``."""
+        else ``Stage_N``. ``on_error`` overrides the pipeline's for this stage."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -65,6 +78,8 @@ class Pipeline:
         check_stage_name(name)
         if name in taken:
             raise StageNameError(f"a stage named {name!r} is already in this pipeline")
+        if on_error is not None:
+            self._stage_on_error[name] = _check_policy(on_error)
         self._entries.append((name, stage))
 
     def as_stage(self) -> PipelineStage:
@@ -89,9 +104,12 @@ class Pipeline:
         startup_timeout: float = 30.0,
         drain_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        max_restarts: int = 3,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
-        workers are ready. ``hwm`` bounds each link's queue (backpressure)."""
+        workers are ready. ``hwm`` bounds each link's queue (backpressure). A worker that
+        dies is restarted (with backoff) up to ``max_restarts`` times; after that
+        ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``."""
         if hwm < 1:
             raise ValueError("hwm must be at least 1")
         settings = ParallelSettings(
@@ -102,6 +120,7 @@ class Pipeline:
             hwm=hwm,
             startup_timeout=startup_timeout,
             stop_timeout=stop_timeout,
+            max_restarts=max_restarts,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)
@@ -115,13 +134,14 @@ class Pipeline:
         for child in self._children():
             child._release()  # its stages now run under this pipeline
         self._mode = mode
+        raising = self._raising_paths(MAIN_PIPELINE_NAME, self.on_error)
         record = self._open_profile_run(mode)
         try:
             if settings is None:
-                self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record)
+                self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record, raising)
             else:
                 self._runner = ParallelRunner(
-                    list(self._units(MAIN_PIPELINE_NAME)), settings, record
+                    list(self._units(MAIN_PIPELINE_NAME, raising)), settings, record
                 )
         except BaseException:
             self._close_profile()
@@ -164,7 +184,9 @@ class Pipeline:
 
     def _drain(self, runner: ParallelRunner) -> None:
         if not runner.drain(self._drain_timeout):
-            log.warning("gave up waiting for items in flight after %g s", self._drain_timeout)
+            log.warning(
+                "not every item in flight came out (waited up to %g s)", self._drain_timeout
+            )
 
     # -- stopping ------------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -255,15 +277,28 @@ class Pipeline:
     def _leaves(self, prefix: str) -> list[Leaf]:
         return [(path, stage) for path, kind, stage in self._layout(prefix) if kind == "stage"]
 
-    def _units(self, prefix: str) -> Iterator[Unit]:
+    def _units(self, prefix: str, raising: frozenset[str]) -> Iterator[Unit]:
         for name, stage in self._entries:
             path = prefix + PATH_SEPARATOR + name
             if not isinstance(stage, PipelineStage):
-                yield Unit(path, [(path, stage)])
+                yield Unit(path, [(path, stage)], raising & {path})
             elif stage.pipeline._mode == "parallel":
-                yield from stage.pipeline._units(path)
+                yield from stage.pipeline._units(path, raising)
             else:
-                yield Unit(path, stage.pipeline._leaves(path))
+                leaves = stage.pipeline._leaves(path)
+                yield Unit(path, leaves, raising & {leaf_path for leaf_path, _ in leaves})
+
+    def _raising_paths(self, prefix: str, default: str) -> frozenset[str]:
+        """Leaf paths whose errors are raised to the user (on_error="raise")."""
+        paths: set[str] = set()
+        for name, stage in self._entries:
+            path = prefix + PATH_SEPARATOR + name
+            policy = self._stage_on_error.get(name, default)
+            if isinstance(stage, PipelineStage):
+                paths |= stage.pipeline._raising_paths(path, policy)
+            elif policy == "raise":
+                paths.add(path)
+        return frozenset(paths)
 
     def _children(self) -> list[Pipeline]:
         return [stage.pipeline for _, stage in self._entries if isinstance(stage, PipelineStage)]
@@ -290,6 +325,12 @@ class Pipeline:
         if self.input_generator is None:
             raise PipelineStateError("forward() without data needs an input_generator")
         return self.input_generator()
+
+
+def _check_policy(on_error: str) -> str:
+    if on_error not in ON_ERROR_POLICIES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, not {on_error!r}")
+    return on_error
 
 
 class PipelineStage(Stage):

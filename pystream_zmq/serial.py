@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import StageError
 from .profiler import RunRecorder
 from .stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
 
@@ -14,8 +15,11 @@ _COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a count
 
 
 class SerialRunner:
-    def __init__(self, leaves: Sequence[Leaf], recorder: RunRecorder | None) -> None:
+    def __init__(
+        self, leaves: Sequence[Leaf], recorder: RunRecorder | None, raising: frozenset[str]
+    ) -> None:
         self._recorder = recorder
+        self._raising = raising
         self._events = EventBuffer(self._record) if recorder is not None else None
         self._chain = StageChain(leaves, self._events.add if self._events else None)
         self._run_lock = threading.Lock()  # one item through the stages at a time
@@ -33,6 +37,8 @@ class SerialRunner:
             start = time.time()
             ok, out = self._chain.run(data, seq, start)
             if not ok:
+                if out.path in self._raising:
+                    raise StageError(out.path, seq, out.message, out.traceback)
                 return True  # the item was taken; the failing stage logged and counted it
             self._delivered += 1
             if self._events is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import abc
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import StageNameError
@@ -53,12 +55,25 @@ def check_stage_name(name: object) -> str:
 
 Leaf = tuple[str, Callable[[Any], Any]]  # (profile path, stage)
 
+ON_ERROR_POLICIES = ("drop", "raise")
+
+
+@dataclass
+class StageFailure:
+    """A stage raised on an item: what ``StageError`` reports."""
+
+    path: str
+    seq: int
+    message: str
+    traceback: str
+
 
 class StageChain:
     """Runs leaves one after the other on an item, timing each one.
 
     A stage that raises drops the item: the error is logged with the stage path and the
-    item's sequence number, counted, and the chain stays usable for the next item.
+    item's sequence number, counted, and the chain stays usable for the next item. ``run``
+    then returns the failure, for stages whose policy is to raise it to the user.
     """
 
     def __init__(self, leaves: Sequence[Leaf], record: Callable[[Event], None] | None) -> None:
@@ -67,14 +82,17 @@ class StageChain:
         self.errors = {path: 0 for path, _ in self.leaves}  # items each stage dropped by raising
 
     def run(self, data: Any, seq: int, arrive: float) -> tuple[bool, Any]:
+        """(True, output), or (False, StageFailure) when a stage raised."""
         for path, stage in self.leaves:
             start = time.time()
             try:
                 data = stage(data)
-            except Exception:
+            except Exception as e:
                 self.errors[path] += 1
                 log.exception("stage %s raised on item %d; the item is dropped", path, seq)
-                return False, None
+                return False, StageFailure(
+                    path, seq, f"{type(e).__name__}: {e}", traceback.format_exc()
+                )
             end = time.time()
             if self._record is not None:
                 self._record((path, seq, arrive, start, end))

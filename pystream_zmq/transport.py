@@ -16,6 +16,9 @@ DEFAULT_HWM = 2
 # end-of-stream marker without decoding anything.
 KIND_DATA = 0
 KIND_EOS = 1
+KIND_DROPPED = 2  # a stage raised on this item and dropped it (no payload)
+KIND_FAILED = 3  # a stage raised under on_error="raise": payload describes the error
+_KINDS = (KIND_DATA, KIND_EOS, KIND_DROPPED, KIND_FAILED)
 _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it
 
 
@@ -28,7 +31,7 @@ def unpack_envelope(frame: Any) -> tuple[int, int, float]:
     if buf.nbytes != _ENVELOPE.size:
         raise DecodeError(f"envelope has {buf.nbytes} bytes, expected {_ENVELOPE.size}")
     kind, seq, sent_at = _ENVELOPE.unpack(buf)
-    if kind not in (KIND_DATA, KIND_EOS):
+    if kind not in _KINDS:
         raise DecodeError(f"unknown envelope kind {kind}")
     return kind, seq, sent_at
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
+import signal
 import struct
 import sys
 import threading
@@ -26,7 +28,7 @@ import zmq
 
 from . import codec, profiler, transport
 from .errors import DecodeError, PyStreamError
-from .stage import EventBuffer, Leaf, StageChain
+from .stage import EventBuffer, Leaf, StageChain, StageFailure
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class WorkerSpec:
     ident: bytes = b""
     sys_path: list[str] = field(default_factory=list)
     log_level: int = logging.INFO
+    raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
+    ipc_dir: str | None = None  # the orchestrator's socket directory: removed if orphaned
 
 
 def _never() -> bool:
@@ -135,6 +139,8 @@ class Worker:
         arrive = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
+            if kind in (transport.KIND_DROPPED, transport.KIND_FAILED):
+                return self._send([frame.bytes for frame in frames])  # pass it on, in order
             if kind == transport.KIND_EOS:
                 if self.events is not None:
                     self.events.flush()
@@ -151,20 +157,26 @@ class Worker:
             return False
         ok, out = self.chain.run(data, seq, arrive)
         if not ok:
-            return True
+            return self._send(self._failure_frames(out, sent_at))
         try:
             out_frames = codec.encode(out)
         except PyStreamError as e:
             self.counters["encode_errors"] += 1
-            log.error(
-                "stage %s returned what cannot be sent (item %d dropped): %s",
-                self.spec.name,
-                seq,
-                e,
-            )
-            return True
+            path = self.chain.leaves[-1][0]
+            log.error("stage %s returned what cannot be sent (item %d dropped): %s", path, seq, e)
+            failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
+            return self._send(self._failure_frames(failure, sent_at))
         self.counters["processed"] += 1
         return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames])
+
+    def _failure_frames(self, failure: StageFailure, sent_at: float) -> list[Any]:
+        """The marker that travels in the item's place, so the orchestrator can tell a
+        dropped item from a lost one, and raise StageError where the policy asks for it."""
+        if failure.path not in self.spec.raise_on:
+            return [transport.pack_envelope(transport.KIND_DROPPED, failure.seq, sent_at)]
+        report = {"stage": failure.path, "message": failure.message, "traceback": failure.traceback}
+        envelope = transport.pack_envelope(transport.KIND_FAILED, failure.seq, sent_at)
+        return [envelope, *codec.encode(report)]
 
     def _previous_output_released(self) -> bool:
         """Arrays go out zero-copy, and a stage may write into the buffer it returned last
@@ -311,12 +323,16 @@ def serve(
         ctx.destroy(linger=0)
 
 
-def _watch_stdin(finished: threading.Event, stdin_closed: threading.Event) -> None:
+def _watch_stdin(
+    finished: threading.Event, stdin_closed: threading.Event, ipc_dir: str | None
+) -> None:
     sys.stdin.buffer.read()  # returns only at EOF
     stdin_closed.set()
     if not finished.is_set():
         # The orchestrator vanished mid-run: nobody will read our output, so do not linger.
         log.warning("orchestrator has gone away; exiting")
+        if ipc_dir is not None:  # it cannot remove its socket files any more
+            shutil.rmtree(ipc_dir, ignore_errors=True)
         os._exit(EXIT_ORPHANED)
 
 
@@ -330,7 +346,11 @@ def main() -> None:
     )
     finished = threading.Event()
     stdin_closed = threading.Event()
-    threading.Thread(target=_watch_stdin, args=(finished, stdin_closed), daemon=True).start()
+    # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
+    # happens, and it stops its workers through the control channel or by closing stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watcher_args = (finished, stdin_closed, spec.ipc_dir)
+    threading.Thread(target=_watch_stdin, args=watcher_args, daemon=True).start()
     code = serve(spec, stages_blob, finished, stdin_closed)
     logging.shutdown()
     # os._exit: the stdin watcher thread is still blocked in read(), and a normal

@@ -1,0 +1,70 @@
+"""Watches a parallel pipeline's worker processes and restarts the ones that die."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+
+from .errors import WorkerCrashedError
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 0.1  # seconds: a dead worker is noticed within this
+MAX_BACKOFF = 2.0
+
+
+class Supervisor(threading.Thread):
+    """Polls every worker; one that exited is started again from its original definition
+    (``relaunch(index)``) after a backoff of 0.1 s, 0.2 s, 0.4 s ... up to ``max_restarts``
+    times. Past that, ``failed`` names the stage and the pipeline refuses to go on."""
+
+    def __init__(
+        self,
+        procs: list[subprocess.Popen[bytes]],
+        names: Sequence[str],
+        relaunch: Callable[[int], None],
+        max_restarts: int,
+    ) -> None:
+        super().__init__(name="pystream-supervisor", daemon=True)
+        self._procs = procs
+        self._names = list(names)
+        self._relaunch = relaunch
+        self._max_restarts = max_restarts
+        self._stopping = threading.Event()
+        self.restarts = [0] * len(names)
+        self.failed: WorkerCrashedError | None = None
+
+    def run(self) -> None:
+        while not self._stopping.wait(CHECK_INTERVAL):
+            for index, proc in enumerate(self._procs):
+                code = proc.poll()
+                if code is not None and self.failed is None:
+                    self._restart(index, code)
+
+    def _restart(self, index: int, code: int) -> None:
+        name = self._names[index]
+        if self.restarts[index] >= self._max_restarts:
+            detail = f"its worker died (exit code {code}) after {self._max_restarts} restarts"
+            log.error("stage %s: %s; the pipeline cannot go on", name, detail)
+            self.failed = WorkerCrashedError(name, detail)
+            return
+        backoff = min(0.1 * 2 ** self.restarts[index], MAX_BACKOFF)
+        self.restarts[index] += 1
+        log.error(
+            "worker of stage %s (pid %d) died with exit code %d; restart %d of %d in %.1f s",
+            name, self._procs[index].pid, code, self.restarts[index], self._max_restarts, backoff,
+        )  # fmt: skip
+        if self._stopping.wait(backoff):
+            return
+        try:
+            self._relaunch(index)
+        except Exception as e:  # e.g. the stage no longer loads: count it as another death
+            log.exception("could not restart stage %s", name)
+            self.failed = WorkerCrashedError(name, f"it could not be restarted ({e!r})")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join()
