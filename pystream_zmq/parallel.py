@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _IDLE_FLUSH_MS = 200
+_BURST = 64  # outputs read per wake-up of the collector
+_MALLOC_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 _COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
 # Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
 _WORKER_MAIN = "from pystream_zmq.worker import main; main()"
@@ -151,7 +153,9 @@ class ParallelRunner:
         self._wait_ready()
 
     def _popen(self) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
+        # glibc returns freed 1 MB blocks to the kernel at once, so every received frame
+        # would fault in fresh pages; keep them (measured 1.16x on 1 MB frames).
+        env = {**_MALLOC_KEEP_FREED, **os.environ}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         return subprocess.Popen(
             [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
@@ -521,13 +525,22 @@ class Collector(threading.Thread):
                 if self._wake_rx in ready:
                     return
                 if self._sink in ready:
-                    self._on_output(self._sink.recv_multipart(copy=False))
+                    self._read_outputs()
                 if self._profile is not None and self._profile in ready:
                     self._on_profile(self._profile.recv_multipart())
         finally:
             if self._events is not None:
                 self._events.flush()
             self._close_sockets()
+
+    def _read_outputs(self) -> None:
+        # A burst per wake-up: one poll per message costs small messages half their rate.
+        for _ in range(_BURST):
+            try:
+                frames = self._sink.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_output(frames)
 
     def _on_output(self, frames: list[zmq.Frame]) -> None:
         end = time.time()

@@ -100,6 +100,7 @@ class Worker:
         }
         self._tracker: zmq.MessageTracker | None = None
         self._control: zmq.Socket[Any] | None = None
+        self._send_poller: zmq.Poller | None = None  # made on the first full downstream
         self._done: Callable[[], bool] = _never
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
@@ -195,7 +196,6 @@ class Worker:
         return True
 
     def _send(self, frames: list[Any]) -> bool:
-        poller = None
         while True:
             try:
                 zero_copy = len(frames) > 2  # out-of-band arrays follow envelope and header
@@ -208,12 +208,12 @@ class Worker:
             except zmq.Again:
                 pass
             # Downstream is full: wait for room, but keep answering the control channel.
-            if poller is None:
-                poller = zmq.Poller()
-                poller.register(self.push, zmq.POLLOUT)
+            if self._send_poller is None:
+                self._send_poller = zmq.Poller()
+                self._send_poller.register(self.push, zmq.POLLOUT)
                 if self._control is not None:
-                    poller.register(self._control, zmq.POLLIN)
-            ready = dict(poller.poll(_POLL_MS))
+                    self._send_poller.register(self._control, zmq.POLLIN)
+            ready = dict(self._send_poller.poll(_POLL_MS))
             control = self._control
             if control is not None and control in ready and not self.handle_control(control):
                 return False
