@@ -469,19 +469,30 @@ class Collector(threading.Thread):
             with self._cond:
                 self._profile_ends += 1
                 self._cond.notify_all()
-        elif message[0] == transport.EVENTS and len(message) == 2 and self._recorder is not None:
+        elif self._recorder is None:
+            return
+        elif message[0] == transport.EVENTS and len(message) == 2:
             try:
                 self._recorder.events(profiler.unpack_events(message[1]))
             except DecodeError as e:
-                log.warning("dropped malformed profile events: %s", e)
-        elif message[0] == transport.COUNTERS and self._recorder is not None:
+                self._profile_error(f"dropped malformed profile events: {e}")
+        elif message[0] == transport.COUNTERS:
             try:
                 counters = codec.decode(message[1:])
             except DecodeError as e:
-                log.warning("dropped malformed counters: %s", e)
+                self._profile_error(f"dropped malformed counters: {e}")
                 return
             if _is_counters(counters):
                 self._recorder.counters(counters)
+            else:
+                self._profile_error("dropped counters that are not {path: {name: int}}")
+        else:
+            kind = message[0][:32]
+            self._profile_error(f"dropped a profile message: {kind!r}, {len(message)} frames")
+
+    def _profile_error(self, text: str) -> None:
+        self.decode_errors += 1
+        log.warning("%s", text)
 
     def _record_counters_if_due(self) -> None:
         if self._recorder is not None and (
