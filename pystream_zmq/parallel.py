@@ -169,12 +169,14 @@ class ParallelRunner:
         deadline = _Deadline(self.settings.startup_timeout)
         while waiting:
             if self._control.poll(min(100, deadline.left_ms())):
-                ident, kind, *rest = self._control.recv_multipart()
-                index = int(ident)
+                found = self._from_worker(self._control.recv_multipart())
+                if found is None:
+                    continue
+                index, (kind, *rest) = found
                 if kind == transport.FAILED:
-                    detail = rest[0].decode(errors="replace").strip()
+                    detail = b"".join(rest).decode(errors="replace").strip()
                     raise WorkerStartupError(
-                        self.units[index].name, detail.splitlines()[-1] + "\n" + detail
+                        self.units[index].name, detail.rpartition("\n")[2] + "\n" + detail
                     )
                 waiting.discard(index)
                 self._ready.add(index)
@@ -254,13 +256,25 @@ class ParallelRunner:
                 waiting.discard(index)
         replies: dict[int, list[bytes]] = {}
         while waiting and self._control.poll(deadline.left_ms()):
-            ident, *reply = self._control.recv_multipart()
-            index = int(ident)
+            found = self._from_worker(self._control.recv_multipart())
+            if found is None:
+                continue
+            index, reply = found
             replies[index] = reply
             waiting.discard(index)
         for index in waiting:
             log.warning("worker %s did not answer %r in time", self.units[index].name, command)
         return replies
+
+    def _from_worker(self, message: list[bytes]) -> tuple[int, list[bytes]] | None:
+        """(worker index, reply) from a control message; None, logged, when it is not from
+        one of our workers (only they should reach this private endpoint)."""
+        ident, *reply = message
+        index = int(ident) if ident.isdigit() and len(ident) < 8 else -1
+        if not reply or not 0 <= index < len(self.units):
+            log.warning("ignored a control message from unknown peer %r", ident[:16])
+            return None
+        return index, reply
 
     def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
         """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
