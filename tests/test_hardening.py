@@ -252,8 +252,9 @@ def test_every_corpus_message_is_counted_logged_and_the_next_item_flows(
         caplog.clear()
         with caplog.at_level(logging.WARNING, "pystream_zmq.worker"):
             rogue.send_multipart(frames)
-            assert wait_until(lambda n=count: live.worker.counters["decode_errors"] == n, 5), name
-            assert "dropped a malformed message" in caplog.text, name
+            # The counter goes up just before the log line: wait for both.
+            assert wait_until(lambda: "dropped a malformed message" in caplog.text, 5), name
+            assert live.worker.counters["decode_errors"] == count, name
         live.flows(count)
     assert live.worker.counters["processed"] == len(MESSAGES) + 1
 
@@ -293,8 +294,9 @@ def test_the_size_cap_is_configurable_and_enforced_twice(
         assert wait_until(lambda: live.worker.counters["decode_errors"] == 1, 5)
         with caplog.at_level(logging.INFO, "pystream_zmq.worker"):
             rogue.send_multipart([envelope, *codec.encode({"a": np.zeros(cap + 1, np.uint8)})])
-            assert wait_until(lambda: live.worker.counters["input_disconnects"] >= 1, 5)
-        assert f"sent a frame over {cap} bytes" in caplog.text
+            # The counter goes up just before the log line: wait for both.
+            assert wait_until(lambda: f"sent a frame over {cap} bytes" in caplog.text, 5)
+        assert live.worker.counters["input_disconnects"] >= 1
         live.flows(1)
         assert live.worker.counters["decode_errors"] == 1
     finally:
