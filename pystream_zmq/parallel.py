@@ -198,12 +198,14 @@ class ParallelRunner:
         deadline = _Deadline(self.settings.startup_timeout)
         while waiting:
             if self._control.poll(min(100, deadline.left_ms())):
-                ident, kind, *rest = self._control.recv_multipart()
-                index = int(ident)
+                found = self._from_worker(self._control.recv_multipart())
+                if found is None:
+                    continue
+                index, (kind, *rest) = found
                 if kind == transport.FAILED:
-                    detail = rest[0].decode(errors="replace").strip()
+                    detail = b"".join(rest).decode(errors="replace").strip()
                     raise WorkerStartupError(
-                        self.units[index].name, detail.splitlines()[-1] + "\n" + detail
+                        self.units[index].name, detail.rpartition("\n")[2] + "\n" + detail
                     )
                 waiting.discard(index)
                 self._ready.add(index)
@@ -316,15 +318,27 @@ class ParallelRunner:
                 waiting.discard(index)
         replies: dict[int, list[bytes]] = {}
         while waiting and self._control.poll(deadline.left_ms()):
-            ident, *reply = self._control.recv_multipart()
+            found = self._from_worker(self._control.recv_multipart())
+            if found is None:
+                continue
+            index, reply = found
             if reply[:1] == [transport.READY]:  # a restarted worker announcing itself
                 continue
-            index = int(ident)
             replies[index] = reply
             waiting.discard(index)
         for index in waiting:
             log.warning("worker %s did not answer %r in time", self.units[index].name, command)
         return replies
+
+    def _from_worker(self, message: list[bytes]) -> tuple[int, list[bytes]] | None:
+        """(worker index, reply) from a control message; None, logged, when it is not from
+        one of our workers (only they should reach this private endpoint)."""
+        ident, *reply = message
+        index = int(ident) if ident.isdigit() and len(ident) < 8 else -1
+        if not reply or not 0 <= index < len(self.units):
+            log.warning("ignored a control message from unknown peer %r", ident[:16])
+            return None
+        return index, reply
 
     def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
         """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
@@ -572,19 +586,30 @@ class Collector(threading.Thread):
             with self._cond:
                 self._profile_ends += 1
                 self._cond.notify_all()
-        elif message[0] == transport.EVENTS and len(message) == 2 and self._recorder is not None:
+        elif self._recorder is None:
+            return
+        elif message[0] == transport.EVENTS and len(message) == 2:
             try:
                 self._recorder.events(profiler.unpack_events(message[1]))
             except DecodeError as e:
-                log.warning("dropped malformed profile events: %s", e)
-        elif message[0] == transport.COUNTERS and self._recorder is not None:
+                self._profile_error(f"dropped malformed profile events: {e}")
+        elif message[0] == transport.COUNTERS:
             try:
                 counters = codec.decode(message[1:])
             except DecodeError as e:
-                log.warning("dropped malformed counters: %s", e)
+                self._profile_error(f"dropped malformed counters: {e}")
                 return
             if _is_counters(counters):
                 self._recorder.counters(counters)
+            else:
+                self._profile_error("dropped counters that are not {path: {name: int}}")
+        else:
+            kind = message[0][:32]
+            self._profile_error(f"dropped a profile message: {kind!r}, {len(message)} frames")
+
+    def _profile_error(self, text: str) -> None:
+        self.decode_errors += 1
+        log.warning("%s", text)
 
     def _record_counters_if_due(self) -> None:
         if self._recorder is not None and (

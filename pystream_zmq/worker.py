@@ -55,6 +55,9 @@ class WorkerSpec:
     log_level: int = logging.INFO
     raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
     ipc_dir: str | None = None  # the orchestrator's socket directory: removed if orphaned
+    # Received messages over this many bytes are refused: by ZeroMQ (MAXMSGSIZE, per frame,
+    # before any allocation; it drops the sender's connection) and by the codec (in total).
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _never() -> bool:
@@ -83,6 +86,9 @@ class Worker:
             # Standalone, the next process may be absent for a while (not started yet, or
             # restarting): queue nothing for it, wait until it is there.
             self.push.setsockopt(zmq.IMMEDIATE, 1)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, spec.max_message_bytes)
+        # ZeroMQ says nothing when MAXMSGSIZE drops a sender, but the disconnect: count those.
+        self._pull_events = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.pull.bind(spec.pull)
         self.push.connect(spec.push)
         self.profile: zmq.Socket[Any] | None = None
@@ -97,6 +103,7 @@ class Worker:
             "decode_errors": 0,
             "encode_errors": 0,
             "dropped_events": 0,
+            "input_disconnects": 0,
         }
         self._tracker: zmq.MessageTracker | None = None
         self._control: zmq.Socket[Any] | None = None
@@ -149,7 +156,7 @@ class Worker:
                 self.upstream_done = True  # only now: done() may end the loop on it
                 return sent
             self.upstream_done = False
-            data = codec.decode(frames[1:])
+            data = codec.decode(frames[1:], max_message_bytes=self.spec.max_message_bytes)
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
@@ -220,6 +227,15 @@ class Worker:
             if self._done():
                 return False
 
+    def _count_disconnects(self) -> None:
+        while self._pull_events.poll(0):
+            self._pull_events.recv_multipart()
+            self.counters["input_disconnects"] += 1
+            log.info(
+                "an input peer disconnected (it left, or sent a frame over %d bytes)",
+                self.spec.max_message_bytes,
+            )
+
     # -- control -------------------------------------------------------------------------
     def state(self) -> dict[str, dict[str, Any]]:
         """Each stage's attributes that can be sent; the rest stay where they are."""
@@ -260,10 +276,13 @@ class Worker:
         self._control, self._done = control, done
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
+        poller.register(self._pull_events, zmq.POLLIN)
         if control is not None:
             poller.register(control, zmq.POLLIN)
         while not done():
             ready = dict(poller.poll(_POLL_MS))
+            if self._pull_events in ready:
+                self._count_disconnects()
             if control is not None and control in ready and not self.handle_control(control):
                 return
             if self.pull in ready:

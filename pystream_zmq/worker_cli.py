@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import click
 import zmq
 
-from . import profiler, standalone, transport
+from . import codec, profiler, standalone, transport
 from .loader import LoadError, build, load, parse_params
 from .pipeline import Pipeline
 from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
@@ -170,6 +170,13 @@ def _run_options(f: _F) -> _F:
 
 
 def _stage_options(f: _F) -> _F:
+    f = _opt(
+        "--max-message-bytes",
+        envvar="PYSTREAM_MAX_MESSAGE_BYTES",
+        type=click.IntRange(min=1),
+        default=codec.DEFAULT_MAX_MESSAGE_BYTES,
+        help="Refuse input messages over this size (a bigger frame drops its sender).",
+    )(f)
     f = _opt(
         "--profile",
         envvar="PYSTREAM_PROFILE",
@@ -410,6 +417,7 @@ def _serve_worker(
         push=opts["push"],
         profile=opts["profile"],
         hwm=opts["hwm"],
+        max_message_bytes=opts["max_message_bytes"],
     )
     stopping = _start_process(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))

@@ -1,0 +1,158 @@
+"""Writes the regression corpus of hostile frames that tests/test_hardening.py replays.
+
+Each ``*.msgpack`` file is ``{"target": ..., "frames": [bytes, ...], "note": str}``, where
+target is ``message`` (what a worker's data socket reads: envelope, then codec frames) or
+``events`` (the one payload frame of a profile EVENTS message). Every entry must give a
+``DecodeError``. Run ``python tests/corpus/make_corpus.py`` to rewrite the files; a fuzz
+failure worth keeping is added to ENTRIES below.
+
+The msgpack-numpy frames of ``../shared/RELIABILITY.md`` are built with msgpack-numpy's own
+encoder (a map with b"nd", b"type", b"kind", b"shape", b"data"), then placed where our wire
+format carries an array (EXT_ARRAY), since that is where a receiver would parse them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+from msgpack import ExtType, packb
+
+from pystream_zmq import codec, profiler, transport
+
+HERE = Path(__file__).resolve().parent
+ENVELOPE = transport.pack_envelope(transport.KIND_DATA, 7, 1.0)
+
+
+def mn(arr: np.ndarray[Any, Any], **override: Any) -> dict[bytes, Any]:
+    """msgpack-numpy's own encoding of ``arr``, with fields replaced."""
+    fields = dict(msgpack_numpy.encode(arr))
+    fields.update({k.encode(): v for k, v in override.items()})
+    fields[b"data"] = bytes(fields[b"data"])
+    return fields
+
+
+def as_array(fields: dict[bytes, Any]) -> bytes:
+    """msgpack-numpy's fields where our format expects [dtype, shape, data]."""
+    dtype = fields[b"type"]
+    dtype = dtype if isinstance(dtype, str) else str(dtype)
+    payload = packb([dtype, list(fields[b"shape"]), fields[b"data"]])
+    return packb({"a": ExtType(codec.EXT_ARRAY, payload)})
+
+
+def message(*frames: bytes) -> list[bytes]:
+    return [ENVELOPE, *frames]
+
+
+OBJECT = mn(np.array([1, None], dtype=object))  # kind b"O": msgpack-numpy pickle.loads this
+ENTRIES: dict[str, tuple[str, list[bytes], str]] = {
+    "mn_kind_O_pickle": ("message", message(as_array(OBJECT)), "msgpack-numpy #57: pickle"),
+    "mn_kind_O_pickle_raw_dtype": (
+        "message",
+        message(packb({"a": ExtType(codec.EXT_ARRAY, packb(["O8", [2], OBJECT[b"data"]]))})),
+        "the pickle bytes under an object dtype string",
+    ),
+    "mn_object_dtype_with_data": (
+        "message",
+        message(as_array(mn(np.zeros(2, "i8"), type="|O"))),
+        "dtype |O with 16 bytes of data: numpy segfault",
+    ),
+    "mn_S_shape_minus_one": (
+        "message",
+        message(as_array(mn(np.zeros(3, "S1"), shape=(-1,)))),
+        "dtype S with shape (-1,): SIGFPE",
+    ),
+    "mn_S_zero_itemsize": (
+        "message",
+        message(as_array(mn(np.zeros(3, "S1"), type="S0", shape=(-1,)))),
+        "itemsize 0",
+    ),
+    "mn_dtype_syntax_error": (
+        "message",
+        message(as_array(mn(np.zeros(1, "f4"), type="(i4,"))),
+        "np.dtype raises SyntaxError",
+    ),
+    "mn_dtype_syntax_error_2": (
+        "message",
+        message(as_array(mn(np.zeros(1, "f4"), type="[('a', 'f4'),"))),
+        "np.dtype raises SyntaxError",
+    ),
+    "mn_dtype_list": (
+        "message",
+        message(packb({"a": ExtType(codec.EXT_ARRAY, packb([[["", "|O"]], [2], b"\0" * 16]))})),
+        "msgpack-numpy's list form of an object dtype",
+    ),
+    "pickle_header": ("message", message(pickle.dumps({"x": 1})), "a pickled payload"),
+    "pickle_protocol_0": ("message", message(pickle.dumps({"x": 1}, protocol=0)), "pickle 0"),
+    "envelope_short": ("message", [ENVELOPE[:16], packb({"x": 1})], "envelope of 16 bytes"),
+    "envelope_long": ("message", [ENVELOPE + b"\0", packb({"x": 1})], "envelope of 18 bytes"),
+    "envelope_kind": (
+        "message",
+        [struct.pack("<BQd", 9, 1, 0.0), packb({"x": 1})],
+        "unknown envelope kind",
+    ),
+    "no_codec_frames": ("message", [ENVELOPE], "envelope alone"),
+    "truncated_multipart": (
+        "message",
+        message(codec.encode({"img": np.zeros(70_000, np.uint8)})[0]),
+        "header names an out-of-band frame that never came",
+    ),
+    "extra_frame": ("message", message(packb({"x": 1}), b"spare"), "a frame nobody references"),
+    "truncated_msgpack": ("message", message(packb({"x": 1, "y": "abc"})[:-2]), "cut short"),
+    "bad_utf8": ("message", message(b"\xa2\xff\xfe"), "str that is not UTF-8"),
+    "shape_buffer_mismatch": (
+        "message",
+        message(packb(ExtType(codec.EXT_ARRAY, packb(["<f4", [3], b"\0" * 8])))),
+        "3 floats in 8 bytes",
+    ),
+    "shape_product_overflow": (
+        "message",
+        message(packb(ExtType(codec.EXT_ARRAY, packb(["<f8", [2**62, 2**62], b""])))),
+        "shape product past 2**64",
+    ),
+    "array_len_bomb": (
+        "message",
+        message(b"\xdd\xff\xff\xff\xff" + b"\xc0" * 64),
+        "array header claims 2**32-1 items",
+    ),
+    "map_len_bomb": (
+        "message",
+        message(b"\xdf\xff\xff\xff\xff" + b"\xc0" * 64),
+        "map header claims 2**32-1 pairs",
+    ),
+    "bin_len_bomb": (
+        "message",
+        message(b"\xc6\xff\xff\xff\xff" + b"\0" * 16),
+        "bin header claims 4 GB",
+    ),
+    "events_garbage": ("events", [b"\x97\x01"], "7-list cut short"),
+    "events_ragged": (
+        "events",
+        [packb([1, ["p"], b"\0" * 4, *[b"\0" * 8] * 3, b"\0" * 7], use_bin_type=True)],
+        "column not a whole number of values",
+    ),
+    "events_path_index": (
+        "events",
+        [profiler.pack_events([("p", 1, 0.0, 0.0, 0.0)]).replace(b"\x91\xa1p", b"\x90")],
+        "path index out of range",
+    ),
+    "events_pickle": ("events", [pickle.dumps([("p", 1, 0.0, 0.0, 0.0)])], "a pickled batch"),
+    "events_array_bomb": ("events", [b"\xdd\xff\xff\xff\xff" + b"\xc0" * 8], "claims 4G items"),
+}
+
+
+def main() -> None:
+    for old in HERE.glob("*.msgpack"):
+        old.unlink()
+    for name, (target, frames, note) in ENTRIES.items():
+        body = {"target": target, "frames": [bytes(f) for f in frames], "note": note}
+        (HERE / f"{name}.msgpack").write_bytes(msgpack.packb(body, use_bin_type=True))
+
+
+if __name__ == "__main__":
+    main()
