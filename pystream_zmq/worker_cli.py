@@ -171,6 +171,19 @@ def _run_options(f: _F) -> _F:
 
 def _stage_options(f: _F) -> _F:
     f = _opt(
+        "--drop-policy",
+        envvar="PYSTREAM_DROP_POLICY",
+        type=click.Choice(transport.LINK_POLICIES),
+        default=transport.BLOCK,
+        help="block: take items in order; latest: process only the newest waiting, drop the rest.",
+    )(f)
+    f = _opt(
+        "--max-age",
+        envvar="PYSTREAM_MAX_AGE",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Drop items older than this many seconds (since the source sent them) on arrival.",
+    )(f)
+    f = _opt(
         "--profile",
         envvar="PYSTREAM_PROFILE",
         type=ENDPOINT,
@@ -410,6 +423,8 @@ def _serve_worker(
         push=opts["push"],
         profile=opts["profile"],
         hwm=opts["hwm"],
+        drop_policy=opts["drop_policy"],
+        max_age=opts["max_age"],
     )
     stopping = _start_process(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))
