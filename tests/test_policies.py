@@ -109,3 +109,24 @@ def test_a_stage_can_set_the_policy_of_its_own_input_link() -> None:
         (f"{MAIN}__Live", "latest"),
         (f"{MAIN}__Child", "latest"),
     ]
+
+
+def test_a_latest_link_skips_to_the_newest_item_with_markers_in_order() -> None:
+    with Pipeline(use_profiler=True) as pipeline:
+        pipeline.add(stages.add_one, "First")
+        pipeline.add(stages.Sleep(0.05), "Live", drop_policy="latest")
+        pipeline.parallelize()
+        for x in range(20):  # all sent while Live works on the first
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        run = runner(pipeline)
+        book = run._collector.ledger
+        assert pipeline.get_results() == {"x": 20}  # the newest always goes through
+        assert run.forwarded == 20 == book.delivered + book.dropped and book.lost == 0
+        assert book.dropped > 0
+    result = pipeline.get_profile_report()
+    assert result is not None
+    main, first, live = result.stages
+    assert main.dropped == book.dropped
+    assert (live.counters["replaced"], first.counters["replaced"]) == (book.dropped, 0)
+    assert live.counters["processed"] == book.delivered
