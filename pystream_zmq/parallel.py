@@ -41,6 +41,7 @@ _IDLE_FLUSH_MS = 200
 _BURST = 64  # outputs read per wake-up of the collector
 _MALLOC_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 _COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
+_FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
 # Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
 _WORKER_MAIN = "from pystream_zmq.worker import main; main()"
 
@@ -52,6 +53,7 @@ class Unit:
     name: str
     leaves: list[Leaf]
     raise_on: frozenset[str] = frozenset()  # leaf paths whose errors go to the user
+    drop_policy: str = transport.BLOCK  # of the link into this worker
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ParallelSettings:
     startup_timeout: float = 30.0
     stop_timeout: float = 5.0
     max_restarts: int = 3
+    drop_policy: str = transport.BLOCK  # at the source (forward())
+    max_age: float | None = None
 
 
 class _Deadline:
@@ -100,6 +104,11 @@ class ParallelRunner:
         self._ready: set[int] = set()  # workers that said READY: the ones that answer commands
         self.worker_counters: dict[str, dict[str, int]] = {}  # {path: {name: value}} from BYE
         self.forwarded = self.refused = 0  # items forward() sent / could not send
+        self.replaced = 0  # "latest": items forward() took that a newer one replaced
+        # "latest": the item waiting for room at the first stage, (frames, sent_at).
+        self._pending: tuple[list[bytes], float] | None = None
+        self._pending_cond = threading.Condition()
+        self._feeder: threading.Thread | None = None
 
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -128,6 +137,9 @@ class ParallelRunner:
             self._procs, [u.name for u in self.units], self._relaunch, settings.max_restarts
         )
         self._supervisor.start()
+        if settings.drop_policy == transport.LATEST:
+            self._feeder = threading.Thread(target=self._feed, name="pystream-feeder", daemon=True)
+            self._feeder.start()
 
     # -- start-up ------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
@@ -175,6 +187,8 @@ class ParallelRunner:
             log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
             raise_on=unit.raise_on,
             ipc_dir=self._dir,
+            drop_policy=unit.drop_policy,
+            max_age=self.settings.max_age,
         )
         stdin = self._procs[index].stdin
         assert stdin is not None
@@ -234,7 +248,11 @@ class ParallelRunner:
         self._raise_if_failed()
         sent_at = time.time()
         frames = codec.encode(data)
+        if self._feeder is not None:
+            return self._park(frames, sent_at)
         timeout = self.settings.input_timeout if self.settings.block_input else 0.0
+        if self.settings.drop_policy == transport.DROP_NEWEST:
+            timeout = 0.0
         with self._source_lock:
             self._check_open()
             envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
@@ -247,6 +265,72 @@ class ParallelRunner:
             self._next_seq += 1
             self.forwarded += 1
             return True
+
+    def _park(self, frames: list[bytes | memoryview], sent_at: float) -> bool:
+        """Under "latest": the item waits for the feeder, replacing (and dropping) the one that
+        was still waiting. Never blocks; True unless the pipeline is closed."""
+        owned = [bytes(frame) for frame in frames]  # the caller may reuse its arrays
+        with self._pending_cond:
+            self._check_open()
+            if self._pending is not None:
+                self.replaced += 1
+            self._pending = (owned, sent_at)
+            self._pending_cond.notify_all()
+        return True
+
+    def _feed(self) -> None:
+        """Under "latest": send the waiting item as soon as the pipeline has room for it;
+        if a newer one arrives meanwhile, that one goes instead.
+
+        Room means credits: at most one item per worker in flight (sent and not yet out,
+        delivered or as a drop marker). ZeroMQ's queues and the kernel's socket buffers can
+        hold thousands of small messages beyond the high-water mark, where no worker could
+        see them to skip them; credits keep them empty. Items in flight when a worker
+        restarts may be lost and never come out, so a restart gives their credits back."""
+        window = len(self.units)
+        restarts = 0
+        settled = 0  # items sent before the last restart count as out
+        while True:
+            with self._pending_cond:
+                self._pending_cond.wait_for(lambda: self._pending is not None or self._closed)
+            if sum(self._supervisor.restarts) != restarts:
+                restarts, settled = sum(self._supervisor.restarts), self._next_seq
+            out = max(settled, self._collector.ledger.next_seq)
+            if self._next_seq - out >= window and not self._closed:
+                self._collector.wait_for_out(self._next_seq - window + 1, _FEED_POLL_MS / 1000)
+                continue
+            with self._source_lock:
+                if self._closed:
+                    return
+                if not self._source.poll(_FEED_POLL_MS, zmq.POLLOUT):
+                    continue  # let drain() and close() have the lock now and then
+                with self._pending_cond:
+                    item, self._pending = self._pending, None
+                    self._pending_cond.notify_all()
+                if item is None:
+                    continue
+                frames, sent_at = item
+                envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
+                try:
+                    self._source.send_multipart([envelope, *frames], zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # room went between poll and send: wait again, unless
+                    with self._pending_cond:  # a newer item came, which replaces this one
+                        if self._pending is None:
+                            self._pending = item
+                        else:
+                            self.replaced += 1
+                    continue
+                self._next_seq += 1
+                self.forwarded += 1
+
+    def _wait_sent(self, deadline: _Deadline) -> bool:
+        """Under "latest": wait until the feeder has sent the waiting item (drain does)."""
+        with self._pending_cond:
+            while self._pending is not None and self._supervisor.failed is None:
+                if not deadline.left():
+                    return False
+                self._pending_cond.wait(min(deadline.left(), 0.1))
+            return self._pending is None
 
     def _wait_writable(self, deadline: _Deadline) -> bool:
         """Wait for room at the first stage, in slices, so a worker that can no longer be
@@ -261,6 +345,7 @@ class ParallelRunner:
         counters = {
             "forwarded": self.forwarded,
             "refused": self.refused,
+            "replaced": self.replaced,
             "delivered": self._collector.delivered,
             "dropped": self._collector.ledger.dropped,
             "lost": self._collector.ledger.lost,
@@ -279,6 +364,8 @@ class ParallelRunner:
         """Deliver everything forwarded so far: an end-of-stream marker follows the items
         through every worker, and the sink seeing it means all before it arrived."""
         deadline = _Deadline(timeout)
+        if self._feeder is not None and not self._wait_sent(deadline):
+            return False
         with self._source_lock:
             self._check_open()
             self._next_eos += 1
@@ -368,6 +455,10 @@ class ParallelRunner:
             return
         with self._source_lock:
             self._closed = True
+        with self._pending_cond:
+            self._pending_cond.notify_all()
+        if self._feeder is not None:
+            self._feeder.join()
         if hasattr(self, "_supervisor"):
             self._supervisor.stop()
         deadline = _Deadline(self.settings.stop_timeout)
@@ -502,6 +593,11 @@ class Collector(threading.Thread):
     def settle(self, forwarded: int) -> None:
         with self._cond:
             self.ledger.settle(forwarded)
+
+    def wait_for_out(self, seq: int, timeout: float) -> bool:
+        """Wait until every item below ``seq`` came out (delivered, dropped or lost)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.ledger.next_seq >= seq, timeout)
 
     def wait_for_eos(self, token: int, timeout: float) -> bool:
         with self._cond:

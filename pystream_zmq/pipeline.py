@@ -49,6 +49,7 @@ class Pipeline:
         self.on_error = _check_policy(on_error)
         self._entries: list[tuple[str, Callable[[Any], Any]]] = []
         self._stage_on_error: dict[str, str] = {}
+        self._stage_drop_policy: dict[str, str] = {}
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
@@ -59,11 +60,18 @@ class Pipeline:
 
     # -- building ------------------------------------------------------------------------
     def add(
-        self, stage: Callable[[Any], Any], name: str | None = None, *, on_error: str | None = None
+        self,
+        stage: Callable[[Any], Any],
+        name: str | None = None,
+        *,
+        on_error: str | None = None,
+        drop_policy: str | None = None,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
-        else ``Stage_N``. ``on_error`` overrides the pipeline's for this stage."""
+        else ``Stage_N``. ``on_error`` overrides the pipeline's for this stage;
+        ``drop_policy`` (``"block"`` or ``"latest"``) the ``parallelize()`` one for the link
+        into this stage's worker."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -80,6 +88,8 @@ class Pipeline:
             raise StageNameError(f"a stage named {name!r} is already in this pipeline")
         if on_error is not None:
             self._stage_on_error[name] = _check_policy(on_error)
+        if drop_policy is not None:
+            self._stage_drop_policy[name] = _check_drop_policy(drop_policy, transport.LINK_POLICIES)
         self._entries.append((name, stage))
 
     def as_stage(self) -> PipelineStage:
@@ -105,13 +115,26 @@ class Pipeline:
         drain_timeout: float = 10.0,
         stop_timeout: float = 5.0,
         max_restarts: int = 3,
+        drop_policy: str = transport.BLOCK,
+        max_age: float | None = None,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. ``hwm`` bounds each link's queue (backpressure). A worker that
         dies is restarted (with backoff) up to ``max_restarts`` times; after that
-        ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``."""
+        ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``.
+
+        ``drop_policy``: what happens when a stage cannot keep up. ``"block"`` (default)
+        waits: lossless. ``"latest"``: ``forward()`` never waits, and on every link a newer
+        item replaces the one waiting, which is dropped and counted (``replaced``).
+        ``"drop-newest"``: ``forward()`` refuses an item at once when the first stage is
+        full (``refused``); the links between workers block. ``max_age`` (seconds): an
+        item older than that (since ``forward()``) when it reaches a worker is dropped and
+        counted (``expired``)."""
         if hwm < 1:
             raise ValueError("hwm must be at least 1")
+        _check_drop_policy(drop_policy, transport.DROP_POLICIES)
+        if max_age is not None and not max_age > 0:
+            raise ValueError(f"max_age must be a positive number of seconds, not {max_age!r}")
         settings = ParallelSettings(
             block_input=block_input,
             input_timeout=input_timeout,
@@ -121,6 +144,8 @@ class Pipeline:
             startup_timeout=startup_timeout,
             stop_timeout=stop_timeout,
             max_restarts=max_restarts,
+            drop_policy=drop_policy,
+            max_age=max_age,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)
@@ -135,13 +160,16 @@ class Pipeline:
             child._release()  # its stages now run under this pipeline
         self._mode = mode
         raising = self._raising_paths(MAIN_PIPELINE_NAME, self.on_error)
+        link_policy = transport.BLOCK
+        if settings is not None and settings.drop_policy == transport.LATEST:
+            link_policy = transport.LATEST
         record = self._open_profile_run(mode)
         try:
             if settings is None:
                 self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record, raising)
             else:
                 self._runner = ParallelRunner(
-                    list(self._units(MAIN_PIPELINE_NAME, raising)), settings, record
+                    list(self._units(MAIN_PIPELINE_NAME, raising, link_policy)), settings, record
                 )
         except BaseException:
             self._close_profile()
@@ -277,16 +305,19 @@ class Pipeline:
     def _leaves(self, prefix: str) -> list[Leaf]:
         return [(path, stage) for path, kind, stage in self._layout(prefix) if kind == "stage"]
 
-    def _units(self, prefix: str, raising: frozenset[str]) -> Iterator[Unit]:
+    def _units(self, prefix: str, raising: frozenset[str], policy: str) -> Iterator[Unit]:
+        """One unit per worker; ``policy`` is the drop policy of links not set per stage."""
         for name, stage in self._entries:
             path = prefix + PATH_SEPARATOR + name
+            mine = self._stage_drop_policy.get(name, policy)
             if not isinstance(stage, PipelineStage):
-                yield Unit(path, [(path, stage)], raising & {path})
+                yield Unit(path, [(path, stage)], raising & {path}, mine)
             elif stage.pipeline._mode == "parallel":
-                yield from stage.pipeline._units(path, raising)
+                yield from stage.pipeline._units(path, raising, mine)
             else:
                 leaves = stage.pipeline._leaves(path)
-                yield Unit(path, leaves, raising & {leaf_path for leaf_path, _ in leaves})
+                raise_on = raising & {leaf_path for leaf_path, _ in leaves}
+                yield Unit(path, leaves, raise_on, mine)
 
     def _raising_paths(self, prefix: str, default: str) -> frozenset[str]:
         """Leaf paths whose errors are raised to the user (on_error="raise")."""
@@ -331,6 +362,12 @@ def _check_policy(on_error: str) -> str:
     if on_error not in ON_ERROR_POLICIES:
         raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, not {on_error!r}")
     return on_error
+
+
+def _check_drop_policy(policy: str, allowed: tuple[str, ...]) -> str:
+    if policy not in allowed:
+        raise ValueError(f"drop_policy must be one of {allowed}, not {policy!r}")
+    return policy
 
 
 class PipelineStage(Stage):

@@ -28,6 +28,7 @@ from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 
 _Array = npt.NDArray[np.float64]
 _ERROR_COUNTERS = ("stage_errors", "decode_errors", "encode_errors")
+_DROP_COUNTERS = ("refused", "replaced", "expired")  # backpressure, drop policy, deadline
 _BUSY_TIMEOUT = 5.0
 
 
@@ -39,10 +40,13 @@ class ProfileNotFoundError(PyStreamError):
 class StageReport:
     """One stage path's figures; times in seconds, nan when there were no items.
 
-    ``dropped``: items refused by backpressure (``MainPipeline`` only: forward() returned
-    False). ``errors``: items dropped because a stage raised or data could not be decoded or
-    encoded (``MainPipeline``: all of the run's). ``dropped_events``: profile records lost
-    because the database or the collector was too slow (the items themselves went on).
+    ``dropped``: items dropped by backpressure or by a drop policy where they happened
+    (``refused``: forward() returned False; ``replaced``: a newer item replaced them under
+    ``drop_policy="latest"``; ``expired``: older than ``max_age``); on ``MainPipeline``,
+    all of the run's. ``errors``: items dropped because a stage raised or data could not be
+    decoded or encoded (``MainPipeline``: all of the run's). ``dropped_events``: profile
+    records lost because the database or the collector was too slow (the items themselves
+    went on).
     """
 
     path: str
@@ -254,9 +258,11 @@ def _stage_report(
     if path == MAIN_PIPELINE_NAME:
         every = counters.values()
         errors = sum(c.get(name, 0) for c in every for name in _ERROR_COUNTERS)
+        dropped = sum(c.get(name, 0) for c in every for name in _DROP_COUNTERS)
         dropped_events = sum(c.get("dropped_events", 0) for c in every)
     else:
         errors = sum(mine.get(name, 0) for name in _ERROR_COUNTERS)
+        dropped = sum(mine.get(name, 0) for name in _DROP_COUNTERS)
         dropped_events = mine.get("dropped_events", 0)
     p50, p95, p99 = _percentiles(t.latency, (50, 95, 99))
     ends = np.sort(t.end)
@@ -274,7 +280,7 @@ def _stage_report(
         compute_mean=_mean(t.compute),
         compute_p95=_percentiles(t.compute, (95,))[0],
         throughput=(len(ends) - 1) / span if span > 0 else float("nan"),
-        dropped=mine.get("refused", 0),
+        dropped=dropped,
         errors=errors,
         dropped_events=dropped_events,
         counters=mine,

@@ -12,11 +12,18 @@ from .errors import DecodeError
 
 DEFAULT_HWM = 2
 
+# What a link does when the receiver cannot keep up (see README, "Real time").
+BLOCK = "block"  # wait for room: lossless backpressure
+LATEST = "latest"  # a newer item replaces the one waiting; the older is dropped and counted
+DROP_NEWEST = "drop-newest"  # refuse the new item when the first stage is full (source only)
+DROP_POLICIES = (BLOCK, LATEST, DROP_NEWEST)
+LINK_POLICIES = (BLOCK, LATEST)  # between workers: a refused item would need a marker anyway
+
 # Data path: [envelope, *codec frames]. The envelope is fixed-size so a worker can route an
 # end-of-stream marker without decoding anything.
 KIND_DATA = 0
 KIND_EOS = 1
-KIND_DROPPED = 2  # a stage raised on this item and dropped it (no payload)
+KIND_DROPPED = 2  # dropped by a stage (it raised), a drop policy or the deadline; no payload
 KIND_FAILED = 3  # a stage raised under on_error="raise": payload describes the error
 _KINDS = (KIND_DATA, KIND_EOS, KIND_DROPPED, KIND_FAILED)
 _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it

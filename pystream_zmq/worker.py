@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<Q")
 _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
+_LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
 EXIT_ORPHANED = 3
@@ -58,6 +59,9 @@ class WorkerSpec:
     # Received messages over this many bytes are refused: by ZeroMQ (MAXMSGSIZE, per frame,
     # before any allocation; it drops the sender's connection) and by the codec (in total).
     max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    # "block": take items in order; "latest": read all that waits, process only the newest.
+    drop_policy: str = transport.BLOCK
+    max_age: float | None = None  # seconds after the source sent it; older items are dropped
 
 
 def _never() -> bool:
@@ -104,6 +108,8 @@ class Worker:
             "encode_errors": 0,
             "dropped_events": 0,
             "input_disconnects": 0,
+            "replaced": 0,  # skipped under drop_policy="latest": a newer item was waiting
+            "expired": 0,  # older than max_age when they arrived
         }
         self._tracker: zmq.MessageTracker | None = None
         self._control: zmq.Socket[Any] | None = None
@@ -156,6 +162,8 @@ class Worker:
                 self.upstream_done = True  # only now: done() may end the loop on it
                 return sent
             self.upstream_done = False
+            if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
+                return self._drop(seq, sent_at, "expired")
             data = codec.decode(frames[1:], max_message_bytes=self.spec.max_message_bytes)
         except DecodeError as e:
             self.counters["decode_errors"] += 1
@@ -176,6 +184,33 @@ class Worker:
             return self._send(self._failure_frames(failure, sent_at))
         self.counters["processed"] += 1
         return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames])
+
+    def _drop(self, seq: int, sent_at: float, counter: str) -> bool:
+        """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
+        self.counters[counter] += 1
+        return self._send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
+
+    def _handle_newest(self) -> bool:
+        """drop_policy="latest": read everything waiting, process only the newest item and
+        drop the older ones (markers in their place, in order). False when told to stop."""
+        batch: list[list[zmq.Frame]] = []
+        while len(batch) < _LATEST_BATCH:
+            try:
+                batch.append(self.pull.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        kinds = [_peek_kind(frames) for frames in batch]
+        newest = max((i for i, kind in enumerate(kinds) if kind == transport.KIND_DATA), default=-1)
+        for i, frames in enumerate(batch):
+            if i < newest and kinds[i] == transport.KIND_DATA:
+                _, seq, sent_at = transport.unpack_envelope(frames[0])
+                self.upstream_done = False
+                sent = self._drop(seq, sent_at, "replaced")
+            else:
+                sent = self.handle_item(frames)
+            if not sent or self._done():
+                return False
+        return True
 
     def _failure_frames(self, failure: StageFailure, sent_at: float) -> list[Any]:
         """The marker that travels in the item's place, so the orchestrator can tell a
@@ -285,7 +320,10 @@ class Worker:
                 self._count_disconnects()
             if control is not None and control in ready and not self.handle_control(control):
                 return
-            if self.pull in ready:
+            if self.pull in ready and self.spec.drop_policy == transport.LATEST:
+                if not self._handle_newest():
+                    return
+            elif self.pull in ready:
                 for _ in range(_BURST):
                     try:
                         frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -309,6 +347,13 @@ class Worker:
                 [transport.PROFILE_END, self.spec.ident], flags=0, copy=True
             )
         control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
+
+
+def _peek_kind(frames: list[zmq.Frame]) -> int | None:
+    try:
+        return transport.unpack_envelope(frames[0])[0]
+    except DecodeError:
+        return None  # handle_item counts and logs it
 
 
 def serve(

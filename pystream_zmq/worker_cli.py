@@ -178,6 +178,19 @@ def _stage_options(f: _F) -> _F:
         help="Refuse input messages over this size (a bigger frame drops its sender).",
     )(f)
     f = _opt(
+        "--drop-policy",
+        envvar="PYSTREAM_DROP_POLICY",
+        type=click.Choice(transport.LINK_POLICIES),
+        default=transport.BLOCK,
+        help="block: take items in order; latest: process only the newest waiting, drop the rest.",
+    )(f)
+    f = _opt(
+        "--max-age",
+        envvar="PYSTREAM_MAX_AGE",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Drop items older than this many seconds (since the source sent them) on arrival.",
+    )(f)
+    f = _opt(
         "--profile",
         envvar="PYSTREAM_PROFILE",
         type=ENDPOINT,
@@ -418,6 +431,8 @@ def _serve_worker(
         profile=opts["profile"],
         hwm=opts["hwm"],
         max_message_bytes=opts["max_message_bytes"],
+        drop_policy=opts["drop_policy"],
+        max_age=opts["max_age"],
     )
     stopping = _start_process(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))

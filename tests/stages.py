@@ -146,3 +146,17 @@ def sleep_10ms(data: Any) -> Any:
 def tiny() -> dict[str, Any]:
     """A source: one small item per call."""
     return {"x": 0}
+
+
+class Sleep(Stage):
+    """Works for a known time per item (sleeping is its work, not synchronisation)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, data: Any) -> Any:
+        time.sleep(self.seconds)
+        return data
+
+    def cleanup(self) -> None:
+        pass
