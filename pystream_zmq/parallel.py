@@ -28,9 +28,11 @@ import zmq
 
 from . import codec, profiler, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
+from .inputs import Inputs
 from .ledger import Ledger
+from .outputs import Outputs
 from .profiler import RunRecorder
-from .stage import MAIN_PIPELINE_NAME, EventBuffer, Leaf
+from .stage import MAIN_PIPELINE_NAME, REPLICA_MARK, EventBuffer, Leaf
 from .supervisor import Supervisor
 from .worker import WorkerSpec, write_spec
 
@@ -54,6 +56,37 @@ class Unit:
     leaves: list[Leaf]
     raise_on: frozenset[str] = frozenset()  # leaf paths whose errors go to the user
     drop_policy: str = transport.BLOCK  # of the link into this worker
+    replicas: int = 1  # worker processes sharing the unit's input
+    ordered: bool = True  # replicas' outputs are put back in input order
+
+
+def check_order(units: Sequence[Unit]) -> None:
+    """Replicas' outputs are put back in order by the next single process (a one-replica
+    stage, or the pipeline's output), merging one in-order stream per replica. Refuse the
+    layouts where that cannot work, rather than deliver out of order."""
+    scrambled_by: str | None = None  # the stage after which items are out of order for good
+    for unit, after in zip(units, [*units[1:], None], strict=True):
+        if unit.replicas == 1 or not unit.ordered:
+            if unit.replicas > 1 and scrambled_by is None:
+                scrambled_by = unit.name
+            continue
+        if scrambled_by is not None:
+            raise ValueError(
+                f"stage {unit.name} has replicas and ordered=True, but its input is already "
+                f"out of order ({scrambled_by} has replicas and ordered=False): set "
+                f"ordered=False on {unit.name} too"
+            )
+        if after is not None and after.replicas > 1:
+            raise ValueError(
+                f"stages {unit.name} and {after.name} both have replicas: order is restored in "
+                f"front of a single worker only; set ordered=False on {unit.name}, or put a "
+                f"stage with one worker between them"
+            )
+
+
+def _in_order(units: Sequence[Unit]) -> bool:
+    """Whether the pipeline's outputs come out in input order."""
+    return all(unit.ordered or unit.replicas == 1 for unit in units)
 
 
 @dataclass
@@ -90,7 +123,11 @@ class ParallelRunner:
     ) -> None:
         if not units:
             raise PipelineStateError("a parallel pipeline needs at least one stage")
+        check_order(units)
         self.units = list(units)
+        # One worker process per replica: (unit index, replica index), in chain order.
+        self._slots = [(u, r) for u, unit in enumerate(units) for r in range(unit.replicas)]
+        self._names = [self._slot_name(p) for p in range(len(self._slots))]
         self.settings = settings
         self._recorder = recorder
         self._dir = tempfile.mkdtemp(prefix="pystream-")
@@ -114,27 +151,35 @@ class ParallelRunner:
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id over
         self._control.bind(self._endpoint("control"))
-        self._source = transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
+        first = [
+            transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
+            for _ in range(units[0].replicas)
+        ]
+        self._source = Outputs(first)
         self._source_lock = threading.Lock()
         self._next_seq = 0
         self._next_eos = 0
+        last = units[-1]
         self._collector = Collector(
             self._ctx,
-            self._endpoint("sink"),
+            self._input_endpoints(len(units), 0),
             self._endpoint("profile") if recorder else None,
             settings.hwm,
             recorder,
             self.main_counters,
+            ordered=last.replicas > 1 and last.ordered,
+            in_order=_in_order(units),
         )
         try:
             self._start_workers()
         except BaseException:
             self.close()
             raise
-        self._source.connect(self._input_endpoint(0))
+        for replica, sock in enumerate(self._source.sockets):
+            sock.connect(self._input_endpoints(0, replica)[0])
         self._collector.start()
         self._supervisor = Supervisor(
-            self._procs, [u.name for u in self.units], self._relaunch, settings.max_restarts
+            self._procs, self._names, self._relaunch, settings.max_restarts
         )
         self._supervisor.start()
         if settings.drop_policy == transport.LATEST:
@@ -145,10 +190,23 @@ class ParallelRunner:
     def _endpoint(self, name: str) -> str:
         return transport.ipc_endpoint(self._dir, name)
 
-    def _input_endpoint(self, index: int) -> str:
-        if index == len(self.units):
-            return self._endpoint("sink")
-        return self._endpoint(f"in{index}")
+    def _slot_name(self, process: int) -> str:
+        unit, replica = self._slots[process]
+        name = self.units[unit].name
+        return name if self.units[unit].replicas == 1 else f"{name}{REPLICA_MARK}{replica}"
+
+    def _input_endpoints(self, unit: int, replica: int) -> list[str]:
+        """The endpoints a replica of ``unit`` binds (``unit`` past the last: the sink), one
+        per sender upstream, so that it can tell their streams apart."""
+        senders = self.units[unit - 1].replicas if unit > 0 else 1
+        name = "sink" if unit == len(self.units) else f"in{unit}.{replica}"
+        return [self._endpoint(f"{name}-{sender}") for sender in range(senders)]
+
+    def _output_endpoints(self, unit: int, replica: int) -> list[str]:
+        """The endpoints a replica of ``unit`` connects to: its own on each next replica."""
+        after = unit + 1
+        count = self.units[after].replicas if after < len(self.units) else 1
+        return [self._input_endpoints(after, r)[replica] for r in range(count)]
 
     def _start_workers(self) -> None:
         for unit in self.units:
@@ -159,8 +217,8 @@ class ParallelRunner:
                     unit.name, f"it cannot be sent to a worker process ({e!r})"
                 ) from e
         # Start every process before feeding any, so their imports overlap.
-        self._procs.extend(self._popen() for _ in self.units)
-        for index in range(len(self.units)):
+        self._procs.extend(self._popen() for _ in self._slots)
+        for index in range(len(self._slots)):
             self._send_spec(index)
         self._wait_ready()
 
@@ -173,12 +231,21 @@ class ParallelRunner:
             [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
         )
 
-    def _send_spec(self, index: int) -> None:
-        unit = self.units[index]
+    def _send_spec(self, index: int, restarted: bool = False) -> None:
+        unit_index, replica = self._slots[index]
+        unit = self.units[unit_index]
+        pulls = self._input_endpoints(unit_index, replica)
+        pushes = self._output_endpoints(unit_index, replica)
+        before = self.units[unit_index - 1] if unit_index > 0 else None
         spec = WorkerSpec(
             name=unit.name,
-            pull=self._input_endpoint(index),
-            push=self._input_endpoint(index + 1),
+            pull=pulls[0],
+            push=pushes[0],
+            more_pulls=tuple(pulls[1:]),
+            more_pushes=tuple(pushes[1:]),
+            ordered_input=before is not None and before.replicas > 1 and before.ordered,
+            first_seq=None if restarted else 0,
+            replica=replica if unit.replicas > 1 else None,
             profile=self._endpoint("profile") if self._recorder else None,
             hwm=self.settings.hwm,
             control=self._endpoint("control"),
@@ -193,7 +260,7 @@ class ParallelRunner:
         stdin = self._procs[index].stdin
         assert stdin is not None
         try:
-            write_spec(stdin, spec, self._blobs[index])
+            write_spec(stdin, spec, self._blobs[unit_index])
         except OSError as e:  # the process died before reading its spec
             raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
 
@@ -204,11 +271,11 @@ class ParallelRunner:
             with contextlib.suppress(OSError):
                 old.stdin.close()
         self._procs[index] = self._popen()
-        self._send_spec(index)
+        self._send_spec(index, restarted=True)
         self._resend_eos()  # a drain's marker may have died with the old worker
 
     def _wait_ready(self) -> None:
-        waiting = set(range(len(self.units)))
+        waiting = set(range(len(self._slots)))
         deadline = _Deadline(self.settings.startup_timeout)
         while waiting:
             if self._control.poll(min(100, deadline.left_ms())):
@@ -219,7 +286,7 @@ class ParallelRunner:
                 if kind == transport.FAILED:
                     detail = b"".join(rest).decode(errors="replace").strip()
                     raise WorkerStartupError(
-                        self.units[index].name, detail.rpartition("\n")[2] + "\n" + detail
+                        self._names[index], detail.rpartition("\n")[2] + "\n" + detail
                     )
                 waiting.discard(index)
                 self._ready.add(index)
@@ -228,10 +295,10 @@ class ParallelRunner:
                 code = self._procs[index].poll()
                 if code is not None:
                     raise WorkerStartupError(
-                        self.units[index].name, f"its process exited with code {code}"
+                        self._names[index], f"its process exited with code {code}"
                     )
             if not deadline.left():
-                names = ", ".join(self.units[i].name for i in sorted(waiting))
+                names = ", ".join(self._names[i] for i in sorted(waiting))
                 raise WorkerStartupError(
                     names, f"not ready after {self.settings.startup_timeout:g} s"
                 )
@@ -261,7 +328,8 @@ class ParallelRunner:
                 self._raise_if_failed()
                 return False
             # copy=True: the caller may reuse its arrays as soon as forward() returns.
-            self._source.send_multipart([envelope, *frames], zmq.NOBLOCK, copy=True)
+            # Room was there a moment ago and only this thread sends: it is still there.
+            self._source.try_send([envelope, *frames], copy=True)
             self._next_seq += 1
             self.forwarded += 1
             return True
@@ -287,7 +355,7 @@ class ParallelRunner:
         hold thousands of small messages beyond the high-water mark, where no worker could
         see them to skip them; credits keep them empty. Items in flight when a worker
         restarts may be lost and never come out, so a restart gives their credits back."""
-        window = len(self.units)
+        window = len(self._slots)
         restarts = 0
         settled = 0  # items sent before the last restart count as out
         while True:
@@ -302,7 +370,7 @@ class ParallelRunner:
             with self._source_lock:
                 if self._closed:
                     return
-                if not self._source.poll(_FEED_POLL_MS, zmq.POLLOUT):
+                if not self._source.wait_for_room(_FEED_POLL_MS):
                     continue  # let drain() and close() have the lock now and then
                 with self._pending_cond:
                     item, self._pending = self._pending, None
@@ -311,9 +379,8 @@ class ParallelRunner:
                     continue
                 frames, sent_at = item
                 envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
-                try:
-                    self._source.send_multipart([envelope, *frames], zmq.NOBLOCK, copy=False)
-                except zmq.Again:  # room went between poll and send: wait again, unless
+                if not self._source.try_send([envelope, *frames], copy=False)[0]:
+                    # room went between poll and send: wait again, unless
                     with self._pending_cond:  # a newer item came, which replaces this one
                         if self._pending is None:
                             self._pending = item
@@ -332,10 +399,14 @@ class ParallelRunner:
                 self._pending_cond.wait(min(deadline.left(), 0.1))
             return self._pending is None
 
-    def _wait_writable(self, deadline: _Deadline) -> bool:
-        """Wait for room at the first stage, in slices, so a worker that can no longer be
-        restarted ends the wait at once instead of at the timeout."""
-        while not self._source.poll(min(deadline.left_ms(), 100), zmq.POLLOUT):
+    def _wait_writable(
+        self, deadline: _Deadline, sockets: list[zmq.Socket[Any]] | None = None
+    ) -> bool:
+        """Wait for room at the first stage (any of its replicas, or all of ``sockets``), in
+        slices, so a worker that can no longer be restarted ends the wait at once instead of
+        at the timeout."""
+        outputs = self._source if sockets is None else Outputs(sockets)
+        while not outputs.wait_for_room(min(deadline.left_ms(), 100)):
             if not deadline.left() or self._supervisor.failed is not None:
                 return False
         return True
@@ -371,9 +442,11 @@ class ParallelRunner:
             self._next_eos += 1
             token = self._draining = self._next_eos
             forwarded = self._next_seq
-            if not self._wait_writable(deadline):
-                return False
-            self._source.send(transport.pack_envelope(transport.KIND_EOS, token, time.time()))
+            marker = transport.pack_envelope(transport.KIND_EOS, token, time.time())
+            for sock in self._source.sockets:  # through every replica of the first stage
+                if not self._wait_writable(deadline, [sock]):
+                    return False
+                sock.send(marker, zmq.NOBLOCK)
         # In slices, so a worker that can no longer be restarted ends the wait at once.
         drained = False
         while not drained and deadline.left() and self._supervisor.failed is None:
@@ -387,8 +460,9 @@ class ParallelRunner:
         with self._source_lock:
             if self._draining and not self._closed:
                 envelope = transport.pack_envelope(transport.KIND_EOS, self._draining, time.time())
-                with contextlib.suppress(zmq.Again):
-                    self._source.send(envelope, zmq.NOBLOCK)
+                for sock in self._source.sockets:
+                    with contextlib.suppress(zmq.Again):
+                        sock.send(envelope, zmq.NOBLOCK)
 
     # -- control -------------------------------------------------------------------------
     def _alive(self) -> list[int]:
@@ -414,7 +488,7 @@ class ParallelRunner:
             replies[index] = reply
             waiting.discard(index)
         for index in waiting:
-            log.warning("worker %s did not answer %r in time", self.units[index].name, command)
+            log.warning("worker %s did not answer %r in time", self._names[index], command)
         return replies
 
     def _from_worker(self, message: list[bytes]) -> tuple[int, list[bytes]] | None:
@@ -422,8 +496,11 @@ class ParallelRunner:
         one of our workers (only they should reach this private endpoint)."""
         ident, *reply = message
         index = int(ident) if ident.isdigit() and len(ident) < 8 else -1
-        if not reply or not 0 <= index < len(self.units):
-            log.warning("ignored a control message from unknown peer %r", ident[:16])
+        if not reply or not 0 <= index < len(self._slots):
+            # A READY nobody read before its worker died: the restarted worker took the
+            # routing id over (ROUTER_HANDOVER), and ZeroMQ renamed the dead connection.
+            if reply != [transport.READY]:
+                log.warning("ignored a control message from unknown peer %r", ident[:16])
             return None
         return index, reply
 
@@ -436,7 +513,7 @@ class ParallelRunner:
             try:
                 state = codec.decode(reply[1:])
             except DecodeError as e:
-                log.warning("unreadable state from %s: %s", self.units[index].name, e)
+                log.warning("unreadable state from %s: %s", self._names[index], e)
                 continue
             if isinstance(state, dict):
                 states.update(state)
@@ -539,15 +616,23 @@ class Collector(threading.Thread):
     def __init__(
         self,
         ctx: zmq.Context[Any],
-        sink_endpoint: str,
+        sink_endpoints: list[str],
         profile_endpoint: str | None,
         hwm: int,
         recorder: RunRecorder | None,
         main_counters: Callable[[], dict[str, int]],
+        *,
+        ordered: bool = False,
+        in_order: bool = True,
     ) -> None:
+        """One sink endpoint per replica of the last stage; ``ordered``: merge them in
+        sequence order; ``in_order``: whether outputs arrive in input order at all."""
         super().__init__(name="pystream-collector", daemon=True)
-        self._sink = transport.make_socket(ctx, zmq.PULL, hwm)
-        self._sink.bind(sink_endpoint)
+        sinks = []
+        for endpoint in sink_endpoints:
+            sinks.append(transport.make_socket(ctx, zmq.PULL, hwm))
+            sinks[-1].bind(endpoint)
+        self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
         self._profile: zmq.Socket[Any] | None = None
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
@@ -568,7 +653,7 @@ class Collector(threading.Thread):
         self._ended = False  # an end-of-stream marker arrived, and no data after it
         self._profile_ends = 0
         self.delivered = 0
-        self.ledger = Ledger()
+        self.ledger = Ledger(in_order=in_order)
         self._failure: StageError | None = None
         self.decode_errors = 0
         self.dropped_events = 0
@@ -622,35 +707,31 @@ class Collector(threading.Thread):
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sink, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         if self._profile is not None:
             poller.register(self._profile, zmq.POLLIN)
+        for sink in self._inputs.sockets:
+            poller.register(sink, zmq.POLLIN)
         try:
             while True:
-                ready = dict(poller.poll(_IDLE_FLUSH_MS))
+                if self._inputs.ordered:  # poll only the sinks without a waiting item
+                    wanted = self._inputs.wanted()
+                    for sink in self._inputs.sockets:
+                        poller.register(sink, zmq.POLLIN if sink in wanted else 0)
+                ready = dict(poller.poll(self._inputs.poll_ms(_IDLE_FLUSH_MS)))
                 if self._events is not None:
                     self._events.flush_if_old()
                     self._record_counters_if_due()
                 if self._wake_rx in ready:
                     return
-                if self._sink in ready:
-                    self._read_outputs()
+                for frames in self._inputs.take(ready):
+                    self._on_output(frames)
                 if self._profile is not None and self._profile in ready:
                     self._on_profile(self._profile.recv_multipart())
         finally:
             if self._events is not None:
                 self._events.flush()
             self._close_sockets()
-
-    def _read_outputs(self) -> None:
-        # A burst per wake-up: one poll per message costs small messages half their rate.
-        for _ in range(_BURST):
-            try:
-                frames = self._sink.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_output(frames)
 
     def _on_output(self, frames: list[zmq.Frame]) -> None:
         end = time.time()
@@ -715,6 +796,6 @@ class Collector(threading.Thread):
             self._recorder.counters({MAIN_PIPELINE_NAME: self._main_counters()})
 
     def _close_sockets(self) -> None:
-        for sock in (self._sink, self._profile, self._wake_rx, self._wake_tx):
+        for sock in (*self._inputs.sockets, self._profile, self._wake_rx, self._wake_tx):
             if sock is not None:
                 sock.close(linger=0)

@@ -50,6 +50,7 @@ class Pipeline:
         self._entries: list[tuple[str, Callable[[Any], Any]]] = []
         self._stage_on_error: dict[str, str] = {}
         self._stage_drop_policy: dict[str, str] = {}
+        self._stage_replicas: dict[str, tuple[int, bool]] = {}  # name -> (replicas, ordered)
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
@@ -66,12 +67,19 @@ class Pipeline:
         *,
         on_error: str | None = None,
         drop_policy: str | None = None,
+        replicas: int = 1,
+        ordered: bool = True,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
         else ``Stage_N``. ``on_error`` overrides the pipeline's for this stage;
         ``drop_policy`` (``"block"`` or ``"latest"``) the ``parallelize()`` one for the link
-        into this stage's worker."""
+        into this stage's worker.
+
+        ``replicas``: under ``parallelize()``, this many worker processes share the stage's
+        input, each with its own copy of the stage. With ``ordered`` (the default) their
+        outputs are put back in input order in front of the next stage; ``ordered=False``
+        passes them on as they come."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -90,6 +98,10 @@ class Pipeline:
             self._stage_on_error[name] = _check_policy(on_error)
         if drop_policy is not None:
             self._stage_drop_policy[name] = _check_drop_policy(drop_policy, transport.LINK_POLICIES)
+        if type(replicas) is not int or replicas < 1:
+            raise ValueError(f"replicas must be a whole number of at least 1, not {replicas!r}")
+        if replicas > 1:
+            self._stage_replicas[name] = (replicas, ordered)
         self._entries.append((name, stage))
 
     def as_stage(self) -> PipelineStage:
@@ -310,14 +322,20 @@ class Pipeline:
         for name, stage in self._entries:
             path = prefix + PATH_SEPARATOR + name
             mine = self._stage_drop_policy.get(name, policy)
+            replicas, ordered = self._stage_replicas.get(name, (1, True))
             if not isinstance(stage, PipelineStage):
-                yield Unit(path, [(path, stage)], raising & {path}, mine)
+                yield Unit(path, [(path, stage)], raising & {path}, mine, replicas, ordered)
             elif stage.pipeline._mode == "parallel":
+                if replicas > 1:
+                    raise ValueError(
+                        f"{path}: replicas apply to a stage or a serialized sub-pipeline; "
+                        "give them to the parallel sub-pipeline's stages instead"
+                    )
                 yield from stage.pipeline._units(path, raising, mine)
             else:
                 leaves = stage.pipeline._leaves(path)
                 raise_on = raising & {leaf_path for leaf_path, _ in leaves}
-                yield Unit(path, leaves, raise_on, mine)
+                yield Unit(path, leaves, raise_on, mine, replicas, ordered)
 
     def _raising_paths(self, prefix: str, default: str) -> frozenset[str]:
         """Leaf paths whose errors are raised to the user (on_error="raise")."""

@@ -3,8 +3,10 @@ returns a ``Pipeline``) as a Procfile of ``pystream-worker`` processes, so one d
 serves both launch modes.
 
 Layout on ``--base-port`` B: the sink binds B for profile events (when the pipeline is
-profiled); stage i binds B+1+i for its input; the sink binds B+1+n for the outputs. Each
-process connects its output to the next one's input (see README "Pipelines as services").
+profiled); from B+1 on, each stage binds its input, then the sink its own: without replicas,
+stage i binds B+1+i and the sink B+1+n. A stage with replicas is one entry per replica,
+and each receiver binds one input per replica before it. Each process connects its output
+to the next ones' inputs (see README "Pipelines as services").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import click
 
 from .loader import LoadError, load, reference
+from .parallel import Unit, check_order
 from .pipeline import Pipeline, PipelineStage
 
 _WORKER = "pystream-worker"
@@ -44,35 +47,76 @@ def procfile(
                 "yet (run one by hand with `pystream-worker pipeline`)"
             )
 
-    def endpoint(offset: int) -> str:
-        return f"tcp://{host}:{base_port + offset}"
+    replicas = [pipeline._stage_replicas.get(name, (1, True)) for name, _ in entries]
+    check_order(
+        [
+            Unit(name, [], replicas=n, ordered=o)
+            for (name, _), (n, o) in zip(entries, replicas, strict=True)
+        ]
+    )
+    ports = _Ports(host, base_port, [n for n, _ in replicas])
 
-    profile = ["--profile", endpoint(0)] if pipeline.use_profiler else []
+    def push(args: list[str], endpoints: list[str]) -> list[str]:
+        return args + [arg for endpoint in endpoints for arg in ("--push", endpoint)]
+
+    def pull(args: list[str], endpoints: list[str], ordered: bool) -> list[str]:
+        args = args + [arg for endpoint in endpoints for arg in ("--pull", endpoint)]
+        return args if ordered or len(endpoints) == 1 else [*args, "--unordered"]
+
+    profile = ["--profile", ports.profile] if pipeline.use_profiler else []
     ref, params = reference(pipeline.input_generator)
-    lines = [
-        (
-            "source",
-            ["source", ref, *_params(params), "--period", f"{period:g}", "--push", endpoint(1)],
-        )
-    ]
+    source = ["source", ref, *_params(params), "--period", f"{period:g}"]
+    lines = [("source", push(source, ports.outputs(-1, 0)))]
     for index, (name, stage) in enumerate(entries):
         ref, params = reference(stage)
         args = ["stage", ref, *_params(params)]
         own = getattr(stage, "name", None)
         if name != (own if isinstance(own, str) else ref.rpartition(".")[2].rpartition(":")[2]):
             args += ["--name", name]
-        args += ["--pull", endpoint(index + 1), "--push", endpoint(index + 2), *profile]
-        lines.append((_process_name(name), args))
-    sink = ["sink", "--pull", endpoint(len(entries) + 1)]
+        count = replicas[index][0]
+        upstream_ordered = index == 0 or replicas[index - 1][1]
+        for replica in range(count):
+            mine = pull(args, ports.inputs(index, replica), upstream_ordered)
+            mine = push(mine, ports.outputs(index, replica)) + profile
+            if count > 1:
+                mine += ["--replica", str(replica)]
+            process = _process_name(name) + (f"_{replica}" if count > 1 else "")
+            lines.append((process, mine))
+    sink = pull(["sink"], ports.inputs(len(entries), 0), not entries or replicas[-1][1])
     if pipeline.use_profiler:
         stages = ",".join(name for name, _ in entries)
-        sink += ["--profile-pull", endpoint(0), "--run-name", run_name, "--stages", stages]
+        sink += ["--profile-pull", ports.profile, "--run-name", run_name, "--stages", stages]
     if save_latest:
         sink += ["--save-latest", save_latest]
     lines.append(("sink", sink))
     # exec: the shell honcho starts would otherwise die of SIGTERM before the worker drained
     body = [f"{name}: exec {shlex.join([_WORKER, *args])}" for name, args in lines]
     return "\n".join([f"# {header}", *body]) + "\n"
+
+
+class _Ports:
+    """Ports from ``base``: the profile endpoint, then each input socket in chain order (a
+    replica binds one per replica of the stage before it; the sink is last)."""
+
+    def __init__(self, host: str, base: int, replicas: list[int]) -> None:
+        self.profile = f"tcp://{host}:{base}"
+        senders = [1, *replicas]  # of each receiver: the source, then each stage
+        receivers = [*replicas, 1]  # each stage's replicas, then the sink
+        self._inputs: list[list[list[str]]] = []  # [receiver][replica][sender]
+        port = base + 1
+        for count, sending in zip(receivers, senders, strict=True):
+            self._inputs.append([])
+            for _ in range(count):
+                self._inputs[-1].append([f"tcp://{host}:{port + s}" for s in range(sending)])
+                port += sending
+
+    def inputs(self, stage: int, replica: int) -> list[str]:
+        """What replica ``replica`` of stage ``stage`` (len(stages): the sink) binds."""
+        return self._inputs[stage][replica]
+
+    def outputs(self, stage: int, replica: int) -> list[str]:
+        """Where replica ``replica`` of stage ``stage`` (-1: the source) connects."""
+        return [inputs[replica] for inputs in self._inputs[stage + 1]]
 
 
 def _params(params: dict[str, Any]) -> list[str]:
@@ -133,6 +177,6 @@ def procfile_command(
             base_port=base_port,
             save_latest=save_latest,
         )
-    except LoadError as e:
+    except (LoadError, ValueError) as e:
         raise click.ClickException(f"{ref}: {e}") from e
     output.write(text)

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import PyStreamError
-from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
+from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
 
 _Array = npt.NDArray[np.float64]
 _ERROR_COUNTERS = ("stage_errors", "decode_errors", "encode_errors")
@@ -64,7 +64,8 @@ class StageReport:
     dropped: int
     errors: int
     dropped_events: int
-    counters: dict[str, int]  # the raw counters recorded for this path
+    counters: dict[str, int]  # the counters recorded for this path (summed over replicas)
+    replicas: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # "N": its own
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nan becomes None."""
@@ -255,6 +256,10 @@ def _stage_report(
     path: str, kind: str, t: Timings, counters: dict[str, dict[str, int]]
 ) -> StageReport:
     mine = dict(counters.get(path, {}))
+    replicas = _replica_counters(path, counters)
+    for values in replicas.values():
+        for name, value in values.items():
+            mine[name] = mine.get(name, 0) + value
     if path == MAIN_PIPELINE_NAME:
         every = counters.values()
         errors = sum(c.get(name, 0) for c in every for name in _ERROR_COUNTERS)
@@ -284,7 +289,16 @@ def _stage_report(
         errors=errors,
         dropped_events=dropped_events,
         counters=mine,
+        replicas=replicas,
     )
+
+
+def _replica_counters(path: str, counters: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """{replica: counters} recorded under "<path>#<replica>" by a replicated stage."""
+    prefix = path + REPLICA_MARK
+    return {
+        key[len(prefix) :]: values for key, values in counters.items() if key.startswith(prefix)
+    }
 
 
 def _finite(values: _Array) -> _Array:

@@ -14,6 +14,7 @@ from .errors import StageNameError
 
 MAIN_PIPELINE_NAME = "MainPipeline"
 PATH_SEPARATOR = "__"
+REPLICA_MARK = "#"  # a replica's counters are recorded under "<stage path>#<replica>"
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from . import codec, profiler, transport
+from .outputs import Outputs
 from .parallel import Collector
 from .stage import MAIN_PIPELINE_NAME, Leaf
 from .worker import Worker, WorkerSpec
@@ -81,6 +82,12 @@ class _Drain:
         return False
 
 
+def _end_streams(pushes: list[zmq.Socket[Any]], deadline: float) -> None:
+    """End the stream on every output (each replica downstream needs its own marker)."""
+    for push in pushes:
+        _end_stream(push, deadline)
+
+
 def _end_stream(push: zmq.Socket[Any], deadline: float) -> None:
     """Send an end-of-stream marker and wait (until ``deadline``, a monotonic time) until
     the next process disconnects, having read it. ``push`` must have IMMEDIATE set, so that
@@ -105,18 +112,20 @@ def _end_stream(push: zmq.Socket[Any], deadline: float) -> None:
 
 # -- stage -----------------------------------------------------------------------------------
 def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> None:
-    """Run stages between spec.pull (bound) and spec.push (connected) until stopped.
-    Raises zmq.ZMQError if an endpoint cannot be bound or connected."""
+    """Run stages between spec's pull endpoints (bound) and push endpoints (connected)
+    until stopped. Raises zmq.ZMQError if an endpoint cannot be bound or connected."""
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         worker = Worker(spec, list(leaves), ctx)
-        log.info("ready: input %s, output %s", spec.pull, spec.push)
+        inputs = ", ".join((spec.pull, *spec.more_pulls))
+        log.info("ready: input %s, output %s", inputs, ", ".join((spec.push, *spec.more_pushes)))
         worker.run(done=_Drain(worker, stopping))
         if worker.events is not None:
             worker.events.flush()
-        if not worker.upstream_done and (dropped := _discard(worker.pull)):
+        dropped = 0 if worker.upstream_done else sum(map(_discard, worker.inputs.sockets))
+        if dropped:
             log.warning("dropped %d items still queued at the input", dropped)
-        _end_stream(worker.push, stopping.ack_deadline())
+        _end_streams(worker.outputs.sockets, stopping.ack_deadline())
         log.info(
             "stopped after %d items (%d stage errors)",
             worker.counters["processed"],
@@ -140,21 +149,23 @@ def _discard(pull: zmq.Socket[Any]) -> int:
 # -- source ----------------------------------------------------------------------------------
 def run_source(
     items: Iterator[Any],
-    push_endpoint: str,
+    push_endpoints: list[str],
     stopping: Stopping,
     *,
     period: float,
     count: int | None,
     hwm: int = transport.DEFAULT_HWM,
 ) -> None:
-    """Send ``items`` every ``period`` seconds (at most ``count``), then wait for stop."""
+    """Send ``items`` every ``period`` seconds (at most ``count``), then wait for stop;
+    several ``push_endpoints``: one per replica of the first stage."""
     ctx: zmq.Context[Any] = zmq.Context()
     stop = stopping.stop
     try:
-        push = transport.make_socket(ctx, zmq.PUSH, hwm)
-        push.setsockopt(zmq.IMMEDIATE, 1)
-        push.connect(push_endpoint)
-        log.info("ready: output %s, one item every %g s", push_endpoint, period)
+        outputs = Outputs([transport.make_socket(ctx, zmq.PUSH, hwm) for _ in push_endpoints])
+        for push, endpoint in zip(outputs.sockets, push_endpoints, strict=True):
+            push.setsockopt(zmq.IMMEDIATE, 1)
+            push.connect(endpoint)
+        log.info("ready: output %s, one item every %g s", ", ".join(push_endpoints), period)
         sent = 0
         next_at = time.monotonic()
         while not stop.is_set() and (count is None or sent < count):
@@ -163,11 +174,10 @@ def run_source(
                 break
             envelope = transport.pack_envelope(transport.KIND_DATA, sent, time.time())
             frames = [envelope, *codec.encode(item)]
-            while not stop.is_set() and not push.poll(_POLL_MS, zmq.POLLOUT):
-                pass  # downstream full or absent: wait, but notice a stop
+            while not stop.is_set() and not outputs.try_send(frames)[0]:
+                outputs.wait_for_room(_POLL_MS)  # downstream full or absent: wait, see a stop
             if stop.is_set():
                 break
-            push.send_multipart(frames, zmq.NOBLOCK, copy=True)
             sent += 1
             next_at += period
             delay = next_at - time.monotonic()
@@ -178,7 +188,7 @@ def run_source(
         if not stop.is_set():
             log.info("sent all %d items; waiting to be stopped", sent)
             stop.wait()
-        _end_stream(push, stopping.ack_deadline())
+        _end_streams(outputs.sockets, stopping.ack_deadline())
         log.info("stopped after %d items", sent)
     finally:
         ctx.destroy(linger=0)
@@ -208,9 +218,10 @@ class ProfileTarget:
 
 
 def run_sink(
-    pull_endpoint: str,
+    pull_endpoints: list[str],
     stopping: Stopping,
     *,
+    ordered: bool = True,
     profile_endpoint: str | None = None,
     profile: ProfileTarget | None = None,
     report_every: float = 2.0,
@@ -237,9 +248,19 @@ def run_sink(
                 counters["dropped_events"] = writer.dropped_events
             return counters
 
-        collector = Collector(ctx, pull_endpoint, profile_endpoint, hwm, recorder, sink_counters)
+        collector = Collector(
+            ctx,
+            pull_endpoints,
+            profile_endpoint,
+            hwm,
+            recorder,
+            sink_counters,
+            ordered=ordered,
+            in_order=ordered or len(pull_endpoints) == 1,
+        )
         collector.start()
-        log.info("ready: input %s, profiles %s", pull_endpoint, profile_endpoint or "off")
+        inputs = ", ".join(pull_endpoints)
+        log.info("ready: input %s, profiles %s", inputs, profile_endpoint or "off")
         progress = _Progress(collector, on_latest)
         while not stopping.stop.wait(report_every):
             progress.report()

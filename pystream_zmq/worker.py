@@ -28,7 +28,9 @@ import zmq
 
 from . import codec, profiler, transport
 from .errors import DecodeError, PyStreamError
-from .stage import EventBuffer, Leaf, StageChain, StageFailure
+from .inputs import Inputs, Message
+from .outputs import Outputs
+from .stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,13 @@ class WorkerSpec:
     # "block": take items in order; "latest": read all that waits, process only the newest.
     drop_policy: str = transport.BLOCK
     max_age: float | None = None  # seconds after the source sent it; older items are dropped
+    # Replicas: more input endpoints (one per upstream replica), merged in sequence order
+    # when ordered_input; more output endpoints (one per downstream replica).
+    more_pulls: tuple[str, ...] = ()
+    more_pushes: tuple[str, ...] = ()
+    ordered_input: bool = False
+    first_seq: int | None = 0  # None for a restarted worker: it joins mid-stream
+    replica: int | None = None  # which replica of its stage, for per-replica counters
 
 
 def _never() -> bool:
@@ -84,17 +93,15 @@ class Worker:
     def __init__(self, spec: WorkerSpec, leaves: list[Leaf], ctx: zmq.Context[Any]) -> None:
         self.spec = spec
         self.ctx = ctx
-        self.pull = transport.make_socket(ctx, zmq.PULL, spec.hwm)
-        self.push = transport.make_socket(ctx, zmq.PUSH, spec.hwm)
-        if spec.control is None:
-            # Standalone, the next process may be absent for a while (not started yet, or
-            # restarting): queue nothing for it, wait until it is there.
-            self.push.setsockopt(zmq.IMMEDIATE, 1)
-        self.pull.setsockopt(zmq.MAXMSGSIZE, spec.max_message_bytes)
-        # ZeroMQ says nothing when MAXMSGSIZE drops a sender, but the disconnect: count those.
-        self._pull_events = self.pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.pull.bind(spec.pull)
-        self.push.connect(spec.push)
+        self._input_events: list[zmq.Socket[Any]] = []
+        pulls = [self._bind_input(endpoint) for endpoint in (spec.pull, *spec.more_pulls)]
+        pushes = [self._connect_output(endpoint) for endpoint in (spec.push, *spec.more_pushes)]
+        self.pull, self.push = pulls[0], pushes[0]
+        burst = _LATEST_BATCH if spec.drop_policy == transport.LATEST else _BURST
+        self.inputs = Inputs(
+            pulls, ordered=spec.ordered_input, burst=burst, first_seq=spec.first_seq
+        )
+        self.outputs = Outputs(pushes)
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
         if spec.profile is not None:
@@ -119,11 +126,33 @@ class Worker:
         self.upstream_done = False
         self._counters_sent = time.monotonic()
 
+    def _bind_input(self, endpoint: str) -> zmq.Socket[Any]:
+        pull = transport.make_socket(self.ctx, zmq.PULL, self.spec.hwm)
+        pull.setsockopt(zmq.MAXMSGSIZE, self.spec.max_message_bytes)
+        # ZeroMQ says nothing when MAXMSGSIZE drops a sender, but the disconnect: count those.
+        self._input_events.append(pull.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        pull.bind(endpoint)
+        return pull
+
+    def _connect_output(self, endpoint: str) -> zmq.Socket[Any]:
+        push = transport.make_socket(self.ctx, zmq.PUSH, self.spec.hwm)
+        if self.spec.control is None:
+            # Standalone, the next process may be absent for a while (not started yet, or
+            # restarting): queue nothing for it, wait until it is there.
+            push.setsockopt(zmq.IMMEDIATE, 1)
+        push.connect(endpoint)
+        return push
+
     def counter_snapshot(self) -> dict[str, dict[str, int]]:
-        """{path: {name: value}}: the unit's counters, and each stage's errors."""
-        snapshot = {self.spec.name: dict(self.counters)}
+        """{path: {name: value}}: the unit's counters, and each stage's errors; a replica's
+        paths end in #N, so that replicas do not overwrite each other."""
+        suffix = "" if self.spec.replica is None else f"{REPLICA_MARK}{self.spec.replica}"
+        counters = dict(self.counters)
+        if self.inputs.ordered:
+            counters.update(reorder_skipped=self.inputs.skipped, reorder_late=self.inputs.late)
+        snapshot = {self.spec.name + suffix: counters}
         for path, errors in self.chain.errors.items():
-            snapshot.setdefault(path, {})["stage_errors"] = errors
+            snapshot.setdefault(path + suffix, {})["stage_errors"] = errors
         return snapshot
 
     def _send_counters_if_due(self) -> None:
@@ -158,7 +187,7 @@ class Worker:
             if kind == transport.KIND_EOS:
                 if self.events is not None:
                     self.events.flush()
-                sent = self._send([frames[0].bytes])
+                sent = self._send([frames[0].bytes], everywhere=True)  # every replica's
                 self.upstream_done = True  # only now: done() may end the loop on it
                 return sent
             self.upstream_done = False
@@ -190,15 +219,10 @@ class Worker:
         self.counters[counter] += 1
         return self._send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
 
-    def _handle_newest(self) -> bool:
-        """drop_policy="latest": read everything waiting, process only the newest item and
-        drop the older ones (markers in their place, in order). False when told to stop."""
-        batch: list[list[zmq.Frame]] = []
-        while len(batch) < _LATEST_BATCH:
-            try:
-                batch.append(self.pull.recv_multipart(zmq.NOBLOCK, copy=False))
-            except zmq.Again:
-                break
+    def _handle_newest(self, batch: list[Message]) -> bool:
+        """drop_policy="latest": of everything that was waiting, process only the newest
+        item and drop the older ones (markers in their place, in order). False when told to
+        stop."""
         kinds = [_peek_kind(frames) for frames in batch]
         newest = max((i for i, kind in enumerate(kinds) if kind == transport.KIND_DATA), default=-1)
         for i, frames in enumerate(batch):
@@ -237,34 +261,46 @@ class Worker:
                     return False
         return True
 
-    def _send(self, frames: list[Any]) -> bool:
+    def _send(self, frames: list[Any], everywhere: bool = False) -> bool:
+        """Send to the next replica downstream with room (``everywhere``: to each one).
+        False when told to stop while waiting for room."""
+        if everywhere and len(self.outputs.sockets) > 1:
+            return all(self._send_to(Outputs([sock]), frames) for sock in self.outputs.sockets)
+        return self._send_to(self.outputs, frames)
+
+    def _send_to(self, outputs: Outputs, frames: list[Any]) -> bool:
+        zero_copy = len(frames) > 2  # out-of-band arrays follow envelope and header
         while True:
-            try:
-                zero_copy = len(frames) > 2  # out-of-band arrays follow envelope and header
-                tracker = self.push.send_multipart(
-                    frames, zmq.NOBLOCK, copy=not zero_copy, track=zero_copy
-                )
+            sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=zero_copy)
+            if sent:
                 if zero_copy:
                     self._tracker = tracker
                 return True
-            except zmq.Again:
-                pass
             # Downstream is full: wait for room, but keep answering the control channel.
-            if self._send_poller is None:
-                self._send_poller = zmq.Poller()
-                self._send_poller.register(self.push, zmq.POLLOUT)
-                if self._control is not None:
-                    self._send_poller.register(self._control, zmq.POLLIN)
-            ready = dict(self._send_poller.poll(_POLL_MS))
+            if outputs is not self.outputs:
+                poller = self._make_send_poller(outputs)
+            elif self._send_poller is None:
+                poller = self._send_poller = self._make_send_poller(outputs)
+            else:
+                poller = self._send_poller
+            ready = dict(poller.poll(_POLL_MS))
             control = self._control
             if control is not None and control in ready and not self.handle_control(control):
                 return False
             if self._done():
                 return False
 
-    def _count_disconnects(self) -> None:
-        while self._pull_events.poll(0):
-            self._pull_events.recv_multipart()
+    def _make_send_poller(self, outputs: Outputs) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in outputs.sockets:
+            poller.register(sock, zmq.POLLOUT)
+        if self._control is not None:
+            poller.register(self._control, zmq.POLLIN)
+        return poller
+
+    def _count_disconnects(self, monitor: zmq.Socket[Any]) -> None:
+        while monitor.poll(0):
+            monitor.recv_multipart()
             self.counters["input_disconnects"] += 1
             log.info(
                 "an input peer disconnected (it left, or sent a frame over %d bytes)",
@@ -310,25 +346,29 @@ class Worker:
         turns true (standalone, where ``control`` is None)."""
         self._control, self._done = control, done
         poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        poller.register(self._pull_events, zmq.POLLIN)
+        for monitor in self._input_events:
+            poller.register(monitor, zmq.POLLIN)
         if control is not None:
             poller.register(control, zmq.POLLIN)
+        for sock in self.inputs.sockets:
+            poller.register(sock, zmq.POLLIN)
         while not done():
-            ready = dict(poller.poll(_POLL_MS))
-            if self._pull_events in ready:
-                self._count_disconnects()
+            if self.inputs.ordered:  # poll only the inputs without a waiting item
+                wanted = self.inputs.wanted()
+                for sock in self.inputs.sockets:
+                    poller.register(sock, zmq.POLLIN if sock in wanted else 0)
+            ready = dict(poller.poll(self.inputs.poll_ms(_POLL_MS)))
+            for monitor in self._input_events:
+                if monitor in ready:
+                    self._count_disconnects(monitor)
             if control is not None and control in ready and not self.handle_control(control):
                 return
-            if self.pull in ready and self.spec.drop_policy == transport.LATEST:
-                if not self._handle_newest():
+            messages = self.inputs.take(ready)
+            if messages and self.spec.drop_policy == transport.LATEST:
+                if not self._handle_newest(messages):
                     return
-            elif self.pull in ready:
-                for _ in range(_BURST):
-                    try:
-                        frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+            else:
+                for frames in messages:
                     if not self.handle_item(frames) or done():
                         return
                     if self.events is not None:  # a slow stage may not leave the burst for long
@@ -349,7 +389,7 @@ class Worker:
         control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
 
 
-def _peek_kind(frames: list[zmq.Frame]) -> int | None:
+def _peek_kind(frames: Message) -> int | None:
     try:
         return transport.unpack_envelope(frames[0])[0]
     except DecodeError:

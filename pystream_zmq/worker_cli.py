@@ -110,8 +110,18 @@ def _pull_options(f: _F) -> _F:
         type=click.IntRange(1, 65535),
         help="Without --pull, bind tcp://127.0.0.1:PORT (honcho sets PORT).",
     )(f)
+    f = _opt(
+        "--ordered/--unordered",
+        envvar="PYSTREAM_ORDERED",
+        default=True,
+        help="With several --pull (one per upstream replica): merge them in input order.",
+    )(f)
     return _opt(
-        "--pull", envvar="PYSTREAM_PULL", type=ENDPOINT, help="Endpoint to bind for the input."
+        "--pull",
+        envvar="PYSTREAM_PULL",
+        type=ENDPOINT,
+        multiple=True,
+        help="Endpoint to bind for the input; one per replica of the stage before.",
     )(f)
 
 
@@ -121,7 +131,9 @@ def _push_option(f: _F) -> _F:
         envvar="PYSTREAM_PUSH",
         type=ENDPOINT,
         required=True,
-        help="Endpoint of the next process's input, to connect to.",
+        multiple=True,
+        help="Endpoint of the next process's input, to connect to; one per replica of the "
+        "next stage (items go to the next one with room).",
     )(f)
 
 
@@ -189,6 +201,12 @@ def _stage_options(f: _F) -> _F:
         envvar="PYSTREAM_MAX_AGE",
         type=click.FloatRange(min=0, min_open=True),
         help="Drop items older than this many seconds (since the source sent them) on arrival.",
+    )(f)
+    f = _opt(
+        "--replica",
+        envvar="PYSTREAM_REPLICA",
+        type=click.IntRange(min=0),
+        help="Which replica of its stage this process is (profiles count each apart).",
     )(f)
     f = _opt(
         "--profile",
@@ -270,7 +288,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
         verbose,
         lambda: standalone.run_source(
             items,
-            opts["push"],
+            list(opts["push"]),
             stopping,
             period=opts["period"],
             count=opts["count"],
@@ -341,7 +359,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
 @click.pass_obj
 def sink(verbose: bool, **opts: Any) -> int:
     """Receive the outputs, report items/s, keep the latest (and save it)."""
-    pull = _pull_endpoint(opts)
+    pulls = _pull_endpoints(opts)
     profile = None
     if opts["profile_pull"]:
         names = [name for name in opts["stages"].split(",") if name]
@@ -359,8 +377,9 @@ def sink(verbose: bool, **opts: Any) -> int:
     return _run(
         verbose,
         lambda: standalone.run_sink(
-            pull,
+            pulls,
             stopping,
+            ordered=opts["ordered"],
             profile_endpoint=opts["profile_pull"],
             profile=profile,
             report_every=opts["report_every"],
@@ -413,21 +432,26 @@ def _name(given: str | None, own: object, ref: str) -> str:
     return _check_name(name, " (choose another with --name)")
 
 
-def _pull_endpoint(opts: dict[str, Any]) -> str:
+def _pull_endpoints(opts: dict[str, Any]) -> list[str]:
     if opts["pull"]:
-        return str(opts["pull"])
+        return [str(endpoint) for endpoint in opts["pull"]]
     if opts["port"]:
-        return f"tcp://127.0.0.1:{opts['port']}"
+        return [f"tcp://127.0.0.1:{opts['port']}"]
     raise click.UsageError("give --pull (or set PORT) for the input endpoint")
 
 
 def _serve_worker(
     verbose: bool, name: str, leaves: Sequence[tuple[str, Any]], opts: dict[str, Any]
 ) -> int:
+    pulls, pushes = _pull_endpoints(opts), list(opts["push"])
     spec = WorkerSpec(
         name=name,
-        pull=_pull_endpoint(opts),
-        push=opts["push"],
+        pull=pulls[0],
+        push=pushes[0],
+        more_pulls=tuple(pulls[1:]),
+        more_pushes=tuple(pushes[1:]),
+        ordered_input=opts["ordered"],
+        replica=opts["replica"],
         profile=opts["profile"],
         hwm=opts["hwm"],
         max_message_bytes=opts["max_message_bytes"],

@@ -1,5 +1,6 @@
 """Two pure-Python (GIL-bound) stages: items/s in parallel versus serial, measured in the
 same run, alternating, medians. Target (issue 2): parallel >= 1.6x serial on 2 cores.
+And one such stage with replicas=2 versus replicas=1 (issue 6): target >= 1.8x.
 
 As a yardstick for the machine itself, it also times the same work split over two bare
 processes with no pipeline at all (``multiprocessing``): on a shared 2-core VM that ratio is
@@ -41,6 +42,21 @@ def pipeline_rate(mode: str, items: int, work: int) -> float:
         pipeline.cleanup()
 
 
+def replicas_rate(replicas: int, items: int, work: int) -> float:
+    """One stage, ``replicas`` worker processes, outputs in input order."""
+    pipeline = Pipeline()
+    pipeline.add(spin, "Spin", replicas=replicas)
+    pipeline.parallelize()
+    try:
+        started = time.perf_counter()
+        for _ in range(items):
+            pipeline.forward({"work": work})
+        pipeline.stop_loop()
+        return items / (time.perf_counter() - started)
+    finally:
+        pipeline.cleanup()
+
+
 def _spin_many(items: int, work: int) -> None:
     for _ in range(items):
         spin({"work": work})
@@ -67,6 +83,8 @@ def main() -> None:
         "serial": lambda: pipeline_rate("serialize", args.items, args.work),
         "parallel": lambda: pipeline_rate("parallelize", args.items, args.work),
         "bare 2 processes": lambda: bare_processes_rate(args.items, args.work),
+        "1 stage, 1 replica": lambda: replicas_rate(1, args.items, args.work),
+        "1 stage, 2 replicas": lambda: replicas_rate(2, args.items, args.work),
     }
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -75,7 +93,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in runs.items()}
     for name, values in runs.items():
         runs_text = ", ".join(f"{v:.1f}" for v in values)
-        print(f"{name:17} {median[name]:7.1f} items/s  (runs: {runs_text})")
+        print(f"{name:19} {median[name]:7.1f} items/s  (runs: {runs_text})")
 
     # The machine's speed drifts between repeats, so the headline ratio pairs the variants
     # of the same repeat (median of per-repeat ratios); the ratio of medians is shown too.
@@ -86,6 +104,8 @@ def main() -> None:
     print(f"parallel / serial         = {ratio('parallel', 'serial')}, target >= 1.6x")
     print(f"bare 2 processes / serial = {ratio('bare 2 processes', 'serial')}, the machine's own")
     print(f"parallel / bare           = {ratio('parallel', 'bare 2 processes')}")
+    replicas = ratio("1 stage, 2 replicas", "1 stage, 1 replica")
+    print(f"2 replicas / 1 replica    = {replicas}, target >= 1.8x")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 SIGKILL every 5-30 s. Prints, per interval and at the end, throughput, p99 latency, RSS and
 open-file growth per process, and the loss accounting.
 
-    .venv/bin/python scripts/soak.py --minutes 10
+    .venv/bin/python scripts/soak.py --minutes 10 [--replicas 2]
 
 Targets (issue 5), over 10 minutes: 0 losses left unexplained (forwarded = delivered +
 dropped + lost, every lost item counted by sequence number), RSS growth < 10 %, open file
@@ -49,11 +49,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1, help="of the second stage")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     pipeline = Pipeline()
     for i in range(args.stages):
-        pipeline.add(touch, f"Stage{i + 1}")
+        pipeline.add(touch, f"Stage{i + 1}", replicas=args.replicas if i == 1 else 1)
     # Enough restarts for a kill every 5 s for the whole run.
     pipeline.parallelize(input_timeout=30, max_restarts=int(args.minutes * 12) + 1)
     runner = pipeline._runner

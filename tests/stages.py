@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -160,3 +161,34 @@ class Sleep(Stage):
 
     def cleanup(self) -> None:
         pass
+
+
+def jitter(data: dict[str, Any]) -> dict[str, Any]:
+    """Takes 0-4 ms depending on the item, so replicas finish out of order; notes its pid."""
+    time.sleep((data["x"] * 7 % 5) / 1000)
+    data["pid"] = os.getpid()
+    return data
+
+
+class Recorder(Stage):
+    """Keeps every ``x`` it sees, in arrival order, and the pids that processed them."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.pids: list[int] = []
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.seen.append(data["x"])
+        self.pids.append(data.get("pid", 0))
+        return data
+
+    def cleanup(self) -> None:
+        pass
+
+
+def counting() -> Iterator[dict[str, Any]]:
+    """A source: {"x": 0}, {"x": 1}, ..."""
+    x = 0
+    while True:
+        yield {"x": x}
+        x += 1

@@ -377,7 +377,7 @@ def test_collector_counts_garbage_on_sink_and_profile_sockets(
 ) -> None:
     recorded = Recorded()
     sink, prof = f"ipc://{tmp_path}/sink", f"ipc://{tmp_path}/profile"
-    collector = Collector(ctx, sink, prof, 1000, recorded, lambda: {})  # type: ignore[arg-type]
+    collector = Collector(ctx, [sink], prof, 1000, recorded, lambda: {})  # type: ignore[arg-type]
     collector.start()
     data = ctx.socket(zmq.PUSH)
     profile = ctx.socket(zmq.PUSH)

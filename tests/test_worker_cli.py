@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import psutil
 import pytest
+import stages
 from click.testing import CliRunner
 from conftest import wait_until
 
@@ -35,6 +36,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive free ports."""
+    while True:
+        base = free_port()
+        if base + count > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
 
 
 # -- bad command lines: one line, a named exit code ------------------------------------------
@@ -142,6 +158,13 @@ def child_pipeline_definition() -> Pipeline:
     parent = Pipeline(input_generator=demo.generate_data)
     parent.add(child.as_stage(), "Child")
     return parent
+
+
+def replicated_pipeline_definition() -> Pipeline:
+    pipeline = Pipeline(input_generator=stages.counting)
+    pipeline.add(stages.jitter, "Jitter", replicas=2)
+    pipeline.add(stages.add_one, "After")
+    return pipeline
 
 
 def local_pipeline_definition() -> Pipeline:
@@ -404,3 +427,38 @@ def test_port_from_honcho_and_a_second_signal_exits_at_once(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_honcho_runs_a_generated_procfile_with_replicas_in_order(
+    run_honcho: Callable[[Path], Honcho], tmp_path: Path
+) -> None:
+    """A replicated stage is one entry per replica; the stage after it binds an input per
+    replica and merges them in order; a stop drains through both replicas."""
+    base = free_port_range(8)
+    procfile = tmp_path / "Procfile"
+    args = ["procfile", "test_worker_cli:replicated_pipeline_definition", "--period", "0.002"]
+    result = CliRunner().invoke(cli.main, [*args, "--base-port", str(base), "-o", str(procfile)])
+    assert result.exit_code == 0, result.output
+    entries = [line.split(":")[0] for line in procfile.read_text().splitlines()[1:]]
+    assert entries == ["source", "Jitter_0", "Jitter_1", "After", "sink"]
+    honcho = run_honcho(procfile)
+
+    def received() -> int:
+        counts = re.findall(r"sink\.1 .* (\d+) items received", honcho.output())
+        return int(counts[-1]) if counts else 0
+
+    assert wait_until(lambda: received() > 100, timeout=60, interval=0.1), honcho.output()
+    assert honcho.stop() == 128 + signal.SIGTERM
+    output = honcho.output()
+    assert stopped_codes(output) == dict.fromkeys(entries, 0), output
+    sent = re.search(r"source\.1 .* stopped after (\d+) items", output)
+    got = re.search(r"sink\.1 .* stopped after (\d+) items", output)
+    shares = [
+        re.search(rf"{name}\.1 .* stopped after (\d+) items", output) for name in entries[1:3]
+    ]
+    assert sent and got and all(shares), output
+    assert int(got.group(1)) == int(sent.group(1)) > 100  # drained, each once, in order:
+    assert "out of order" not in output  # the sink counts nothing that came out of order
+    assert all(int(share.group(1)) > 0 for share in shares if share)
+    assert sum(int(share.group(1)) for share in shares if share) == int(sent.group(1))
+    assert not [proc for proc in honcho.seen.values() if proc.is_running()]

@@ -1,0 +1,171 @@
+"""A receiver's input sockets: one, or one per upstream replica.
+
+Several inputs are merged. An end-of-stream marker is passed on once every input has
+delivered it (each upstream replica sends its own, after its items). With ``ordered``, items
+come out in sequence order: each input holds at most one item (its head), and the head with
+the next sequence number goes first. Each replica's output is in order, so once every input
+holds a later item, the missing one can never come (it was lost with a crashed replica): it
+is skipped and counted. When the inputs go quiet right after such a loss, the wait is
+bounded by ``reorder_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+
+from . import transport
+from .errors import DecodeError
+
+log = logging.getLogger(__name__)
+
+Message = list[Any]  # [envelope, *payload frames], as zmq.Frame or bytes
+
+REORDER_TIMEOUT = 10.0  # seconds a later item waits for a missing one before it is skipped
+_EOS_KEY = math.inf  # an end-of-stream head sorts after every item
+
+
+class Inputs:
+    def __init__(
+        self,
+        sockets: list[zmq.Socket[Any]],
+        *,
+        ordered: bool = False,
+        burst: int = 64,
+        reorder_timeout: float = REORDER_TIMEOUT,
+        first_seq: int | None = 0,
+    ) -> None:
+        self.sockets = sockets
+        self.ordered = ordered and len(sockets) > 1
+        self._burst = burst
+        self._reorder_timeout = reorder_timeout
+        self._eos_from: dict[int, set[int]] = {}  # token -> inputs that delivered it
+        # ordered only: each input's head (key, message); the next sequence number expected
+        # (None for a restarted receiver that joins mid-stream, until its first item).
+        self._heads: list[tuple[float, Message] | None] = [None] * len(sockets)
+        self._next_seq = first_seq
+        self._waiting_since: float | None = None  # a head waits for a missing item
+        self.skipped = 0  # items that never reached this merge (lost upstream)
+        self.late = 0  # items that came after they had been skipped: discarded
+
+    def wanted(self) -> list[zmq.Socket[Any]]:
+        """The sockets to poll for input: under ``ordered``, those without a head."""
+        if not self.ordered:
+            return self.sockets
+        return [sock for sock, head in zip(self.sockets, self._heads, strict=True) if head is None]
+
+    def poll_ms(self, default: int) -> int:
+        """How long the caller may sleep in poll before ``take`` must look at the timeout."""
+        if self._waiting_since is None:
+            return default
+        left = self._waiting_since + self._reorder_timeout - time.monotonic()
+        return max(0, min(default, int(left * 1000) + 1))
+
+    def take(self, ready: Iterable[zmq.Socket[Any]]) -> list[Message]:
+        """Read the ready sockets; the messages to handle now, in order."""
+        ready = set(ready)
+        if len(self.sockets) == 1:  # the common case: no merging at all
+            return self._read_burst(0) if self.sockets[0] in ready else []
+        out: list[Message] = []
+        for index, sock in enumerate(self.sockets):
+            if sock not in ready:
+                continue
+            if not self.ordered:
+                out.extend(m for m in self._read_burst(index) if self._passes(m, index))
+            elif self._heads[index] is None:
+                self._read_head(index, out)
+        if self.ordered:
+            self._release(out)
+        return out
+
+    # -- unordered -----------------------------------------------------------------------
+    def _read_burst(self, index: int) -> list[Message]:
+        messages = []
+        for _ in range(self._burst):
+            try:
+                messages.append(self.sockets[index].recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return messages
+
+    def _passes(self, message: Message, index: int) -> bool:
+        """False for an end-of-stream marker that other inputs have still to deliver."""
+        kind, token = _peek(message)
+        if kind != transport.KIND_EOS or len(self.sockets) == 1:
+            return True
+        seen = self._eos_from.setdefault(token, set())
+        seen.add(index)
+        if len(seen) < len(self.sockets):
+            return False
+        del self._eos_from[token]
+        return True
+
+    # -- ordered -------------------------------------------------------------------------
+    def _read_head(self, index: int, out: list[Message]) -> None:
+        try:
+            message = self.sockets[index].recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        kind, seq = _peek(message)
+        if kind is None:
+            out.append(message)  # malformed: the handler counts and logs it
+        elif kind == transport.KIND_EOS:
+            self._heads[index] = (_EOS_KEY, message)
+        elif self._next_seq is not None and seq < self._next_seq:
+            self.late += 1  # the sink has counted it lost already
+            log.warning("item %d came after it had been skipped; discarded", seq)
+        else:
+            self._heads[index] = (seq, message)
+
+    def _release(self, out: list[Message]) -> None:
+        while True:
+            held = [(head[0], i) for i, head in enumerate(self._heads) if head is not None]
+            if not held:
+                self._waiting_since = None
+                return
+            key, index = min(held)
+            complete = len(held) == len(self.sockets)
+            if key == _EOS_KEY:
+                self._waiting_since = None  # nothing to skip: wait for the other markers
+                if not complete:
+                    return
+                out.append(self._end_of_stream())
+                continue
+            timed_out = (
+                self._waiting_since is not None
+                and time.monotonic() - self._waiting_since >= self._reorder_timeout
+            )
+            if key == self._next_seq or complete or timed_out:
+                if self._next_seq is not None and key > self._next_seq:
+                    self.skipped += int(key) - self._next_seq
+                self._next_seq = int(key) + 1
+                out.append(self._pop(index))
+                self._waiting_since = None
+                continue
+            if self._waiting_since is None:  # a gap: wait for the missing item, bounded
+                self._waiting_since = time.monotonic()
+            return
+
+    def _end_of_stream(self) -> Message:
+        """Every input's head is an end-of-stream marker: pass one on, consume them all."""
+        markers = [self._pop(i) for i in range(len(self.sockets))]
+        return markers[0]
+
+    def _pop(self, index: int) -> Message:
+        head = self._heads[index]
+        assert head is not None
+        self._heads[index] = None
+        return head[1]
+
+
+def _peek(message: Message) -> tuple[int | None, int]:
+    try:
+        kind, seq, _ = transport.unpack_envelope(message[0])
+    except DecodeError:
+        return None, 0
+    return kind, seq
