@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -66,37 +66,40 @@ class Inputs:
         left = self._waiting_since + self._reorder_timeout - time.monotonic()
         return max(0, min(default, int(left * 1000) + 1))
 
-    def take(self, ready: Iterable[zmq.Socket[Any]]) -> list[Message]:
-        """Read the ready sockets; the messages to handle now, in order."""
+    def take(self, ready: Iterable[zmq.Socket[Any]]) -> Iterator[Message]:
+        """The messages to handle now, in order, from the sockets that polled ready. Not
+        ordered, each is received only when the caller asks for it, so one that stops early
+        leaves the rest queued in ZeroMQ (where backpressure and accounting see them)."""
         ready = set(ready)
-        if len(self.sockets) == 1:  # the common case: no merging at all
-            return self._read_burst(0) if self.sockets[0] in ready else []
+        if not self.ordered:
+            for index, sock in enumerate(self.sockets):
+                if sock in ready:
+                    yield from self._read_burst(index)
+            return
         out: list[Message] = []
         for index, sock in enumerate(self.sockets):
-            if sock not in ready:
-                continue
-            if not self.ordered:
-                out.extend(m for m in self._read_burst(index) if self._passes(m, index))
-            elif self._heads[index] is None:
+            if sock in ready and self._heads[index] is None:
                 self._read_head(index, out)
-        if self.ordered:
-            self._release(out)
-        return out
+        self._release(out)
+        yield from out
 
-    # -- unordered -----------------------------------------------------------------------
-    def _read_burst(self, index: int) -> list[Message]:
-        messages = []
+    # -- not ordered ---------------------------------------------------------------------
+    def _read_burst(self, index: int) -> Iterator[Message]:
+        sock = self.sockets[index]
         for _ in range(self._burst):
             try:
-                messages.append(self.sockets[index].recv_multipart(zmq.NOBLOCK, copy=False))
+                message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
-        return messages
+                return
+            if self._passes(message, index):
+                yield message
 
     def _passes(self, message: Message, index: int) -> bool:
         """False for an end-of-stream marker that other inputs have still to deliver."""
+        if len(self.sockets) == 1:
+            return True
         kind, token = _peek(message)
-        if kind != transport.KIND_EOS or len(self.sockets) == 1:
+        if kind != transport.KIND_EOS:
             return True
         seen = self._eos_from.setdefault(token, set())
         seen.add(index)

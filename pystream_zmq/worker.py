@@ -364,8 +364,9 @@ class Worker:
             if control is not None and control in ready and not self.handle_control(control):
                 return
             messages = self.inputs.take(ready)
-            if messages and self.spec.drop_policy == transport.LATEST:
-                if not self._handle_newest(messages):
+            if self.spec.drop_policy == transport.LATEST:
+                batch = list(messages)
+                if batch and not self._handle_newest(batch):
                     return
             else:
                 for frames in messages:
