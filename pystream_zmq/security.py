@@ -23,14 +23,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from .errors import SecurityError
+
+if TYPE_CHECKING:  # imports asyncio: only processes that use CURVE pay for it
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,8 @@ def start_authenticator(ctx: zmq.Context[Any], curve: Curve | None) -> ThreadAut
     None when there is no allow-list: then the process has no CURVE server socket."""
     if curve is None or curve.allow is None:
         return None
+    from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
     auth.start()
     auth.configure_curve(domain="*", location=curve.allow)
