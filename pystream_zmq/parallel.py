@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 import cloudpickle
 import zmq
 
-from . import codec, profiler, transport
+from . import codec, profiler, security, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
 from .inputs import Inputs
 from .ledger import Ledger
@@ -624,19 +624,23 @@ class Collector(threading.Thread):
         *,
         ordered: bool = False,
         in_order: bool = True,
+        curve: security.Curve | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
-        sequence order; ``in_order``: whether outputs arrive in input order at all."""
+        sequence order; ``in_order``: whether outputs arrive in input order at all;
+        ``curve``: bind as CURVE servers (the context's authenticator checks the clients)."""
         super().__init__(name="pystream-collector", daemon=True)
         sinks = []
+        self.sink_endpoints: list[str] = []  # as bound: tcp://HOST:* with the port chosen
         for endpoint in sink_endpoints:
             sinks.append(transport.make_socket(ctx, zmq.PULL, hwm))
-            sinks[-1].bind(endpoint)
+            self.sink_endpoints.append(security.bind(sinks[-1], endpoint, curve))
         self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
         self._profile: zmq.Socket[Any] | None = None
+        self.profile_endpoint: str | None = None
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
-            self._profile.bind(profile_endpoint)
+            self.profile_endpoint = security.bind(self._profile, profile_endpoint, curve)
         self._recorder = recorder  # worker batches go straight on; our own events are batched
         self._events = EventBuffer(recorder.events) if recorder is not None else None
         self._main_counters = main_counters
