@@ -181,11 +181,12 @@ def run_source(
                 break
             envelope = transport.pack_envelope(transport.KIND_DATA, sent, time.time())
             frames = [envelope, *codec.encode(item)]
-            while not stop.is_set() and not outputs.try_send(frames)[0]:
+            delivered = False
+            while not stop.is_set() and not (delivered := outputs.try_send(frames)[0]):
                 outputs.wait_for_room(_POLL_MS)  # downstream full or absent: wait, see a stop
-            if stop.is_set():
+            if not delivered:
                 break
-            sent += 1
+            sent += 1  # even if the stop came just after: it went out
             next_at += period
             delay = next_at - time.monotonic()
             if delay < 0:  # slower than the period: do not burst to catch up
