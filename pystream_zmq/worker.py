@@ -421,7 +421,7 @@ def serve(
             control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
             stdin_closed.wait(_EXIT_GRACE)
             return 1
-        control.send(transport.READY)
+        control.send_multipart([transport.READY, *(e.encode() for e in worker.bound)])
         worker.run(control)
         finished.set()
         worker.finish(control)

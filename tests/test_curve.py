@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stages
 import zmq
 import zmq.auth
 from click.testing import CliRunner
 from conftest import wait_until
 from zmq.utils.monitor import recv_monitor_message
 
-from pystream_zmq import cli, codec, security, transport, worker_cli
+from pystream_zmq import Pipeline, SecurityError, cli, codec, security, transport, worker_cli
 from pystream_zmq.profiler import DB_FILENAME, unpack_events
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,6 +259,19 @@ def test_insecure_or_curve_let_a_non_loopback_address_be_bound(
     )
 
 
+def test_parallelize_refuses_a_non_loopback_endpoint_without_curve_or_insecure() -> None:
+    pipeline = Pipeline()
+    pipeline.add(stages.add_one)
+    with pytest.raises(SecurityError, match=re.escape(f"refusing to bind tcp://{NOT_HERE}:*")):
+        pipeline.parallelize(endpoint=f"tcp://{NOT_HERE}")
+    assert issubclass(SecurityError, ValueError)
+    # insecure=True: past the check, the bind fails as the address is not this machine's
+    with pytest.raises(zmq.ZMQError, match="Cannot assign requested address"):
+        pipeline.parallelize(endpoint=f"tcp://{NOT_HERE}", insecure=True)
+    with pytest.raises(ValueError, match="endpoint must be 'tcp://HOST'"):
+        pipeline.parallelize(endpoint=f"tcp://{HOST_A}:5000")  # the ports are the OS's choice
+
+
 # -- key files -------------------------------------------------------------------------------
 def test_keys_generate_writes_private_secrets_and_never_overwrites(tmp_path: Path) -> None:
     folder = tmp_path / "new" / "keys"
@@ -306,6 +320,66 @@ def test_a_secret_key_others_can_read_is_refused(tmp_path: Path, keys: Path) -> 
     ])  # fmt: skip
     assert result.exit_code == worker_cli.EXIT_USAGE
     assert f"can be read by other users (mode 0640); chmod 600 {secret}" in result.output
+
+
+# -- the Python API over tcp -----------------------------------------------------------------
+def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
+    """Two stages over tcp on 127.0.0.2 under CURVE give the right outputs; the links refuse
+    a plaintext client and a key that is not the run's."""
+    pipeline = Pipeline()
+    pipeline.add(stages.add_one, "One")
+    pipeline.add(stages.double, "Two")
+    with pipeline:
+        pipeline.parallelize(endpoint=f"tcp://{HOST_A}", curve=True, block_output=True)
+        runner: Any = pipeline._runner
+        bound = dict(runner._links._bound)
+        assert set(bound) == {"control", "in0.0-0", "in1.0-0", "sink-0"}
+        assert all(re.fullmatch(rf"tcp://{re.escape(HOST_A)}:\d+", e) for e in bound.values())
+        outputs = []
+        for x in range(5):
+            assert pipeline.forward({"x": x})
+            outputs.append(pipeline.get_results())
+        assert outputs == [{"x": (x + 1) * 2} for x in range(5)]
+
+        stranger = tmp_path / "stranger"
+        security.generate(stranger, ["s"])
+        server = tmp_path / "server.key"
+        server.write_text(f'curve\n    public-key = "{runner._links.curve.public.decode()}"\n')
+        with curve_context(None) as ctx:
+            kinds = {"in1.0-0": zmq.PUSH, "sink-0": zmq.PUSH, "control": zmq.DEALER}
+            opened = []  # until ctx.destroy() closes them
+            for name, kind in kinds.items():
+                opened.append(client(ctx, bound[name], kind=kind))
+                wait_event(opened[-1][1], zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                opened.append(client(ctx, bound[name], stranger / "s.key_secret", server, kind))
+                wait_event(opened[-1][1], zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        assert pipeline.forward({"x": 10})
+        assert pipeline.get_results() == {"x": 22}
+        counters = runner.main_counters()
+        assert counters["delivered"] == counters["forwarded"] == 6
+        assert counters["decode_errors"] == 0
+
+
+def test_a_killed_worker_rejoins_on_its_tcp_port() -> None:
+    """A restarted worker binds the port its first process had, so its sender reconnects."""
+    pipeline = Pipeline()
+    pipeline.add(stages.add_one, "One")
+    pipeline.add(stages.double, "Two")
+    with pipeline:
+        pipeline.parallelize(
+            endpoint=f"tcp://{HOST_A}", curve=True, block_output=True, output_timeout=2
+        )
+        runner: Any = pipeline._runner
+        endpoint = runner._links.endpoint("in0.0-0")
+        assert pipeline.forward({"x": 1}) and pipeline.get_results() == {"x": 4}
+        runner._procs[0].kill()
+        assert wait_until(lambda: runner._supervisor.restarts[0] == 1 and 0 in runner._alive())
+        assert runner._links.endpoint("in0.0-0") == endpoint
+
+        def flows() -> bool:  # an item sent into the dying connection may be lost: again
+            return pipeline.forward({"x": 2}) and pipeline.get_results() == {"x": 6}
+
+        assert wait_until(flows, timeout=15)
 
 
 # -- a chain of pystream-worker processes across hosts ---------------------------------------
