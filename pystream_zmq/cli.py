@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .keys_cli import keys
 from .procfile import procfile_command
 from .profile_cli import profile, top
 
@@ -17,3 +18,4 @@ def main() -> None:
 main.add_command(profile)
 main.add_command(top)
 main.add_command(procfile_command)
+main.add_command(keys)

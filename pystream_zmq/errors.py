@@ -51,3 +51,8 @@ class WorkerCrashedError(PyStreamError):
         super().__init__(f"stage {stage!r} stopped working: {detail}")
         self.stage = stage
         self.detail = detail
+
+
+class SecurityError(PyStreamError, ValueError):
+    """A link would be unsafe (a non-loopback address bound without CURVE), or a key file or
+    allow-list cannot be used; the message names the address or file."""

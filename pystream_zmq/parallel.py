@@ -2,8 +2,8 @@
 source and sink ends of the chain, collects profile events, and shuts everything down
 within a deadline.
 
-Chain over ipc:// files in a private directory: each worker binds its input, connects to
-the next one's, and the last one connects to the orchestrator's sink.
+Chain over ipc:// files in a private directory (or tcp, see links.py): each worker binds its
+input, connects to the next one's, and the last one connects to the orchestrator's sink.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 import cloudpickle
 import zmq
 
-from . import codec, profiler, transport
+from . import codec, links, profiler, security, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
 from .inputs import Inputs
 from .ledger import Ledger
@@ -101,6 +101,9 @@ class ParallelSettings:
     max_restarts: int = 3
     drop_policy: str = transport.BLOCK  # at the source (forward())
     max_age: float | None = None
+    endpoint: str | None = None  # "tcp://HOST": links over tcp there, not ipc files
+    curve: bool = False  # CURVE on every link, with a key pair made for the run
+    insecure: bool = False  # bind a non-loopback HOST without CURVE
 
 
 class _Deadline:
@@ -130,8 +133,11 @@ class ParallelRunner:
         self._names = [self._slot_name(p) for p in range(len(self._slots))]
         self.settings = settings
         self._recorder = recorder
+        host = links.check(settings.endpoint, curve=settings.curve, insecure=settings.insecure)
         self._dir = tempfile.mkdtemp(prefix="pystream-")
+        self._links = links.Links(self._dir, host, settings.curve)
         self._ctx: zmq.Context[Any] = zmq.Context()
+        self._auth = security.start_authenticator(self._ctx, self._links.curve)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._blobs: list[bytes] = []
         self._draining = 0  # the end-of-stream token a drain waits for, 0 when none
@@ -150,7 +156,6 @@ class ParallelRunner:
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id over
-        self._control.bind(self._endpoint("control"))
         first = [
             transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
             for _ in range(units[0].replicas)
@@ -159,24 +164,21 @@ class ParallelRunner:
         self._source_lock = threading.Lock()
         self._next_seq = 0
         self._next_eos = 0
-        last = units[-1]
-        self._collector = Collector(
-            self._ctx,
-            self._input_endpoints(len(units), 0),
-            self._endpoint("profile") if recorder else None,
-            settings.hwm,
-            recorder,
-            self.main_counters,
-            ordered=last.replicas > 1 and last.ordered,
-            in_order=_in_order(units),
-        )
+        try:  # over tcp, the address may not be this machine's
+            self._links.bind(self._control, "control")
+            self._collector = self._open_sink(recorder)
+        except BaseException:
+            security.stop_authenticator(self._auth)
+            self._ctx.destroy(linger=0)  # closes the sockets made so far
+            self._finalizer()
+            raise
         try:
             self._start_workers()
         except BaseException:
             self.close()
             raise
         for replica, sock in enumerate(self._source.sockets):
-            sock.connect(self._input_endpoints(0, replica)[0])
+            security.connect(sock, self._input_endpoints(0, replica)[0], self._links.curve)
         self._collector.start()
         self._supervisor = Supervisor(
             self._procs, self._names, self._relaunch, settings.max_restarts
@@ -188,19 +190,43 @@ class ParallelRunner:
 
     # -- start-up ------------------------------------------------------------------------
     def _endpoint(self, name: str) -> str:
-        return transport.ipc_endpoint(self._dir, name)
+        return self._links.endpoint(name)
+
+    def _open_sink(self, recorder: RunRecorder | None) -> Collector:
+        """The orchestrator's end of the chain and of the profile link, bound."""
+        last = self.units[-1]
+        collector = Collector(
+            self._ctx,
+            self._input_endpoints(len(self.units), 0),
+            self._endpoint("profile") if recorder else None,
+            self.settings.hwm,
+            recorder,
+            self.main_counters,
+            ordered=last.replicas > 1 and last.ordered,
+            in_order=_in_order(self.units),
+            curve=self._links.curve,
+        )
+        sinks = zip(self._input_names(len(self.units), 0), collector.sink_endpoints, strict=True)
+        for name, bound in sinks:
+            self._links.record(name, bound)
+        if collector.profile_endpoint is not None:
+            self._links.record("profile", collector.profile_endpoint)
+        return collector
 
     def _slot_name(self, process: int) -> str:
         unit, replica = self._slots[process]
         name = self.units[unit].name
         return name if self.units[unit].replicas == 1 else f"{name}{REPLICA_MARK}{replica}"
 
-    def _input_endpoints(self, unit: int, replica: int) -> list[str]:
+    def _input_names(self, unit: int, replica: int) -> list[str]:
         """The endpoints a replica of ``unit`` binds (``unit`` past the last: the sink), one
         per sender upstream, so that it can tell their streams apart."""
         senders = self.units[unit - 1].replicas if unit > 0 else 1
         name = "sink" if unit == len(self.units) else f"in{unit}.{replica}"
-        return [self._endpoint(f"{name}-{sender}") for sender in range(senders)]
+        return [f"{name}-{sender}" for sender in range(senders)]
+
+    def _input_endpoints(self, unit: int, replica: int) -> list[str]:
+        return [self._endpoint(name) for name in self._input_names(unit, replica)]
 
     def _output_endpoints(self, unit: int, replica: int) -> list[str]:
         """The endpoints a replica of ``unit`` connects to: its own on each next replica."""
@@ -218,9 +244,15 @@ class ParallelRunner:
                 ) from e
         # Start every process before feeding any, so their imports overlap.
         self._procs.extend(self._popen() for _ in self._slots)
-        for index in range(len(self._slots)):
-            self._send_spec(index)
-        self._wait_ready()
+        batches = [list(range(len(self._slots)))]
+        if self._links.bind_first:  # tcp: from the last unit back, each binds before its sender
+            units = reversed(range(len(self.units)))
+            batches = [[i for i, (u, _) in enumerate(self._slots) if u == unit] for unit in units]
+        deadline = _Deadline(self.settings.startup_timeout)
+        for batch in batches:
+            for index in batch:
+                self._send_spec(index)
+            self._wait_ready(set(batch), deadline)
 
     def _popen(self) -> subprocess.Popen[bytes]:
         # glibc returns freed 1 MB blocks to the kernel at once, so every received frame
@@ -256,6 +288,7 @@ class ParallelRunner:
             ipc_dir=self._dir,
             drop_policy=unit.drop_policy,
             max_age=self.settings.max_age,
+            curve=self._links.curve,
         )
         stdin = self._procs[index].stdin
         assert stdin is not None
@@ -274,9 +307,7 @@ class ParallelRunner:
         self._send_spec(index, restarted=True)
         self._resend_eos()  # a drain's marker may have died with the old worker
 
-    def _wait_ready(self) -> None:
-        waiting = set(range(len(self._slots)))
-        deadline = _Deadline(self.settings.startup_timeout)
+    def _wait_ready(self, waiting: set[int], deadline: _Deadline) -> None:
         while waiting:
             if self._control.poll(min(100, deadline.left_ms())):
                 found = self._from_worker(self._control.recv_multipart())
@@ -290,6 +321,9 @@ class ParallelRunner:
                     )
                 waiting.discard(index)
                 self._ready.add(index)
+                inputs = self._input_names(*self._slots[index])
+                for name, bound in zip(inputs, rest, strict=False):  # where it bound them
+                    self._links.record(name, bound.decode(errors="replace"))
                 continue
             for index in sorted(waiting):
                 code = self._procs[index].poll()
@@ -499,7 +533,7 @@ class ParallelRunner:
         if not reply or not 0 <= index < len(self._slots):
             # A READY nobody read before its worker died: the restarted worker took the
             # routing id over (ROUTER_HANDOVER), and ZeroMQ renamed the dead connection.
-            if reply != [transport.READY]:
+            if reply[:1] != [transport.READY]:
                 log.warning("ignored a control message from unknown peer %r", ident[:16])
             return None
         return index, reply
@@ -558,6 +592,7 @@ class ParallelRunner:
                 {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
             )
         self._finalizer.detach()
+        security.stop_authenticator(self._auth)
         self._ctx.destroy(linger=0)
 
 
@@ -624,19 +659,23 @@ class Collector(threading.Thread):
         *,
         ordered: bool = False,
         in_order: bool = True,
+        curve: security.Curve | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
-        sequence order; ``in_order``: whether outputs arrive in input order at all."""
+        sequence order; ``in_order``: whether outputs arrive in input order at all;
+        ``curve``: bind as CURVE servers (the context's authenticator checks the clients)."""
         super().__init__(name="pystream-collector", daemon=True)
         sinks = []
+        self.sink_endpoints: list[str] = []  # as bound: tcp://HOST:* with the port chosen
         for endpoint in sink_endpoints:
             sinks.append(transport.make_socket(ctx, zmq.PULL, hwm))
-            sinks[-1].bind(endpoint)
+            self.sink_endpoints.append(security.bind(sinks[-1], endpoint, curve))
         self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
         self._profile: zmq.Socket[Any] | None = None
+        self.profile_endpoint: str | None = None
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
-            self._profile.bind(profile_endpoint)
+            self.profile_endpoint = security.bind(self._profile, profile_endpoint, curve)
         self._recorder = recorder  # worker batches go straight on; our own events are batched
         self._events = EventBuffer(recorder.events) if recorder is not None else None
         self._main_counters = main_counters

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import profiler, report, transport
+from . import links, profiler, report, transport
 from .errors import PipelineStateError, PyStreamError, StageNameError
 from .parallel import ParallelRunner, ParallelSettings, Unit
 from .serial import SerialRunner
@@ -129,6 +129,9 @@ class Pipeline:
         max_restarts: int = 3,
         drop_policy: str = transport.BLOCK,
         max_age: float | None = None,
+        endpoint: str | None = None,
+        curve: bool = False,
+        insecure: bool = False,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. ``hwm`` bounds each link's queue (backpressure). A worker that
@@ -141,12 +144,19 @@ class Pipeline:
         ``"drop-newest"``: ``forward()`` refuses an item at once when the first stage is
         full (``refused``); the links between workers block. ``max_age`` (seconds): an
         item older than that (since ``forward()``) when it reaches a worker is dropped and
-        counted (``expired``)."""
+        counted (``expired``).
+
+        ``endpoint="tcp://HOST"``: link the processes over tcp on that address of this
+        machine, on ports the OS chooses, instead of ipc files. ``curve=True``: encrypt and
+        authenticate every link with CURVE, under a key pair made for this run. A HOST other
+        machines can reach (not 127.0.0.0/8, ::1 or localhost) is refused with
+        ``SecurityError`` (a ``ValueError``) unless ``curve`` or ``insecure`` is given."""
         if hwm < 1:
             raise ValueError("hwm must be at least 1")
         _check_drop_policy(drop_policy, transport.DROP_POLICIES)
         if max_age is not None and not max_age > 0:
             raise ValueError(f"max_age must be a positive number of seconds, not {max_age!r}")
+        links.check(endpoint, curve=curve, insecure=insecure)
         settings = ParallelSettings(
             block_input=block_input,
             input_timeout=input_timeout,
@@ -158,6 +168,9 @@ class Pipeline:
             max_restarts=max_restarts,
             drop_policy=drop_policy,
             max_age=max_age,
+            endpoint=endpoint,
+            curve=curve,
+            insecure=insecure,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

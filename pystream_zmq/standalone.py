@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import codec, profiler, transport
+from . import codec, profiler, security, transport
 from .outputs import Outputs
 from .parallel import Collector
 from .stage import MAIN_PIPELINE_NAME, Leaf
@@ -115,10 +115,12 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
     """Run stages between spec's pull endpoints (bound) and push endpoints (connected)
     until stopped. Raises zmq.ZMQError if an endpoint cannot be bound or connected."""
     ctx: zmq.Context[Any] = zmq.Context()
+    auth = security.start_authenticator(ctx, spec.curve)
     try:
         worker = Worker(spec, list(leaves), ctx)
-        inputs = ", ".join((spec.pull, *spec.more_pulls))
-        log.info("ready: input %s, output %s", inputs, ", ".join((spec.push, *spec.more_pushes)))
+        inputs = ", ".join(worker.bound)
+        outputs = ", ".join((spec.push, *spec.more_pushes))
+        log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
         worker.run(done=_Drain(worker, stopping))
         if worker.events is not None:
             worker.events.flush()
@@ -132,6 +134,7 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
             sum(worker.chain.errors.values()),
         )
     finally:
+        security.stop_authenticator(auth)
         ctx.destroy(linger=0)
 
 
@@ -155,6 +158,7 @@ def run_source(
     period: float,
     count: int | None,
     hwm: int = transport.DEFAULT_HWM,
+    curve: security.Curve | None = None,
 ) -> None:
     """Send ``items`` every ``period`` seconds (at most ``count``), then wait for stop;
     several ``push_endpoints``: one per replica of the first stage."""
@@ -164,8 +168,11 @@ def run_source(
         outputs = Outputs([transport.make_socket(ctx, zmq.PUSH, hwm) for _ in push_endpoints])
         for push, endpoint in zip(outputs.sockets, push_endpoints, strict=True):
             push.setsockopt(zmq.IMMEDIATE, 1)
-            push.connect(endpoint)
-        log.info("ready: output %s, one item every %g s", ", ".join(push_endpoints), period)
+            security.connect(push, endpoint, curve)
+        secured = " (CURVE)" * bool(curve)
+        log.info(
+            "ready: output %s, one item every %g s%s", ", ".join(push_endpoints), period, secured
+        )
         sent = 0
         next_at = time.monotonic()
         while not stop.is_set() and (count is None or sent < count):
@@ -174,11 +181,12 @@ def run_source(
                 break
             envelope = transport.pack_envelope(transport.KIND_DATA, sent, time.time())
             frames = [envelope, *codec.encode(item)]
-            while not stop.is_set() and not outputs.try_send(frames)[0]:
+            delivered = False
+            while not stop.is_set() and not (delivered := outputs.try_send(frames)[0]):
                 outputs.wait_for_room(_POLL_MS)  # downstream full or absent: wait, see a stop
-            if stop.is_set():
+            if not delivered:
                 break
-            sent += 1
+            sent += 1  # even if the stop came just after: it went out
             next_at += period
             delay = next_at - time.monotonic()
             if delay < 0:  # slower than the period: do not burst to catch up
@@ -227,10 +235,12 @@ def run_sink(
     report_every: float = 2.0,
     on_latest: Callable[[Any], None] | None = None,
     hwm: int = transport.DEFAULT_HWM,
+    curve: security.Curve | None = None,
 ) -> Any:
     """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
     the latest output to ``on_latest``. Returns the latest output."""
     ctx: zmq.Context[Any] = zmq.Context()
+    auth = security.start_authenticator(ctx, curve)
     writer: profiler.ProfileWriter | None = None
     collector: Collector | None = None
     try:
@@ -257,10 +267,12 @@ def run_sink(
             sink_counters,
             ordered=ordered,
             in_order=ordered or len(pull_endpoints) == 1,
+            curve=curve,
         )
         collector.start()
-        inputs = ", ".join(pull_endpoints)
-        log.info("ready: input %s, profiles %s", inputs, profile_endpoint or "off")
+        inputs = ", ".join(collector.sink_endpoints)
+        profiles = collector.profile_endpoint or "off"
+        log.info("ready: input %s, profiles %s%s", inputs, profiles, " (CURVE)" * bool(curve))
         progress = _Progress(collector, on_latest)
         while not stopping.stop.wait(report_every):
             progress.report()
@@ -275,6 +287,7 @@ def run_sink(
             collector.stop()
         if writer is not None:
             writer.close(timeout=_ACK_TIMEOUT)
+        security.stop_authenticator(auth)
         ctx.destroy(linger=0)
 
 

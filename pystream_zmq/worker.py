@@ -26,7 +26,7 @@ from typing import IO, Any, BinaryIO
 
 import zmq
 
-from . import codec, profiler, transport
+from . import codec, profiler, security, transport
 from .errors import DecodeError, PyStreamError
 from .inputs import Inputs, Message
 from .outputs import Outputs
@@ -71,6 +71,7 @@ class WorkerSpec:
     ordered_input: bool = False
     first_seq: int | None = 0  # None for a restarted worker: it joins mid-stream
     replica: int | None = None  # which replica of its stage, for per-replica counters
+    curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
 
 
 def _never() -> bool:
@@ -97,6 +98,8 @@ class Worker:
         pulls = [self._bind_input(endpoint) for endpoint in (spec.pull, *spec.more_pulls)]
         pushes = [self._connect_output(endpoint) for endpoint in (spec.push, *spec.more_pushes)]
         self.pull, self.push = pulls[0], pushes[0]
+        # Where the inputs are bound: tcp://HOST:* gets its port from the OS.
+        self.bound = [sock.getsockopt_string(zmq.LAST_ENDPOINT) for sock in pulls]
         burst = _LATEST_BATCH if spec.drop_policy == transport.LATEST else _BURST
         self.inputs = Inputs(
             pulls, ordered=spec.ordered_input, burst=burst, first_seq=spec.first_seq
@@ -106,7 +109,7 @@ class Worker:
         self.events: EventBuffer | None = None
         if spec.profile is not None:
             self.profile = transport.make_socket(ctx, zmq.PUSH, 1000)
-            self.profile.connect(spec.profile)
+            security.connect(self.profile, spec.profile, spec.curve)
             self.events = EventBuffer(self._send_events)
         self.chain = StageChain(leaves, self.events.add if self.events else None)
         self.counters = {
@@ -131,7 +134,7 @@ class Worker:
         pull.setsockopt(zmq.MAXMSGSIZE, self.spec.max_message_bytes)
         # ZeroMQ says nothing when MAXMSGSIZE drops a sender, but the disconnect: count those.
         self._input_events.append(pull.get_monitor_socket(zmq.EVENT_DISCONNECTED))
-        pull.bind(endpoint)
+        security.bind(pull, endpoint, self.spec.curve)
         return pull
 
     def _connect_output(self, endpoint: str) -> zmq.Socket[Any]:
@@ -140,7 +143,7 @@ class Worker:
             # Standalone, the next process may be absent for a while (not started yet, or
             # restarting): queue nothing for it, wait until it is there.
             push.setsockopt(zmq.IMMEDIATE, 1)
-        push.connect(endpoint)
+        security.connect(push, endpoint, self.spec.curve)
         return push
 
     def counter_snapshot(self) -> dict[str, dict[str, int]]:
@@ -405,9 +408,10 @@ def serve(
     if spec.control is None:
         raise ValueError("an orchestrated worker needs the control endpoint")
     ctx: zmq.Context[Any] = zmq.Context()
+    auth = security.start_authenticator(ctx, spec.curve)
     control = transport.make_socket(ctx, zmq.DEALER, 1000)
     control.setsockopt(zmq.ROUTING_ID, spec.ident)
-    control.connect(spec.control)
+    security.connect(control, spec.control, spec.curve)
     try:
         try:
             leaves = cloudpickle.loads(stages_blob)
@@ -418,13 +422,14 @@ def serve(
             control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
             stdin_closed.wait(_EXIT_GRACE)
             return 1
-        control.send(transport.READY)
+        control.send_multipart([transport.READY, *(e.encode() for e in worker.bound)])
         worker.run(control)
         finished.set()
         worker.finish(control)
         stdin_closed.wait(_EXIT_GRACE)
         return 0
     finally:
+        security.stop_authenticator(auth)
         ctx.destroy(linger=0)
 
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import click
 import zmq
 
-from . import codec, profiler, standalone, transport
+from . import codec, profiler, security, standalone, transport
 from .loader import LoadError, build, load, parse_params
 from .pipeline import Pipeline
 from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
@@ -40,6 +40,9 @@ EXIT_IMPORT = 3  # MODULE:ATTR cannot be imported, is not callable, or cannot be
 EXIT_ADDRESS = 4  # an endpoint cannot be bound or connected (e.g. port already in use)
 # A second SIGTERM/SIGINT exits at once with 128 + its number (143 / 130), as shells do.
 
+_CURVE_HINT = (
+    "give --curve-secret and --curve-allow (keys: `pystream keys generate`), or --insecure"
+)
 _ENDPOINT = re.compile(r"(tcp://(\*|\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\*|\d{1,5})|ipc://.+)")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -181,7 +184,58 @@ def _run_options(f: _F) -> _F:
     )(f)
 
 
+def _curve_options(*, binds: bool, connects: bool) -> Callable[[_F], _F]:
+    """CURVE on every socket of the process: its own key pair, the server keys of what it
+    connects to, the client keys allowed to connect to what it binds (see security.py)."""
+
+    def decorate(f: _F) -> _F:
+        if binds:
+            f = _opt(
+                "--insecure",
+                envvar="PYSTREAM_INSECURE",
+                is_flag=True,
+                help="Bind an address other hosts can reach without CURVE (anyone who can "
+                "reach it can read and inject items).",
+            )(f)
+            f = _opt(
+                "--curve-allow",
+                envvar="PYSTREAM_CURVE_ALLOW",
+                type=click.Path(exists=True, file_okay=False),
+                metavar="DIR",
+                help="With --curve-secret: the client public keys (NAME.key files) allowed to "
+                "connect to the endpoints this process binds.",
+            )(f)
+        if connects:
+            f = _opt(
+                "--curve-server-key",
+                envvar="PYSTREAM_CURVE_SERVER_KEY",
+                type=click.Path(exists=True, dir_okay=False),
+                multiple=True,
+                metavar="FILE",
+                help="With --curve-secret: the public key (NAME.key) of the process --push "
+                "connects to; one per --push, or one for all.",
+            )(f)
+        return _opt(
+            "--curve-secret",
+            envvar="PYSTREAM_CURVE_SECRET",
+            type=click.Path(exists=True, dir_okay=False),
+            metavar="FILE",
+            help="This process's key pair (NAME.key_secret, mode 0600): CURVE encryption "
+            "and authentication on every socket.",
+        )(f)
+
+    return decorate
+
+
 def _stage_options(f: _F) -> _F:
+    f = _opt(
+        "--curve-profile-key",
+        envvar="PYSTREAM_CURVE_PROFILE_KEY",
+        type=click.Path(exists=True, dir_okay=False),
+        metavar="FILE",
+        help="With --curve-secret and --profile: the public key of the sink.",
+    )(f)
+    f = _curve_options(binds=True, connects=True)(f)
     f = _opt(
         "--max-message-bytes",
         envvar="PYSTREAM_MAX_MESSAGE_BYTES",
@@ -271,6 +325,7 @@ def pipeline_(verbose: bool, ref: str, **opts: Any) -> int:
     default=transport.DEFAULT_HWM,
     help="Queue bound of the output, in messages.",
 )
+@_curve_options(binds=False, connects=True)
 @click.pass_obj
 def source(verbose: bool, ref: str, **opts: Any) -> int:
     """Send items: ATTR is an iterator, a generator function (called once with the
@@ -283,6 +338,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
         items = _guard(verbose, ref, lambda: obj(**params))
     else:
         items = standalone.iterate(_build(verbose, ref, opts, obj))
+    curve = _curve(opts, [], opts["push"])
     stopping = _start_process("source", verbose)
     return _run(
         verbose,
@@ -293,6 +349,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
             period=opts["period"],
             count=opts["count"],
             hwm=opts["hwm"],
+            curve=curve,
         ),
     )
 
@@ -356,10 +413,12 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
     default=transport.DEFAULT_HWM,
     help="Queue bound of the input, in messages.",
 )
+@_curve_options(binds=True, connects=False)
 @click.pass_obj
 def sink(verbose: bool, **opts: Any) -> int:
     """Receive the outputs, report items/s, keep the latest (and save it)."""
     pulls = _pull_endpoints(opts)
+    curve = _curve(opts, [*pulls, *filter(None, [opts["profile_pull"]])], [])
     profile = None
     if opts["profile_pull"]:
         names = [name for name in opts["stages"].split(",") if name]
@@ -385,6 +444,7 @@ def sink(verbose: bool, **opts: Any) -> int:
             report_every=opts["report_every"],
             on_latest=on_latest,
             hwm=opts["hwm"],
+            curve=curve,
         ),
     )
 
@@ -444,6 +504,7 @@ def _serve_worker(
     verbose: bool, name: str, leaves: Sequence[tuple[str, Any]], opts: dict[str, Any]
 ) -> int:
     pulls, pushes = _pull_endpoints(opts), list(opts["push"])
+    curve = _curve(opts, pulls, pushes, opts["profile"])
     spec = WorkerSpec(
         name=name,
         pull=pulls[0],
@@ -457,9 +518,58 @@ def _serve_worker(
         max_message_bytes=opts["max_message_bytes"],
         drop_policy=opts["drop_policy"],
         max_age=opts["max_age"],
+        curve=curve,
     )
     stopping = _start_process(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))
+
+
+def _curve(
+    opts: dict[str, Any], binds: Sequence[str], pushes: Sequence[str], profile: str | None = None
+) -> security.Curve | None:
+    """The CURVE settings from the command line, None for plaintext. A process binds as a
+    CURVE server (``binds``) and connects as a client (``pushes``, ``profile``); without
+    CURVE, an address other hosts can reach is bound only with --insecure."""
+    secret_file, allow = opts.get("curve_secret"), opts.get("curve_allow")
+    server_files: Sequence[str] = opts.get("curve_server_key") or ()
+    try:
+        if secret_file is None:
+            if server_files or allow:
+                raise click.UsageError(
+                    "--curve-server-key and --curve-allow need --curve-secret (this process's "
+                    "own key pair)"
+                )
+            insecure = bool(opts.get("insecure"))
+            for endpoint in binds:
+                security.check_bind(endpoint, secured=False, insecure=insecure, hint=_CURVE_HINT)
+            return None
+        public, secret = security.load_key_pair(secret_file)
+        if binds:
+            if allow is None:
+                raise click.UsageError(
+                    "--curve-secret needs --curve-allow DIR, the client keys allowed to "
+                    "connect to what this process binds (CURVE alone accepts any client key)"
+                )
+            security.check_allow_dir(allow)
+        server_keys: dict[str, bytes] = {}
+        if pushes:
+            if len(server_files) not in (1, len(pushes)):
+                raise click.UsageError(
+                    "--curve-secret needs --curve-server-key FILE, the public key of the "
+                    "process --push connects to: one for each --push, or one for all"
+                )
+            keys = [security.load_public_key(file) for file in server_files]
+            server_keys = {push: keys[min(i, len(keys) - 1)] for i, push in enumerate(pushes)}
+        if profile is not None:
+            if not opts.get("curve_profile_key"):
+                raise click.UsageError(
+                    "--profile with --curve-secret needs --curve-profile-key FILE (the sink's "
+                    "public key)"
+                )
+            server_keys[profile] = security.load_public_key(opts["curve_profile_key"])
+        return security.Curve(public, secret, allow=allow, server_keys=server_keys)
+    except security.SecurityError as e:
+        raise click.UsageError(str(e)) from e
 
 
 def _start_process(name: str, verbose: bool, drain_timeout: float = 2.5) -> standalone.Stopping:

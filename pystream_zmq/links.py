@@ -1,0 +1,66 @@
+"""Where a parallel pipeline's processes meet: ``ipc://`` files in the orchestrator's private
+directory (the default), or ``tcp://`` on one host of this machine with ports the OS chooses
+(``parallelize(endpoint="tcp://HOST")``), under CURVE with ``curve=True``.
+
+A tcp port is known only once its socket has bound ``tcp://HOST:*`` (it reads LAST_ENDPOINT):
+``record`` notes it, and a process can connect only to what is bound already, so the
+orchestrator starts its workers from the last one to the first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import zmq
+
+from . import security, transport
+
+_HOST = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)")
+_HINT = "pass curve=True (encrypted, authenticated links) or insecure=True"
+
+
+def check(endpoint: str | None, *, curve: bool = False, insecure: bool = False) -> str | None:
+    """The tcp host of ``parallelize(endpoint=...)``; None for ipc (``endpoint=None``).
+    SecurityError (a ValueError) for a host other machines can reach without ``curve`` or
+    ``insecure``."""
+    if endpoint is None:
+        return None
+    match = _HOST.fullmatch(endpoint)
+    if match is None:
+        raise ValueError(
+            f"endpoint must be 'tcp://HOST', an address of this machine (the ports are chosen "
+            f"by the OS), or None for ipc files; not {endpoint!r}"
+        )
+    security.check_bind(f"{endpoint}:*", secured=curve, insecure=insecure, hint=_HINT)
+    return match.group(1)
+
+
+class Links:
+    """Names the orchestrator's endpoints ("control", "profile", "in0.0-0", "sink-0", ...)."""
+
+    def __init__(self, directory: str, host: str | None, curve: bool) -> None:
+        self._dir = directory
+        self.host = host
+        self._bound: dict[str, str] = {}
+        self.curve = security.run_keys(os.path.join(directory, "curve")) if curve else None
+
+    @property
+    def bind_first(self) -> bool:
+        """Whether a socket must bind before its peers are told where to connect (tcp)."""
+        return self.host is not None
+
+    def endpoint(self, name: str) -> str:
+        """Where ``name`` is bound; not bound yet, where to bind it."""
+        if self.host is None:
+            return transport.ipc_endpoint(self._dir, name)
+        return self._bound.get(name, f"tcp://{self.host}:*")
+
+    def bind(self, sock: zmq.Socket[Any], name: str) -> None:
+        self.record(name, security.bind(sock, self.endpoint(name), self.curve))
+
+    def record(self, name: str, endpoint: str) -> None:
+        """Note where ``name`` was bound (a worker reports it with READY)."""
+        if self.host is not None:
+            self._bound[name] = endpoint
