@@ -222,8 +222,9 @@ class Honcho:
     def remember_processes(self) -> None:
         try:
             for proc in psutil.Process(self.proc.pid).children(recursive=True):
-                if proc.pid not in self.seen:
-                    self.seen[proc.pid] = proc
+                self.seen.setdefault(proc.pid, proc)
+                with contextlib.suppress(psutil.Error):
+                    # the latest: honcho's `sh -c exec ...` becomes the worker it execs
                     self.commands[proc.pid] = proc.cmdline()
         except psutil.NoSuchProcess:
             pass
