@@ -737,7 +737,8 @@ class Collector(threading.Thread):
         end = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
-            data = codec.decode(frames[1:]) if kind in _WITH_PAYLOAD else None
+            # adopt: the frames were just received, and are ours alone.
+            data = codec.decode(frames[1:], adopt=True) if kind in _WITH_PAYLOAD else None
         except DecodeError as e:
             self.decode_errors += 1
             log.warning("dropped a malformed output: %s", e)

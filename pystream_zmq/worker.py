@@ -193,7 +193,10 @@ class Worker:
             self.upstream_done = False
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
                 return self._drop(seq, sent_at, "expired")
-            data = codec.decode(frames[1:], max_message_bytes=self.spec.max_message_bytes)
+            # adopt: the frames were just received, and are ours alone.
+            data = codec.decode(
+                frames[1:], max_message_bytes=self.spec.max_message_bytes, adopt=True
+            )
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
