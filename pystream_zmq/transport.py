@@ -30,7 +30,6 @@ KIND_DROPPED = 2  # dropped by a stage (it raised), a drop policy or the deadlin
 KIND_FAILED = 3  # a stage raised under on_error="raise": payload describes the error
 _KINDS = (KIND_DATA, KIND_EOS, KIND_DROPPED, KIND_FAILED)
 _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it
-ENVELOPE_SIZE = _ENVELOPE.size
 
 
 def pack_envelope(kind: int, seq: int, sent_at: float) -> bytes:
