@@ -24,7 +24,7 @@ from .errors import DecodeError
 
 log = logging.getLogger(__name__)
 
-Message = list[Any]  # [envelope, *payload frames], as zmq.Frame or bytes
+Message = list[Any]  # [envelope + header, *buffers] (transport.py), as zmq.Frame or bytes
 
 REORDER_TIMEOUT = 10.0  # seconds a later item waits for a missing one before it is skipped
 _EOS_KEY = math.inf  # an end-of-stream head sorts after every item

@@ -356,14 +356,14 @@ class ParallelRunner:
             timeout = 0.0
         with self._source_lock:
             self._check_open()
-            envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
+            message = transport.pack_message(transport.KIND_DATA, self._next_seq, sent_at, frames)
             if not self._wait_writable(_Deadline(timeout)):
                 self.refused += 1
                 self._raise_if_failed()
                 return False
             # copy=True: the caller may reuse its arrays as soon as forward() returns.
             # Room was there a moment ago and only this thread sends: it is still there.
-            self._source.try_send([envelope, *frames], copy=True)
+            self._source.try_send(message, copy=True)
             self._next_seq += 1
             self.forwarded += 1
             return True
@@ -412,8 +412,10 @@ class ParallelRunner:
                 if item is None:
                     continue
                 frames, sent_at = item
-                envelope = transport.pack_envelope(transport.KIND_DATA, self._next_seq, sent_at)
-                if not self._source.try_send([envelope, *frames], copy=False)[0]:
+                message = transport.pack_message(
+                    transport.KIND_DATA, self._next_seq, sent_at, frames
+                )
+                if not self._source.try_send(message, copy=False)[0]:
                     # room went between poll and send: wait again, unless
                     with self._pending_cond:  # a newer item came, which replaces this one
                         if self._pending is None:
@@ -776,7 +778,9 @@ class Collector(threading.Thread):
         end = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
-            data = codec.decode(frames[1:]) if kind in _WITH_PAYLOAD else None
+            data = None
+            if kind in _WITH_PAYLOAD:  # adopt: the frames were just received, and are ours
+                data = codec.decode(transport.payload(frames), adopt=True)
         except DecodeError as e:
             self.decode_errors += 1
             log.warning("dropped a malformed output: %s", e)

@@ -179,8 +179,9 @@ def run_source(
             item = next(items, _END)
             if item is _END:
                 break
-            envelope = transport.pack_envelope(transport.KIND_DATA, sent, time.time())
-            frames = [envelope, *codec.encode(item)]
+            frames = transport.pack_message(
+                transport.KIND_DATA, sent, time.time(), codec.encode(item)
+            )
             delivered = False
             while not stop.is_set() and not (delivered := outputs.try_send(frames)[0]):
                 outputs.wait_for_room(_POLL_MS)  # downstream full or absent: wait, see a stop

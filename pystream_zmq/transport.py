@@ -4,6 +4,7 @@ that precedes every item on the data path, and the control-channel vocabulary.""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -19,8 +20,10 @@ DROP_NEWEST = "drop-newest"  # refuse the new item when the first stage is full 
 DROP_POLICIES = (BLOCK, LATEST, DROP_NEWEST)
 LINK_POLICIES = (BLOCK, LATEST)  # between workers: a refused item would need a marker anyway
 
-# Data path: [envelope, *codec frames]. The envelope is fixed-size so a worker can route an
-# end-of-stream marker without decoding anything.
+# Data path: [envelope + codec header, *out-of-band buffers]; a marker is the envelope alone.
+# The envelope is fixed-size so a worker can route an end-of-stream marker without decoding
+# anything. It shares the header's frame: a frame more per item cost ZeroMQ ~40% more CPU
+# per small item (a hand-written msgpack chain: 60 -> 95 us per item over two processes).
 KIND_DATA = 0
 KIND_EOS = 1
 KIND_DROPPED = 2  # dropped by a stage (it raised), a drop policy or the deadline; no payload
@@ -30,17 +33,29 @@ _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent
 
 
 def pack_envelope(kind: int, seq: int, sent_at: float) -> bytes:
+    """A marker: a message of the envelope alone."""
     return _ENVELOPE.pack(kind, seq, sent_at)
 
 
+def pack_message(kind: int, seq: int, sent_at: float, frames: Sequence[Any]) -> list[Any]:
+    """An item: ``frames`` from ``codec.encode``, the envelope in front of the header."""
+    return [_ENVELOPE.pack(kind, seq, sent_at) + frames[0], *frames[1:]]
+
+
 def unpack_envelope(frame: Any) -> tuple[int, int, float]:
+    """(kind, seq, sent_at) from the first frame of a message."""
     buf = memoryview(frame)
-    if buf.nbytes != _ENVELOPE.size:
+    if buf.nbytes < _ENVELOPE.size:
         raise DecodeError(f"envelope has {buf.nbytes} bytes, expected {_ENVELOPE.size}")
-    kind, seq, sent_at = _ENVELOPE.unpack(buf)
+    kind, seq, sent_at = _ENVELOPE.unpack_from(buf)
     if kind not in _KINDS:
         raise DecodeError(f"unknown envelope kind {kind}")
     return kind, seq, sent_at
+
+
+def payload(message: Sequence[Any]) -> list[Any]:
+    """The codec frames of an item: its header (after the envelope), then its buffers."""
+    return [memoryview(message[0])[_ENVELOPE.size :], *message[1:]]
 
 
 # Control channel: the orchestrator's ROUTER talks to each worker's DEALER.

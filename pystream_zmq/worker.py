@@ -190,13 +190,17 @@ class Worker:
             if kind == transport.KIND_EOS:
                 if self.events is not None:
                     self.events.flush()
-                sent = self._send([frames[0].bytes], everywhere=True)  # every replica's
+                marker = transport.pack_envelope(kind, seq, sent_at)  # anything after: dropped
+                sent = self._send([marker], everywhere=True)  # every replica's
                 self.upstream_done = True  # only now: done() may end the loop on it
                 return sent
             self.upstream_done = False
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
                 return self._drop(seq, sent_at, "expired")
-            data = codec.decode(frames[1:], max_message_bytes=self.spec.max_message_bytes)
+            # adopt: the frames were just received, and are ours alone.
+            data = codec.decode(
+                transport.payload(frames), max_message_bytes=self.spec.max_message_bytes, adopt=True
+            )
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
@@ -215,7 +219,7 @@ class Worker:
             failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
             return self._send(self._failure_frames(failure, sent_at))
         self.counters["processed"] += 1
-        return self._send([transport.pack_envelope(kind, seq, sent_at), *out_frames])
+        return self._send(transport.pack_message(kind, seq, sent_at, out_frames))
 
     def _drop(self, seq: int, sent_at: float, counter: str) -> bool:
         """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
@@ -245,8 +249,8 @@ class Worker:
         if failure.path not in self.spec.raise_on:
             return [transport.pack_envelope(transport.KIND_DROPPED, failure.seq, sent_at)]
         report = {"stage": failure.path, "message": failure.message, "traceback": failure.traceback}
-        envelope = transport.pack_envelope(transport.KIND_FAILED, failure.seq, sent_at)
-        return [envelope, *codec.encode(report)]
+        frames = codec.encode(report)
+        return transport.pack_message(transport.KIND_FAILED, failure.seq, sent_at, frames)
 
     def _previous_output_released(self) -> bool:
         """Arrays go out zero-copy, and a stage may write into the buffer it returned last
@@ -272,7 +276,7 @@ class Worker:
         return self._send_to(self.outputs, frames)
 
     def _send_to(self, outputs: Outputs, frames: list[Any]) -> bool:
-        zero_copy = len(frames) > 2  # out-of-band arrays follow envelope and header
+        zero_copy = len(frames) > 1  # out-of-band arrays follow envelope and header
         while True:
             sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=zero_copy)
             if sent:

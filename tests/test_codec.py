@@ -240,6 +240,27 @@ def test_decode_accepts_any_buffer(kind: str) -> None:
     got["data"][0] = 7  # type: ignore[index]
 
 
+def test_adopted_frames_become_the_arrays() -> None:
+    """adopt: a writeable received frame is the out-of-band array's memory (no copy); the
+    small inline array and read-only frames are still copied."""
+    obj = {"data": np.arange(70_000, dtype=np.uint16), "small": np.eye(2)}
+    frames = [zmq.Frame(bytes(f)) for f in encode(obj)]
+    got = decode(frames, adopt=True)
+    assert_same(got, obj)
+    data = got["data"]  # type: ignore[index]
+    assert data.flags.writeable and np.shares_memory(data, np.frombuffer(frames[1], np.uint8))
+    data[0] = 7
+    assert np.frombuffer(frames[1], np.uint16)[0] == 7
+    del frames
+    assert data[0] == 7  # the array keeps its frame alive
+    read_only = decode([bytes(f) for f in encode(obj)], adopt=True)
+    assert read_only["data"].flags.writeable  # type: ignore[index]
+    # Without adopt, a writeable zmq.Frame is copied, as any other buffer.
+    frame = zmq.Frame(bytes(encode(obj)[1]))
+    copied = decode([encode(obj)[0], frame])["data"]  # type: ignore[index]
+    assert not np.shares_memory(copied, np.frombuffer(frame, np.uint8))
+
+
 class Point(NamedTuple):
     x: int
     y: int

@@ -86,8 +86,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 
 
 def item(seq: int, x: int) -> list[Any]:
-    envelope = transport.pack_envelope(transport.KIND_DATA, seq, time.time())
-    return [envelope, *codec.encode({"x": x})]
+    return transport.pack_message(transport.KIND_DATA, seq, time.time(), codec.encode({"x": x}))
 
 
 def receive(sock: zmq.Socket[Any], timeout: float = 15.0) -> tuple[int, int, Any]:
@@ -95,7 +94,11 @@ def receive(sock: zmq.Socket[Any], timeout: float = 15.0) -> tuple[int, int, Any
     assert sock.poll(int(timeout * 1000)), "nothing arrived in time"
     frames = sock.recv_multipart()
     kind, seq, _ = transport.unpack_envelope(frames[0])
-    return kind, seq, codec.decode(frames[1:]) if kind == transport.KIND_DATA else None
+    return (
+        kind,
+        seq,
+        codec.decode(transport.payload(frames)) if kind == transport.KIND_DATA else None,
+    )
 
 
 def client(

@@ -58,13 +58,13 @@ EVENT_BATCHES = {name: e["frames"][0] for name, e in CORPUS.items() if e["target
 
 
 def good_message(x: int) -> list[Any]:
-    return [transport.pack_envelope(transport.KIND_DATA, x, time.time()), *codec.encode({"x": x})]
+    return transport.pack_message(transport.KIND_DATA, x, time.time(), codec.encode({"x": x}))
 
 
 def decode_message(frames: list[Any]) -> object:
     """What a worker does with a received data message (an end-of-stream needs no decode)."""
     kind, _, _ = transport.unpack_envelope(frames[0])
-    return codec.decode(frames[1:]) if kind == transport.KIND_DATA else None
+    return codec.decode(transport.payload(frames)) if kind == transport.KIND_DATA else None
 
 
 # -- the regression corpus, through the pure functions ----------------------------------------
@@ -101,10 +101,12 @@ def test_msgpack_numpy_as_it_is_on_the_wire_never_becomes_an_array() -> None:
 VALID = {
     "message": [
         good_message(1),
-        [
-            transport.pack_envelope(transport.KIND_DATA, 2, 0.0),
-            *codec.encode({"img": np.arange(70_000, dtype=np.uint8), "t": (1, np.float32(2.5))}),
-        ],
+        transport.pack_message(
+            transport.KIND_DATA,
+            2,
+            0.0,
+            codec.encode({"img": np.arange(70_000, dtype=np.uint8), "t": (1, np.float32(2.5))}),
+        ),
         [transport.pack_envelope(transport.KIND_EOS, 3, 0.0)],
     ],
     "events": [
@@ -207,7 +209,7 @@ class LiveWorker:
         assert self.downstream.poll(TIMEOUT_MS), "the worker stalled"
         frames = self.downstream.recv_multipart()
         assert transport.unpack_envelope(frames[0])[1] == x
-        assert codec.decode(frames[1:]) == {"x": x + 1}
+        assert codec.decode(transport.payload(frames)) == {"x": x + 1}
 
     def stop(self) -> None:
         self._stop.set()
@@ -265,12 +267,13 @@ def test_truncated_and_odd_multipart_shapes(live: LiveWorker) -> None:
     rogue = live.connect()
     header = codec.encode({"x": 1})[0]
     envelope = transport.pack_envelope(transport.KIND_DATA, 1, 0.0)
-    for frames in ([b""], [envelope], [b"", header], [envelope, header, *[b""] * 20_000]):
+    shapes = ([b""], [envelope], [b"", header], [envelope + header, *[b""] * 20_000])
+    for frames in shapes:
         before = live.worker.counters["decode_errors"]
         rogue.send_multipart(frames)
         assert wait_until(lambda b=before: live.worker.counters["decode_errors"] == b + 1, 5)
         live.flows(2)
-    rogue.send_multipart([transport.pack_envelope(transport.KIND_EOS, 9, 0.0), b"junk"])
+    rogue.send_multipart([transport.pack_envelope(transport.KIND_EOS, 9, 0.0) + b"junk", b"more"])
     assert live.downstream.poll(TIMEOUT_MS)
     assert live.downstream.recv_multipart() == [transport.pack_envelope(transport.KIND_EOS, 9, 0.0)]
     live.flows(3)
@@ -287,13 +290,13 @@ def test_the_size_cap_is_configurable_and_enforced_twice(
     try:
         assert live.worker.pull.getsockopt(zmq.MAXMSGSIZE) == cap
         live.flows(0)
-        envelope = transport.pack_envelope(transport.KIND_DATA, 1, 0.0)
         frames = codec.encode({"a": np.zeros(70_000, np.uint8), "b": np.zeros(70_000, np.uint8)})
         rogue = live.connect()
-        rogue.send_multipart([envelope, *frames])
+        rogue.send_multipart(transport.pack_message(transport.KIND_DATA, 1, 0.0, frames))
         assert wait_until(lambda: live.worker.counters["decode_errors"] == 1, 5)
         with caplog.at_level(logging.INFO, "pystream_zmq.worker"):
-            rogue.send_multipart([envelope, *codec.encode({"a": np.zeros(cap + 1, np.uint8)})])
+            big = codec.encode({"a": np.zeros(cap + 1, np.uint8)})
+            rogue.send_multipart(transport.pack_message(transport.KIND_DATA, 1, 0.0, big))
             # The counter goes up just before the log line: wait for both.
             assert wait_until(lambda: f"sent a frame over {cap} bytes" in caplog.text, 5)
         assert live.worker.counters["input_disconnects"] >= 1
@@ -342,7 +345,7 @@ def test_unknown_and_malformed_control_commands_do_not_stop_a_worker(
         assert caplog.text.count("ignored unknown control command") == 4
         upstream.send_multipart(good_message(5))
         assert out.poll(TIMEOUT_MS)
-        assert codec.decode(out.recv_multipart()[1:]) == {"x": 6}
+        assert codec.decode(transport.payload(out.recv_multipart())) == {"x": 6}
         assert thread.is_alive()
         router.send_multipart([b"0", transport.STOP])
         thread.join(timeout=10)
@@ -501,7 +504,7 @@ print("RECEIVED", received, "CALLS", calls)
 
 # The positive control: msgpack-numpy on the same bytes does unpickle.
 import msgpack, msgpack_numpy
-frame = th.CORPUS["mn_kind_O_pickle"]["frames"][1]
+frame = th.transport.payload(th.CORPUS["mn_kind_O_pickle"]["frames"])[0]
 inner = msgpack.unpackb(msgpack.unpackb(frame)["a"].data)
 fields = {b"nd": True, b"type": "|O", b"kind": b"O", b"shape": [2], b"data": inner[2]}
 msgpack_numpy.decode(fields)
@@ -567,7 +570,7 @@ def test_a_rogue_process_neither_crashes_nor_stalls_a_real_worker(tmp_path: Path
             frames = downstream.recv_multipart()
             if transport.unpack_envelope(frames[0])[0] == transport.KIND_DATA:
                 break
-        assert codec.decode(frames[1:]) == {"x": x + 1}
+        assert codec.decode(transport.payload(frames)) == {"x": x + 1}
         assert proc.poll() is None
 
     def logged(text: str) -> int:

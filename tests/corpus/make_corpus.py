@@ -1,7 +1,8 @@
 """Writes the regression corpus of hostile frames that tests/test_hardening.py replays.
 
 Each ``*.msgpack`` file is ``{"target": ..., "frames": [bytes, ...], "note": str}``, where
-target is ``message`` (what a worker's data socket reads: envelope, then codec frames) or
+target is ``message`` (what a worker's data socket reads: envelope and codec header in the
+first frame, then out-of-band buffers) or
 ``events`` (the one payload frame of a profile EVENTS message). Every entry must give a
 ``DecodeError``. Run ``python tests/corpus/make_corpus.py`` to rewrite the files; a fuzz
 failure worth keeping is added to ENTRIES below.
@@ -46,7 +47,7 @@ def as_array(fields: dict[bytes, Any]) -> bytes:
 
 
 def message(*frames: bytes) -> list[bytes]:
-    return [ENVELOPE, *frames]
+    return [ENVELOPE + frames[0], *frames[1:]]
 
 
 OBJECT = mn(np.array([1, None], dtype=object))  # kind b"O": msgpack-numpy pickle.loads this
@@ -89,14 +90,19 @@ ENTRIES: dict[str, tuple[str, list[bytes], str]] = {
     ),
     "pickle_header": ("message", message(pickle.dumps({"x": 1})), "a pickled payload"),
     "pickle_protocol_0": ("message", message(pickle.dumps({"x": 1}, protocol=0)), "pickle 0"),
-    "envelope_short": ("message", [ENVELOPE[:16], packb({"x": 1})], "envelope of 16 bytes"),
-    "envelope_long": ("message", [ENVELOPE + b"\0", packb({"x": 1})], "envelope of 18 bytes"),
+    "envelope_short": ("message", [ENVELOPE[:16]], "first frame of 16 bytes"),
+    "envelope_long": ("message", message(b"\0" + packb({"x": 1})), "stray byte before the header"),
     "envelope_kind": (
         "message",
-        [struct.pack("<BQd", 9, 1, 0.0), packb({"x": 1})],
+        [struct.pack("<BQd", 9, 1, 0.0) + packb({"x": 1})],
         "unknown envelope kind",
     ),
-    "no_codec_frames": ("message", [ENVELOPE], "envelope alone"),
+    "no_codec_frames": ("message", [ENVELOPE], "envelope alone: no header"),
+    "header_in_own_frame": (
+        "message",
+        [ENVELOPE, packb({"x": 1})],
+        "the old layout (envelope frame, then header frame)",
+    ),
     "truncated_multipart": (
         "message",
         message(codec.encode({"img": np.zeros(70_000, np.uint8)})[0]),
