@@ -45,7 +45,12 @@ _MALLOC_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHO
 _COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
 _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
 # Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
-_WORKER_MAIN = "from pystream_zmq.worker import main; main()"
+# `-c` puts the working directory first on sys.path: a folder named pystream_zmq there (another
+# checkout, say) would be imported instead of this package. Import ours, then restore the path.
+_WORKER_MAIN = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+    f"from pystream_zmq.worker import main; sys.path.remove({_PACKAGE_ROOT!r}); main()"
+)
 
 
 @dataclass
@@ -258,7 +263,6 @@ class ParallelRunner:
         # glibc returns freed 1 MB blocks to the kernel at once, so every received frame
         # would fault in fresh pages; keep them (measured 1.16x on 1 MB frames).
         env = {**_MALLOC_KEEP_FREED, **os.environ}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         return subprocess.Popen(
             [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
         )

@@ -172,6 +172,28 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     )
 
 
+def test_workers_run_this_package_whatever_the_working_directory_holds(tmp_path: Path) -> None:
+    """A worker starts with the working directory first on its path; a folder named
+    pystream_zmq there (another checkout, say) must not be what it runs."""
+    decoy = tmp_path / "cwd" / "pystream_zmq"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy was imported')\n")
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pystream_zmq import Pipeline\n"
+        "def double(x): return 2 * x\n"
+        "with Pipeline() as p:\n"
+        "    p.add(double)\n"
+        "    p.parallelize(block_output=True)\n"
+        "    p.forward(21)\n"
+        "    print(p.get_results())\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, cwd=decoy.parent, env=_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "42"
+
+
 def test_workers_exit_when_the_orchestrator_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "victim.py"
     script.write_text(
