@@ -9,6 +9,8 @@ One command; every figure comes from the same run:
   (plain msgpack in (b));
 - latency p50/p99 per hop at a moderate rate (timestamps carried in the data);
 - two pure-Python stages: serial, parallel, two bare processes, thread-based PyStream;
+- replicas: one pure-Python stage with replicas=2 versus replicas=1;
+- the profiler on versus off: small messages through one stage, 1 MB frames through three;
 - start-up and shutdown of 5 stages, and the RSS of a no-op worker.
 
 Method: every trial runs in a fresh interpreter (``--trial``), which starts its own worker
@@ -22,8 +24,6 @@ chain before the clock starts (so every link is connected).
     .venv/bin/python scripts/bench.py            # full run (~3-4 min), rewrites BENCHMARKS.md
     .venv/bin/python scripts/bench.py --quick    # ~1 min, prints only (add --write to write)
 
-Not here yet (other work in issue 7): profiler on versus off, and replicas scaling. They
-will be sections of their own: see the "TODO(issue 7)" markers below.
 """
 
 from __future__ import annotations
@@ -466,11 +466,30 @@ def trial_pure(variant: str, items: int, work: int) -> dict[str, Any]:
     return {"rate": pure.pipeline_rate(mode, items, work)}
 
 
+def trial_replicas(replicas: int, items: int, work: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_pure_python as pure
+
+    return {"rate": pure.replicas_rate(replicas, items, work)}
+
+
+def trial_profiler(profiled: bool, payload: str, n: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_profiler
+    import numpy as np
+
+    data = {"image": np.zeros(SHAPE, np.uint8)} if payload == "mb" else dict(SMALL)
+    rate, cpu_us = bench_profiler.rate(profiled, n, data, 3 if payload == "mb" else 1)
+    return {"rate": rate, "cpu_us": cpu_us}
+
+
 TRIALS: dict[str, Callable[..., dict[str, Any]]] = {
     "throughput": trial_throughput,
     "latency": trial_latency,
     "startup": trial_startup,
     "pure": trial_pure,
+    "replicas": trial_replicas,
+    "profiler": trial_profiler,
 }
 
 
@@ -571,6 +590,7 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"mb": {}, "small": {}, "latency": {}, "pure": {}, "startup": []}
+    res |= {"replicas": {}, "profiler": {}}
     pystream_py = pystream_python(args.quick) if "pure" in args.sections else None
     pure_variants = [v for v in PURE if v != "PyStream threads" or pystream_py]
     for r in range(args.repeats):
@@ -607,8 +627,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if "startup" in args.sections:
             spec = {"kind": "startup", "stages": 5, "frames": 20, "hwm": args.hwm}
             res["startup"].append(run_trial(spec))
-        # TODO(issue 7): "profiler on versus off" (use_profiler=True/False, same chain,
-        # alternated like the rest) and "replicas scaling" go here as sections of their own.
+        if "replicas" in args.sections:
+            for replicas in (1, 2) if r % 2 == 0 else (2, 1):
+                spec = {"kind": "replicas", "replicas": replicas, "items": args.pure_items * 2}
+                spec["work"] = args.pure_work
+                res["replicas"].setdefault(replicas, []).append(run_trial(spec)["rate"])
+        if "profiler" in args.sections:
+            for payload, n in (("small", args.messages), ("mb", args.frames)):
+                for profiled in (False, True) if r % 2 == 0 else (True, False):
+                    spec = {"kind": "profiler", "profiled": profiled, "payload": payload, "n": n}
+                    out = run_trial(spec)
+                    runs = res["profiler"].setdefault(payload, {}).setdefault(profiled, [])
+                    runs.append(out)
     return res
 
 
@@ -724,6 +754,38 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
             + " | ".join(f"{statistics.median(v):.1f}" for v in res["pure"].values())
             + " |"
         )
+    if res["replicas"]:
+        lines.append(
+            f"one pure-Python stage, {args.pure_items * 2} items, {args.pure_work}-step loop, "
+            "items/s by replicas"
+        )
+        for replicas, values in sorted(res["replicas"].items()):
+            lines.append(
+                f"  replicas={replicas}  {statistics.median(values):7.1f}  ({runs_text(values)})"
+            )
+        p, m = paired(res["replicas"][2], res["replicas"][1])
+        check("replicas=2 / replicas=1", p, p >= 1.8, ">= 1.8", f"  (ratio of medians {m:.2f})")
+    if res["profiler"]:
+        lines.append("profiler on versus off, items/s and CPU µs per item (all processes)")
+        for payload, by_state in res["profiler"].items():
+            for profiled, runs in sorted(by_state.items()):
+                rates = [run["rate"] for run in runs]
+                cpu = statistics.median(run["cpu_us"] for run in runs)
+                lines.append(
+                    f"  {payload:5} profiler {'on ' if profiled else 'off'}"
+                    f" {statistics.median(rates):8.0f}/s  {cpu:7.1f} µs CPU  ({runs_text(rates)})"
+                )
+            on = [run["rate"] for run in by_state[True]]
+            off = [run["rate"] for run in by_state[False]]
+            p, m = paired(on, off)
+            what = "small msgs, 1 stage" if payload == "small" else "1 MB, 3 stages"
+            check(
+                f"profiler on / off, {what}",
+                p,
+                p >= 0.95,
+                ">= 0.95",
+                f"  (ratio of medians {m:.2f})",
+            )
     if res["startup"]:
         runs = res["startup"]
         par = [r["parallelize_s"] for r in runs]
@@ -761,7 +823,6 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
             f"| {statistics.median(rss):.1f} MB (max {max(rss):.1f}) "
             f"| {statistics.median(uss):.1f} MB | {bare:.1f} MB |"
         )
-    verdicts.append("profiler on / off: not measured yet (TODO, issue 7)")
     lines.append("")
     lines.append("ratios (paired: median of per-repeat ratios) against issue 7's targets")
     lines += verdicts
@@ -849,7 +910,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer items and repeats")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md in --quick")
     parser.add_argument("--no-write", action="store_true", help="only print")
-    parser.add_argument("--sections", default="mb,small,latency,pure,startup")
+    parser.add_argument("--sections", default="mb,small,latency,pure,replicas,profiler,startup")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--hops", default="1,3,5", help="stage counts for 1 MB frames")
     parser.add_argument("--frames", type=int, help="1 MB frames per trial")
