@@ -272,6 +272,17 @@ def stopped_codes(output: str) -> dict[str, int]:
     return {name: int(rc) for name, rc in re.findall(r"(\S+)\.1 stopped \(rc=(-?\d+)\)", output)}
 
 
+def received(honcho: Honcho) -> int:
+    """The sink's latest progress line: items received so far."""
+    counts = re.findall(r"sink\.1 .* (\d+) items received", honcho.output())
+    return int(counts[-1]) if counts else 0
+
+
+def stopped_after(output: str, process: str) -> re.Match[str] | None:
+    """The process's last log line: "stopped after N items"."""
+    return re.search(rf"{process}\.1 .* stopped after (\d+) items", output)
+
+
 def event_counts(db: Path) -> dict[str, int]:
     if not db.exists():
         return {}
@@ -327,16 +338,11 @@ def test_sigterm_drains_every_item_in_flight(
     )
     honcho = run_honcho(procfile)
 
-    def received() -> int:
-        counts = re.findall(r"sink\.1 .* (\d+) items received", honcho.output())
-        return int(counts[-1]) if counts else 0
-
-    assert wait_until(lambda: received() > 100, timeout=60, interval=0.1), honcho.output()
+    assert wait_until(lambda: received(honcho) > 100, timeout=60, interval=0.1), honcho.output()
     assert honcho.stop() == 128 + signal.SIGTERM
     output = honcho.output()
     assert stopped_codes(output) == {"source": 0, "one": 0, "two": 0, "sink": 0}, output
-    sent = re.search(r"source\.1 .* stopped after (\d+) items", output)
-    got = re.search(r"sink\.1 .* stopped after (\d+) items", output)
+    sent, got = stopped_after(output, "source"), stopped_after(output, "sink")
     assert sent and got, output
     assert int(got.group(1)) == int(sent.group(1)) > 100
     assert not [proc for proc in honcho.seen.values() if proc.is_running()]
@@ -444,19 +450,12 @@ def test_honcho_runs_a_generated_procfile_with_replicas_in_order(
     assert entries == ["source", "Jitter_0", "Jitter_1", "After", "sink"]
     honcho = run_honcho(procfile)
 
-    def received() -> int:
-        counts = re.findall(r"sink\.1 .* (\d+) items received", honcho.output())
-        return int(counts[-1]) if counts else 0
-
-    assert wait_until(lambda: received() > 100, timeout=60, interval=0.1), honcho.output()
+    assert wait_until(lambda: received(honcho) > 100, timeout=60, interval=0.1), honcho.output()
     assert honcho.stop() == 128 + signal.SIGTERM
     output = honcho.output()
     assert stopped_codes(output) == dict.fromkeys(entries, 0), output
-    sent = re.search(r"source\.1 .* stopped after (\d+) items", output)
-    got = re.search(r"sink\.1 .* stopped after (\d+) items", output)
-    shares = [
-        re.search(rf"{name}\.1 .* stopped after (\d+) items", output) for name in entries[1:3]
-    ]
+    sent, got = stopped_after(output, "source"), stopped_after(output, "sink")
+    shares = [stopped_after(output, name) for name in entries[1:3]]
     assert sent and got and all(shares), output
     assert int(got.group(1)) == int(sent.group(1)) > 100  # drained, each once, in order:
     assert "out of order" not in output  # the sink counts nothing that came out of order
