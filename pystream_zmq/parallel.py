@@ -158,6 +158,7 @@ class ParallelRunner:
         self._pending: tuple[list[bytes], float] | None = None
         self._pending_cond = threading.Condition()
         self._feeder: threading.Thread | None = None
+        self._events_sent = 0  # profile events the workers reported sending (collect_state)
 
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -560,21 +561,29 @@ class ParallelRunner:
     def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
         """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
         states: dict[str, dict[str, Any]] = {}
+        sent = 0
         for index, reply in self._ask_all(command, self.settings.stop_timeout).items():
-            if reply[0] != transport.STATE:
+            if reply[0] != transport.STATE or len(reply) < 2 or len(reply[1]) != 8:
                 continue
+            sent += int.from_bytes(reply[1], "little")
             try:
-                state = codec.decode(reply[1:])
+                state = codec.decode(reply[2:])
             except DecodeError as e:
                 log.warning("unreadable state from %s: %s", self._names[index], e)
                 continue
             if isinstance(state, dict):
                 states.update(state)
+        self._events_sent = sent  # by the workers now running; the flush waits for them
         return states
 
     def flush_profile(self, timeout: float = 5.0) -> None:
-        """Wait until the profile records sent so far are stored (the writer process's)."""
-        if self._profile_proc is not None and self._profile_proc.flush(timeout) is None:
+        """Wait until the profile records sent so far are stored: the collector's, and the
+        workers' as of the last collect_state() (the writer process's)."""
+        if self._profile_proc is None:
+            return
+        deadline = _Deadline(timeout)
+        self._collector.flush_events(deadline.left())
+        if self._profile_proc.flush(deadline.left(), self._events_sent) is None:
             log.warning("the profile writer did not flush in %.1f s", timeout)
 
     def _check_open(self) -> None:
@@ -705,6 +714,8 @@ class Collector(threading.Thread):
         self._wake_rx.bind(self._wake_endpoint)
         self._wake_tx = ctx.socket(zmq.PAIR)
         self._wake_tx.connect(self._wake_endpoint)
+        self._wake_lock = threading.Lock()  # user threads share _wake_tx
+        self._flush_asked = self._flushed = 0
         self._cond = threading.Condition()
         self._latest: Any = None
         self._has_new = False
@@ -756,9 +767,21 @@ class Collector(threading.Thread):
         with self._cond:
             return self._cond.wait_for(lambda: self._profile_ends >= count, timeout)
 
+    def flush_events(self, timeout: float) -> bool:
+        """Hand the MainPipeline events buffered so far to the recorder."""
+        with self._wake_lock:
+            if not self.is_alive():
+                return False
+            self._flush_asked += 1
+            target = self._flush_asked
+            self._wake_tx.send(b"flush")
+        with self._cond:
+            return self._cond.wait_for(lambda: self._flushed >= target, timeout)
+
     def stop(self) -> None:
         if self.is_alive():
-            self._wake_tx.send(b"")
+            with self._wake_lock:
+                self._wake_tx.send(b"")
             self.join()
         else:
             self._close_sockets()
@@ -782,7 +805,13 @@ class Collector(threading.Thread):
                     self._events.flush_if_old()
                     self._record_counters_if_due()
                 if self._wake_rx in ready:
-                    return
+                    if not self._wake_rx.recv():
+                        return
+                    if self._events is not None:
+                        self._events.flush()
+                    with self._cond:
+                        self._flushed += 1
+                        self._cond.notify_all()
                 for frames in self._inputs.take(ready):
                     self._on_output(frames)
                 if self._profile is not None and self._profile in ready:

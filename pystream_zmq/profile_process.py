@@ -3,11 +3,12 @@ rows in SQLite do not take CPU time and the GIL from the orchestrator (issue 3).
 
 The process binds one PULL socket. The workers' profile sockets connect to it, and so does
 the orchestrator's ProfileProcess, which sends its own MainPipeline events and counters the
-same way ([EVENTS, packed], [COUNTERS, codec frames]) followed, when asked, by a flush
-request [FLUSH, msgpack [token, worker ends awaited, timeout, what]]. Messages from one
-sender arrive in order, so a flush request follows everything the orchestrator sent before
-it; the process waits for that many PROFILE_END markers from workers (or the timeout),
-flushes (or closes) its ProfileWriter, and answers [FLUSHED, msgpack [token, written,
+same way ([EVENTS, packed], [COUNTERS, codec frames]), followed, when asked, by a flush
+request [FLUSH, msgpack [token, ends, events, timeout, what]]. Messages from one sender
+arrive in order, so a request follows everything the orchestrator sent before it. The
+process waits until it has seen ``ends`` PROFILE_END markers and ``events`` events in all
+(the workers report with their state how many they sent), or the timeout; then, as ``what``
+says, flushes or closes its ProfileWriter, and answers [FLUSHED, msgpack [token, written,
 dropped, ends]] on a PUSH socket of its own that connects back to the orchestrator.
 
 Like a worker, the process exits when its stdin reaches EOF before it was told to close (the
@@ -79,6 +80,7 @@ class ProfileProcess:
         self._lock = threading.Lock()  # the PUSH socket
         self._flush_lock = threading.Lock()  # the reply socket and the token
         self._token = 0
+        self._sent = 0  # events handed to the PUSH socket
         self._local_dropped = 0  # events that did not fit in the queue to the process
         self._remote: tuple[int, int] = (0, 0)  # written, dropped, as of the last answer
         self._closed = False
@@ -106,6 +108,7 @@ class ProfileProcess:
             if not self._closed:
                 try:
                     self._push.send_multipart(message, zmq.NOBLOCK)
+                    self._sent += len(events)
                     return True
                 except zmq.Again:
                     pass
@@ -124,10 +127,10 @@ class ProfileProcess:
             except zmq.Again:
                 return False
 
-    def flush(self, timeout: float = 5.0) -> int | None:
-        """Wait until everything sent so far is stored (or dropped); the number of workers'
-        PROFILE_END markers seen, None on timeout."""
-        return self._ask(timeout, 0, _FLUSH)
+    def flush(self, timeout: float = 5.0, worker_events: int = 0) -> int | None:
+        """Wait until everything sent so far, and ``worker_events`` events from workers, are
+        stored (or dropped); the number of PROFILE_END markers seen, None on timeout."""
+        return self._ask(timeout, 0, _FLUSH, self._sent + worker_events)
 
     def wait_for_ends(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` PROFILE_END markers arrived (those workers' events too)."""
@@ -158,12 +161,12 @@ class ProfileProcess:
         self._push.close(linger=0)
         self._reply.close(linger=0)
 
-    def _ask(self, timeout: float, ends: int, what: int) -> int | None:
+    def _ask(self, timeout: float, ends: int, what: int, events: int = 0) -> int | None:
         deadline = time.monotonic() + timeout
         with self._flush_lock:
             self._token += 1
             # the process gets 90 % of the time, so that its answer arrives in time
-            request = [FLUSH, msgpack.packb([self._token, ends, timeout * 0.9, what])]
+            request = [FLUSH, msgpack.packb([self._token, ends, events, timeout * 0.9, what])]
             with self._lock:
                 if self._closed:
                     return None
@@ -207,14 +210,17 @@ class _Server:
         self.writer = writer
         self.run_id = run_id
         self.ends = 0
+        self.received = 0  # events, from anyone
         self.errors = 0
 
-    def on_message(self, message: list[bytes]) -> tuple[int, int, float, int] | None:
+    def on_message(self, message: list[bytes]) -> tuple[int, int, int, float, int] | None:
         """Store what a message carries; a flush request is returned, not handled."""
         kind = message[0]
         try:
             if kind == transport.EVENTS and len(message) == 2:
-                self.writer.submit(self.run_id, profiler.unpack_events(message[1]))
+                events = profiler.unpack_events(message[1])
+                self.received += len(events)
+                self.writer.submit(self.run_id, events)
             elif kind == transport.COUNTERS:
                 counters = codec.decode(message[1:])
                 if not is_counters(counters):
@@ -226,8 +232,8 @@ class _Server:
             elif kind == transport.PROFILE_END:
                 self.ends += 1
             elif kind == FLUSH and len(message) == 2:
-                token, ends, timeout, what = msgpack.unpackb(message[1])
-                return int(token), int(ends), float(timeout), int(what)
+                token, ends, events, timeout, what = msgpack.unpackb(message[1])
+                return int(token), int(ends), int(events), float(timeout), int(what)
             else:
                 raise DecodeError(f"{kind[:32]!r}, {len(message)} frames")
         except (DecodeError, ValueError, TypeError, msgpack.UnpackException) as e:
@@ -249,17 +255,19 @@ def serve(
         reply.connect(reply_endpoint)
         writer.start()
         server = _Server(writer, run_id)
-        request: tuple[int, int, float, int] | None = None
+        request: tuple[int, int, int, float, int] | None = None
         deadline = 0.0
         while True:
             wait = 1000 if request is None else max(0, int((deadline - time.monotonic()) * 1000))
             if pull.poll(wait):
                 asked = server.on_message(pull.recv_multipart())
                 if asked is not None:
-                    request, deadline = asked, time.monotonic() + asked[2]
-            if request is None or (server.ends < request[1] and time.monotonic() < deadline):
+                    request, deadline = asked, time.monotonic() + asked[3]
+            if request is None:
                 continue
-            token, _, _, what = request
+            token, ends, events, _, what = request
+            if (server.ends < ends or server.received < events) and time.monotonic() < deadline:
+                continue
             close = what == _CLOSE
             left = max(0.0, deadline - time.monotonic())
             if close:

@@ -59,3 +59,23 @@ def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
     finally:
         pipeline.cleanup()
         lock.close()
+
+
+def test_profiles_right_after_stop_loop_include_every_item() -> None:
+    pipeline = _profiled()
+    try:
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        report = pipeline.get_profile_report()  # the flush barrier: no waiting here
+        assert report is not None
+        assert [stage.items for stage in report.stages] == [ITEMS] * 3
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        latency, _ = pipeline.get_profiles()
+        report = pipeline.get_profile_report()
+        assert report is not None and [stage.items for stage in report.stages] == [2 * ITEMS] * 3
+        assert list(latency) == [stage.path for stage in report.stages]
+    finally:
+        pipeline.cleanup()
