@@ -181,7 +181,6 @@ class ParallelRunner:
                 self._profile_proc = self._sink_recorder = ProfileProcess(
                     self._ctx, recorder.writer.db_path, recorder.run_id,
                     self._endpoint("profile"), self._endpoint("profile-reply"),
-                    settings.startup_timeout,
                 )  # fmt: skip
             self._collector = self._open_sink(self._sink_recorder)
         except BaseException:
@@ -193,6 +192,8 @@ class ParallelRunner:
             raise
         try:
             self._start_workers()
+            if self._profile_proc is not None:  # started above; it has had the time
+                self._profile_proc.wait_ready(settings.startup_timeout)
         except BaseException:
             self.close()
             raise

@@ -70,7 +70,7 @@ class ProfileProcess:
 
     def __init__(
         self, ctx: zmq.Context[Any], db_path: Path, run_id: int, endpoint: str,
-        reply_endpoint: str, startup_timeout: float,
+        reply_endpoint: str,
     ) -> None:  # fmt: skip
         self.endpoint = endpoint
         self._reply = transport.make_socket(ctx, zmq.PULL, 10)
@@ -90,7 +90,11 @@ class ProfileProcess:
             [sys.executable, "-c", _MAIN, *args, level], stdin=subprocess.PIPE
         )
         self._finalizer = weakref.finalize(self, _stop, self._proc, 1.0)
-        if self.flush(startup_timeout) is None:  # the readiness handshake
+
+    def wait_ready(self, timeout: float) -> None:
+        """The readiness handshake (a flush), separate so that it overlaps the workers'
+        start-up; WorkerStartupError if the process does not answer in time."""
+        if self.flush(timeout) is None:
             self.kill()
             raise WorkerStartupError("profile writer", "did not answer in time")
 
