@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import cloudpickle
 import zmq
@@ -31,7 +31,8 @@ from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupEr
 from .inputs import Inputs
 from .ledger import Ledger
 from .outputs import Outputs
-from .profiler import RunRecorder
+from .profile_process import ProfileProcess, is_counters
+from .profiler import Recorder, RunRecorder
 from .stage import MAIN_PIPELINE_NAME, REPLICA_MARK, EventBuffer, Leaf
 from .supervisor import Supervisor
 from .worker import WorkerSpec, write_spec
@@ -157,6 +158,7 @@ class ParallelRunner:
         self._pending: tuple[list[bytes], float] | None = None
         self._pending_cond = threading.Condition()
         self._feeder: threading.Thread | None = None
+        self._events_sent = 0  # profile events the workers reported sending (collect_state)
 
         self._control = transport.make_socket(self._ctx, zmq.ROUTER, 1000)
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -169,16 +171,29 @@ class ParallelRunner:
         self._source_lock = threading.Lock()
         self._next_seq = 0
         self._next_eos = 0
+        # Over ipc, profile records go to a writer process of their own (issue 3: storing
+        # them took CPU time from this process); over tcp, to the collector as before.
+        self._profile_proc: ProfileProcess | None = None
+        self._sink_recorder: Recorder | None = recorder
         try:  # over tcp, the address may not be this machine's
             self._links.bind(self._control, "control")
-            self._collector = self._open_sink(recorder)
+            if recorder is not None and self._links.host is None:
+                self._profile_proc = self._sink_recorder = ProfileProcess(
+                    self._ctx, recorder.writer.db_path, recorder.run_id,
+                    self._endpoint("profile"), self._endpoint("profile-reply"),
+                )  # fmt: skip
+            self._collector = self._open_sink(self._sink_recorder)
         except BaseException:
+            if self._profile_proc is not None:
+                self._profile_proc.kill()
             security.stop_authenticator(self._auth)
             self._ctx.destroy(linger=0)  # closes the sockets made so far
             self._finalizer()
             raise
         try:
             self._start_workers()
+            if self._profile_proc is not None:  # started above; it has had the time
+                self._profile_proc.wait_ready(settings.startup_timeout)
         except BaseException:
             self.close()
             raise
@@ -197,13 +212,13 @@ class ParallelRunner:
     def _endpoint(self, name: str) -> str:
         return self._links.endpoint(name)
 
-    def _open_sink(self, recorder: RunRecorder | None) -> Collector:
+    def _open_sink(self, recorder: Recorder | None) -> Collector:
         """The orchestrator's end of the chain and of the profile link, bound."""
         last = self.units[-1]
         collector = Collector(
             self._ctx,
             self._input_endpoints(len(self.units), 0),
-            self._endpoint("profile") if recorder else None,
+            self._endpoint("profile") if recorder and not self._profile_proc else None,
             self.settings.hwm,
             recorder,
             self.main_counters,
@@ -282,7 +297,7 @@ class ParallelRunner:
             ordered_input=before is not None and before.replicas > 1 and before.ordered,
             first_seq=None if restarted else 0,
             replica=replica if unit.replicas > 1 else None,
-            profile=self._endpoint("profile") if self._recorder else None,
+            profile=self._endpoint("profile") if self._recorder is not None else None,
             hwm=self.settings.hwm,
             control=self._endpoint("control"),
             ident=str(index).encode(),
@@ -462,8 +477,8 @@ class ParallelRunner:
             "lost": self._collector.ledger.lost,
             "decode_errors": self._collector.decode_errors,
         }
-        if self._recorder is not None:
-            counters["dropped_events"] = self._recorder.writer.dropped_events
+        if self._sink_recorder is not None:
+            counters["dropped_events"] = self._sink_recorder.dropped_events
         return counters
 
     def get_results(self) -> Any:
@@ -547,17 +562,30 @@ class ParallelRunner:
     def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
         """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
         states: dict[str, dict[str, Any]] = {}
+        sent = 0
         for index, reply in self._ask_all(command, self.settings.stop_timeout).items():
-            if reply[0] != transport.STATE:
+            if reply[0] != transport.STATE or len(reply) < 2 or len(reply[1]) != 8:
                 continue
+            sent += int.from_bytes(reply[1], "little")
             try:
-                state = codec.decode(reply[1:])
+                state = codec.decode(reply[2:])
             except DecodeError as e:
                 log.warning("unreadable state from %s: %s", self._names[index], e)
                 continue
             if isinstance(state, dict):
                 states.update(state)
+        self._events_sent = sent  # by the workers now running; the flush waits for them
         return states
+
+    def flush_profile(self, timeout: float = 5.0) -> None:
+        """Wait until the profile records sent so far are stored: the collector's, and the
+        workers' as of the last collect_state() (the writer process's)."""
+        if self._profile_proc is None:
+            return
+        deadline = _Deadline(timeout)
+        self._collector.flush_events(deadline.left())
+        if self._profile_proc.flush(deadline.left(), self._events_sent) is None:
+            log.warning("the profile writer did not flush in %.1f s", timeout)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -588,29 +616,25 @@ class ParallelRunner:
                     continue
                 if _is_counters(counters):
                     self.worker_counters.update(counters)
-        if self._recorder is not None:
-            # Every worker that said BYE sent its profile END before it.
+        # Every worker that said BYE sent its profile END before it.
+        if self._profile_proc is not None:
+            self._profile_proc.wait_for_ends(len(replies), deadline.left())
+        elif self._recorder is not None:
             self._collector.wait_for_profile_ends(len(replies), deadline.left())
         _teardown(self._procs, self._dir, deadline.left())
         self._collector.stop()
-        if self._recorder is not None:
-            self._recorder.counters(
+        if self._sink_recorder is not None:
+            self._sink_recorder.counters(
                 {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
             )
+        if self._profile_proc is not None:
+            self._profile_proc.close(max(deadline.left(), 1.0))
         self._finalizer.detach()
         security.stop_authenticator(self._auth)
         self._ctx.destroy(linger=0)
 
 
-def _is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
-    """Whether a decoded message is {path: {name: int}} (it came from another process)."""
-    return isinstance(value, dict) and all(
-        isinstance(path, str)
-        and isinstance(counters, dict)
-        and all(isinstance(k, str) and type(v) is int for k, v in counters.items())
-        for path, counters in value.items()
-    )
-
+_is_counters = is_counters
 
 _WITH_PAYLOAD = (transport.KIND_DATA, transport.KIND_FAILED)
 
@@ -660,7 +684,7 @@ class Collector(threading.Thread):
         sink_endpoints: list[str],
         profile_endpoint: str | None,
         hwm: int,
-        recorder: RunRecorder | None,
+        recorder: Recorder | None,
         main_counters: Callable[[], dict[str, int]],
         *,
         ordered: bool = False,
@@ -691,6 +715,8 @@ class Collector(threading.Thread):
         self._wake_rx.bind(self._wake_endpoint)
         self._wake_tx = ctx.socket(zmq.PAIR)
         self._wake_tx.connect(self._wake_endpoint)
+        self._wake_lock = threading.Lock()  # user threads share _wake_tx
+        self._flush_asked = self._flushed = 0
         self._cond = threading.Condition()
         self._latest: Any = None
         self._has_new = False
@@ -742,9 +768,21 @@ class Collector(threading.Thread):
         with self._cond:
             return self._cond.wait_for(lambda: self._profile_ends >= count, timeout)
 
+    def flush_events(self, timeout: float) -> bool:
+        """Hand the MainPipeline events buffered so far to the recorder."""
+        with self._wake_lock:
+            if not self.is_alive():
+                return False
+            self._flush_asked += 1
+            target = self._flush_asked
+            self._wake_tx.send(b"flush")
+        with self._cond:
+            return self._cond.wait_for(lambda: self._flushed >= target, timeout)
+
     def stop(self) -> None:
         if self.is_alive():
-            self._wake_tx.send(b"")
+            with self._wake_lock:
+                self._wake_tx.send(b"")
             self.join()
         else:
             self._close_sockets()
@@ -768,7 +806,13 @@ class Collector(threading.Thread):
                     self._events.flush_if_old()
                     self._record_counters_if_due()
                 if self._wake_rx in ready:
-                    return
+                    if not self._wake_rx.recv():
+                        return
+                    if self._events is not None:
+                        self._events.flush()
+                    with self._cond:
+                        self._flushed += 1
+                        self._cond.notify_all()
                 for frames in self._inputs.take(ready):
                     self._on_output(frames)
                 if self._profile is not None and self._profile in ready:

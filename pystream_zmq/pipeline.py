@@ -292,6 +292,8 @@ class Pipeline:
     def _flush_profile(self) -> None:
         if isinstance(self._runner, SerialRunner):
             self._runner.flush_events()
+        elif isinstance(self._runner, ParallelRunner):
+            self._runner.flush_profile()
         if self._writer is not None:
             self._writer.flush()
 

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import msgpack
 import numpy as np
@@ -202,6 +202,10 @@ class ProfileWriter:
         self._closed = False
 
     @property
+    def db_path(self) -> Path:
+        return self._db_path
+
+    @property
     def written_events(self) -> int:
         return self._written
 
@@ -251,13 +255,18 @@ class ProfileWriter:
             except BaseException:
                 _rollback(conn)
                 raise
+        self.start()
+        return run_id
+
+    def start(self) -> None:
+        """Start the writer thread (start_run does); call it directly to write events of a
+        run that another ProfileWriter started. Idempotent."""
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pystream-profile-writer", daemon=True
                 )
                 self._thread.start()
-        return run_id
 
     def submit(self, run_id: int, events: Sequence[Event]) -> bool:
         """Queue events for writing; False (and counted as dropped) if the queue is full."""
@@ -380,6 +389,17 @@ class ProfileWriter:
             self._cond.notify_all()
 
 
+class Recorder(Protocol):
+    """Where a runner's profile records go: a RunRecorder, or a writer process."""
+
+    def events(self, events: list[Event]) -> bool: ...
+
+    def counters(self, counters: Counters) -> bool: ...
+
+    @property
+    def dropped_events(self) -> int: ...
+
+
 class RunRecorder:
     """What a runner records for one run: event batches and counter snapshots."""
 
@@ -392,6 +412,10 @@ class RunRecorder:
 
     def counters(self, counters: Counters) -> bool:
         return self.writer.submit_counters(self.run_id, counters)
+
+    @property
+    def dropped_events(self) -> int:
+        return self.writer.dropped_events
 
 
 def _delete_old_runs(conn: sqlite3.Connection, keep: int) -> None:

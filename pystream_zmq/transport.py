@@ -62,7 +62,7 @@ def payload(message: Sequence[Any]) -> list[Any]:
 # worker -> orchestrator
 READY = b"ready"
 FAILED = b"failed"  # + traceback text
-STATE = b"state"  # + codec frames of {path: {attribute: value}}
+STATE = b"state"  # + 8-byte LE count of profile events sent + codec frames of {path: {attr: value}}
 BYE = b"bye"  # + codec frames of the worker's counters
 # orchestrator -> worker
 GET_STATE = b"get-state"

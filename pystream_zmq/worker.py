@@ -121,6 +121,7 @@ class Worker:
             "replaced": 0,  # skipped under drop_policy="latest": a newer item was waiting
             "expired": 0,  # older than max_age when they arrived
         }
+        self.events_sent = 0  # profile events handed to the profile socket
         self._tracker: zmq.MessageTracker | None = None
         self._control: zmq.Socket[Any] | None = None
         self._send_poller: zmq.Poller | None = None  # made on the first full downstream
@@ -176,6 +177,7 @@ class Worker:
             self.profile.send_multipart(
                 [transport.EVENTS, profiler.pack_events(events)], zmq.NOBLOCK
             )
+            self.events_sent += len(events)
         except zmq.Again:  # the collector is behind: drop rather than stall the data path
             self.counters["dropped_events"] += len(events)
 
@@ -335,11 +337,13 @@ class Worker:
     def handle_control(self, control: zmq.Socket[Any]) -> bool:
         """Answer one command; False on STOP."""
         command = control.recv_multipart()[0]
-        if command == transport.GET_STATE:
-            control.send_multipart([transport.STATE, *codec.encode(self.state())])
-        elif command == transport.CLEANUP:
-            self.chain.cleanup()
-            control.send_multipart([transport.STATE, *codec.encode(self.state())])
+        if command in (transport.GET_STATE, transport.CLEANUP):
+            if command == transport.CLEANUP:
+                self.chain.cleanup()
+            if self.events is not None:  # so that the profiles read next include them
+                self.events.flush()
+            sent = self.events_sent.to_bytes(8, "little")  # for the flush barrier
+            control.send_multipart([transport.STATE, sent, *codec.encode(self.state())])
         elif command == transport.STOP:
             return False
         else:

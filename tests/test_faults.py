@@ -164,12 +164,13 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.parametrize("profiled", [False, True], ids=["plain", "profiled"])
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_the_user_script_ending_leaves_no_worker_and_no_socket_file(
-    tmp_path: Path, how: signal.Signals
+    tmp_path: Path, how: signal.Signals, profiled: bool
 ) -> None:
     script = tmp_path / "victim.py"
-    script.write_text(VICTIM)
+    script.write_text(VICTIM.replace("Pipeline()", f"Pipeline(use_profiler={profiled})"))
     victim = subprocess.Popen(
         [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env=_env(),
@@ -178,7 +179,7 @@ def test_the_user_script_ending_leaves_no_worker_and_no_socket_file(
         assert victim.stdout is not None
         socket_dir = victim.stdout.readline().strip()
         workers = psutil.Process(victim.pid).children()
-        assert len(workers) == 2 and os.path.isdir(socket_dir)
+        assert len(workers) == 2 + profiled and os.path.isdir(socket_dir)  # + profile writer
         victim.send_signal(how)
         victim.wait(timeout=10)
         assert wait_until(lambda: not any(map(alive, workers)), timeout=10)

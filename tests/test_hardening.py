@@ -340,8 +340,9 @@ def test_unknown_and_malformed_control_commands_do_not_stop_a_worker(
                 router.send_multipart([b"0", *command])
             router.send_multipart([b"0", transport.GET_STATE, b"extra", b"frames"])
             assert router.poll(TIMEOUT_MS)
-            ident, kind, *state = router.recv_multipart()
-        assert (ident, kind) == (b"0", transport.STATE) and codec.decode(state) == {}
+            ident, kind, sent, *state = router.recv_multipart()
+        assert (ident, kind, sent) == (b"0", transport.STATE, bytes(8))
+        assert codec.decode(state) == {}
         assert caplog.text.count("ignored unknown control command") == 4
         upstream.send_multipart(good_message(5))
         assert out.poll(TIMEOUT_MS)

@@ -1,0 +1,318 @@
+"""The profile writer in a process of its own, so that unpacking event batches and storing
+rows in SQLite do not take CPU time and the GIL from the orchestrator (issue 3).
+
+The process binds one PULL socket. The workers' profile sockets connect to it, and so does
+the orchestrator's ProfileProcess, which sends its own MainPipeline events and counters the
+same way ([EVENTS, packed], [COUNTERS, codec frames]), followed, when asked, by a flush
+request [FLUSH, msgpack [token, ends, events, timeout, what]]. Messages from one sender
+arrive in order, so a request follows everything the orchestrator sent before it. The
+process waits until it has seen ``ends`` PROFILE_END markers and ``events`` events in all
+(the workers report with their state how many they sent), or the timeout; then, as ``what``
+says, flushes or closes its ProfileWriter, and answers [FLUSHED, msgpack [token, written,
+dropped, ends]] on a PUSH socket of its own that connects back to the orchestrator.
+
+Like a worker, the process exits when its stdin reaches EOF before it was told to close (the
+orchestrator has gone away), and after a close it waits for stdin to close before exiting so
+the answer is not lost with its socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import msgpack
+import zmq
+
+from . import codec, profiler, transport
+from .errors import DecodeError, WorkerStartupError
+from .stage import MAIN_PIPELINE_NAME, Event
+
+log = logging.getLogger(__name__)
+
+FLUSH = b"flush"
+FLUSHED = b"flushed"
+_RECEIVE, _FLUSH, _CLOSE = 0, 1, 2  # what a flush request waits for: ends, + stored, + closed
+_HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
+_EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
+EXIT_ORPHANED = 3
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_MAIN = (
+    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+    f"from pystream_zmq.profile_process import main; sys.path.remove({_PACKAGE_ROOT!r}); main()"
+)
+
+
+def is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
+    """Whether a decoded message is {path: {name: int}} (it came from another process)."""
+    return isinstance(value, dict) and all(
+        isinstance(path, str)
+        and isinstance(counters, dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in counters.items())
+        for path, counters in value.items()
+    )
+
+
+class ProfileProcess:
+    """The orchestrator's side: starts the process, hands it events and counters without
+    ever blocking (what does not fit is dropped and counted), flushes and closes it.
+    ``events`` and ``counters`` may be called from one thread (the collector) while another
+    calls ``flush``; ``close`` and ``kill`` are idempotent."""
+
+    def __init__(
+        self, ctx: zmq.Context[Any], db_path: Path, run_id: int, endpoint: str,
+        reply_endpoint: str,
+    ) -> None:  # fmt: skip
+        self.endpoint = endpoint
+        self._reply = transport.make_socket(ctx, zmq.PULL, 10)
+        self._reply.bind(reply_endpoint)
+        self._push = transport.make_socket(ctx, zmq.PUSH, _HWM)
+        self._push.connect(endpoint)
+        self._lock = threading.Lock()  # the PUSH socket
+        self._flush_lock = threading.Lock()  # the reply socket and the token
+        self._token = 0
+        self._sent = 0  # events handed to the PUSH socket
+        self._local_dropped = 0  # events that did not fit in the queue to the process
+        self._remote: tuple[int, int] = (0, 0)  # written, dropped, as of the last answer
+        self._closed = False
+        args = [str(db_path), str(run_id), endpoint, reply_endpoint]
+        level = str(logging.getLogger("pystream_zmq").getEffectiveLevel())
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _MAIN, *args, level], stdin=subprocess.PIPE
+        )
+        self._finalizer = weakref.finalize(self, _stop, self._proc, 1.0)
+
+    def wait_ready(self, timeout: float) -> None:
+        """The readiness handshake (a flush), separate so that it overlaps the workers'
+        start-up; WorkerStartupError if the process does not answer in time."""
+        if self.flush(timeout) is None:
+            self.kill()
+            raise WorkerStartupError("profile writer", "did not answer in time")
+
+    @property
+    def dropped_events(self) -> int:
+        return self._local_dropped + self._remote[1]
+
+    @property
+    def written_events(self) -> int:
+        return self._remote[0]
+
+    def events(self, events: list[Event]) -> bool:
+        message = [transport.EVENTS, profiler.pack_events(events)]
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._push.send_multipart(message, zmq.NOBLOCK)
+                    self._sent += len(events)
+                    return True
+                except zmq.Again:
+                    pass
+            self._local_dropped += len(events)
+            return False
+
+    def counters(self, counters: profiler.Counters) -> bool:
+        """Send a snapshot; MainPipeline's dropped_events gets the process's drops added."""
+        message = [transport.COUNTERS, *codec.encode(dict(counters))]
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self._push.send_multipart(message, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False
+
+    def flush(self, timeout: float = 5.0, worker_events: int = 0) -> int | None:
+        """Wait until everything sent so far, and ``worker_events`` events from workers, are
+        stored (or dropped); the number of PROFILE_END markers seen, None on timeout."""
+        return self._ask(timeout, 0, _FLUSH, self._sent + worker_events)
+
+    def wait_for_ends(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` PROFILE_END markers arrived (those workers' events too)."""
+        return self._ask(timeout, count, _RECEIVE) is not None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush, then let the process exit; kill it if it does not within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        if not self._closed:
+            if self._ask(timeout, 0, _CLOSE) is None:
+                log.warning("the profile writer did not finish in %.1f s", timeout)
+            with self._lock:
+                self._closed = True
+        self._finalizer.detach()
+        _stop(self._proc, max(0.0, deadline - time.monotonic()))
+        self._push.close(linger=0)
+        self._reply.close(linger=0)
+        if self.dropped_events:
+            log.warning(
+                "%d profile events were dropped (the database was too slow)", self.dropped_events
+            )
+
+    def kill(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._finalizer.detach()
+        _stop(self._proc, 0.0)
+        self._push.close(linger=0)
+        self._reply.close(linger=0)
+
+    def _ask(self, timeout: float, ends: int, what: int, events: int = 0) -> int | None:
+        deadline = time.monotonic() + timeout
+        with self._flush_lock:
+            self._token += 1
+            # the process gets 90 % of the time, so that its answer arrives in time
+            request = [FLUSH, msgpack.packb([self._token, ends, events, timeout * 0.9, what])]
+            with self._lock:
+                if self._closed:
+                    return None
+                # blocks only while the process is behind by _HWM messages
+                self._push.setsockopt(zmq.SNDTIMEO, max(0, int(timeout * 1000)))
+                try:
+                    self._push.send_multipart(request)
+                except zmq.Again:
+                    return None
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._reply.poll(int(left * 1000) + 1):
+                    break
+                try:
+                    token, written, dropped, seen = msgpack.unpackb(self._reply.recv_multipart()[1])
+                except (ValueError, IndexError, msgpack.UnpackException):
+                    continue
+                if token == self._token:
+                    self._remote = (written, dropped)
+                    return int(seen)
+            return None
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Close stdin (the process's cue to exit), then terminate and kill if it lingers."""
+    if proc.stdin is not None and not proc.stdin.closed:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    for step in (None, subprocess.Popen.terminate, subprocess.Popen.kill):
+        if step is not None and proc.poll() is None:
+            step(proc)
+        try:
+            proc.wait(grace if step is None else 1.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# -- the process -----------------------------------------------------------------------------
+class _Server:
+    def __init__(self, writer: profiler.ProfileWriter, run_id: int) -> None:
+        self.writer = writer
+        self.run_id = run_id
+        self.ends = 0
+        self.received = 0  # events, from anyone
+        self.errors = 0
+
+    def on_message(self, message: list[bytes]) -> tuple[int, int, int, float, int] | None:
+        """Store what a message carries; a flush request is returned, not handled."""
+        kind = message[0]
+        try:
+            if kind == transport.EVENTS and len(message) == 2:
+                events = profiler.unpack_events(message[1])
+                self.received += len(events)
+                self.writer.submit(self.run_id, events)
+            elif kind == transport.COUNTERS:
+                counters = codec.decode(message[1:])
+                if not is_counters(counters):
+                    raise DecodeError("counters that are not {path: {name: int}}")
+                main = counters.get(MAIN_PIPELINE_NAME, {})
+                if "dropped_events" in main:
+                    main["dropped_events"] += self.writer.dropped_events
+                self.writer.submit_counters(self.run_id, counters)
+            elif kind == transport.PROFILE_END:
+                self.ends += 1
+            elif kind == FLUSH and len(message) == 2:
+                token, ends, events, timeout, what = msgpack.unpackb(message[1])
+                return int(token), int(ends), int(events), float(timeout), int(what)
+            else:
+                raise DecodeError(f"{kind[:32]!r}, {len(message)} frames")
+        except (DecodeError, ValueError, TypeError, msgpack.UnpackException) as e:
+            self.errors += 1
+            log.warning("dropped a profile message: %s", e)
+        return None
+
+
+def serve(
+    db_path: Path, run_id: int, endpoint: str, reply_endpoint: str, finished: threading.Event
+) -> None:
+    """Store what arrives until a flush request asks to close (then set ``finished``)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    writer = profiler.ProfileWriter(db_path)
+    try:
+        pull = transport.make_socket(ctx, zmq.PULL, _HWM)
+        pull.bind(endpoint)
+        reply = transport.make_socket(ctx, zmq.PUSH, 10)
+        reply.connect(reply_endpoint)
+        writer.start()
+        server = _Server(writer, run_id)
+        request: tuple[int, int, int, float, int] | None = None
+        deadline = 0.0
+        while True:
+            wait = 1000 if request is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if pull.poll(wait):
+                asked = server.on_message(pull.recv_multipart())
+                if asked is not None:
+                    request, deadline = asked, time.monotonic() + asked[3]
+            if request is None:
+                continue
+            token, ends, events, _, what = request
+            if (server.ends < ends or server.received < events) and time.monotonic() < deadline:
+                continue
+            close = what == _CLOSE
+            left = max(0.0, deadline - time.monotonic())
+            if close:
+                writer.close(left)
+            elif what == _FLUSH:
+                writer.flush(left)
+            answer = [token, writer.written_events, writer.dropped_events, server.ends]
+            if close:
+                finished.set()  # before the answer: the orchestrator closes stdin on it
+            reply.send_multipart([FLUSHED, msgpack.packb(answer)])
+            request = None
+            if close:
+                return
+    finally:
+        writer.close(1.0)
+
+
+def _watch_stdin(finished: threading.Event, stdin_closed: threading.Event) -> None:
+    sys.stdin.buffer.read()  # returns only at EOF
+    stdin_closed.set()
+    if not finished.is_set():
+        log.warning("orchestrator has gone away; exiting")
+        os._exit(EXIT_ORPHANED)
+
+
+def main() -> None:
+    db_path, run_id, endpoint, reply_endpoint, level = sys.argv[1:]
+    logging.basicConfig(
+        level=int(level),
+        format="%(asctime)s %(levelname)s [profile writer pid %(process)d] %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator decides, as for workers
+    finished = threading.Event()
+    stdin_closed = threading.Event()
+    threading.Thread(target=_watch_stdin, args=(finished, stdin_closed), daemon=True).start()
+    code = 0
+    try:
+        serve(Path(db_path), int(run_id), endpoint, reply_endpoint, finished)
+        stdin_closed.wait(_EXIT_GRACE)
+    except Exception:
+        log.exception("the profile writer failed")
+        code = 1
+    logging.shutdown()
+    os._exit(code)  # the stdin watcher is still blocked in read()

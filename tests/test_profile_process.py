@@ -1,0 +1,81 @@
+"""The profile writer process (issue 3): it stores everything, never stalls the data path
+on a locked database, and leaves no process behind."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import psutil
+
+from pystream_zmq import Pipeline, profiler
+from tests import stages
+
+ITEMS = 300
+
+
+def _profiled(**settings: float) -> Pipeline:
+    pipeline = Pipeline(use_profiler=True)
+    pipeline.add(stages.add_one, "StageA")
+    pipeline.add(stages.add_one, "StageB")
+    pipeline.parallelize(**settings)
+    return pipeline
+
+
+def test_every_event_and_counter_is_stored_by_cleanup() -> None:
+    pipeline = _profiled()
+    try:
+        writers = [p for p in psutil.Process().children() if "profile_process" in str(p.cmdline())]
+        assert len(writers) == 1
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+    finally:
+        pipeline.cleanup()
+    assert not writers[0].is_running() or writers[0].status() == psutil.STATUS_ZOMBIE
+    report = pipeline.get_profile_report()
+    assert report is not None
+    items = {stage.path: stage.items for stage in report.stages}
+    assert items == dict.fromkeys(
+        ["MainPipeline", "MainPipeline__StageA", "MainPipeline__StageB"], ITEMS
+    )
+    main = report.stages[0].counters
+    assert main["delivered"] == ITEMS and main["dropped_events"] == 0
+    assert report.stages[1].counters["processed"] == ITEMS
+
+
+def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
+    pipeline = _profiled(stop_timeout=2.0)
+    lock = sqlite3.connect(profiler.profiler_db_path(), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        assert pipeline._runner._collector.delivered == ITEMS  # type: ignore[union-attr]
+        started = time.monotonic()
+        pipeline.cleanup()  # the writer process gives up on the lock within stop_timeout
+        assert time.monotonic() - started < 2.0 + 1.5
+    finally:
+        pipeline.cleanup()
+        lock.close()
+
+
+def test_profiles_right_after_stop_loop_include_every_item() -> None:
+    pipeline = _profiled()
+    try:
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        report = pipeline.get_profile_report()  # the flush barrier: no waiting here
+        assert report is not None
+        assert [stage.items for stage in report.stages] == [ITEMS] * 3
+        for x in range(ITEMS):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        latency, _ = pipeline.get_profiles()
+        report = pipeline.get_profile_report()
+        assert report is not None and [stage.items for stage in report.stages] == [2 * ITEMS] * 3
+        assert list(latency) == [stage.path for stage in report.stages]
+    finally:
+        pipeline.cleanup()
