@@ -614,7 +614,7 @@ class ParallelRunner:
                     counters = codec.decode(reply[1:])
                 except DecodeError:
                     continue
-                if _is_counters(counters):
+                if is_counters(counters):
                     self.worker_counters.update(counters)
         # Every worker that said BYE sent its profile END before it.
         if self._profile_proc is not None:
@@ -633,8 +633,6 @@ class ParallelRunner:
         security.stop_authenticator(self._auth)
         self._ctx.destroy(linger=0)
 
-
-_is_counters = is_counters
 
 _WITH_PAYLOAD = (transport.KIND_DATA, transport.KIND_FAILED)
 
@@ -867,7 +865,7 @@ class Collector(threading.Thread):
             except DecodeError as e:
                 self._profile_error(f"dropped malformed counters: {e}")
                 return
-            if _is_counters(counters):
+            if is_counters(counters):
                 self._recorder.counters(counters)
             else:
                 self._profile_error("dropped counters that are not {path: {name: int}}")
