@@ -12,6 +12,8 @@ import zmq
 from .errors import DecodeError
 
 DEFAULT_HWM = 2
+RECONNECT_IVL_MS = 10
+RECONNECT_IVL_MAX_MS = 1000
 
 # What a link does when the receiver cannot keep up (see README, "Real time").
 BLOCK = "block"  # wait for room: lossless backpressure
@@ -77,11 +79,17 @@ PROFILE_END = b"end"
 
 
 def make_socket(ctx: zmq.Context[Any], kind: int, hwm: int = DEFAULT_HWM) -> zmq.Socket[Any]:
-    """A socket with explicit linger (so closing never hangs) and a bounded queue."""
+    """A socket with explicit linger (so closing never hangs), a bounded queue and quick
+    reconnection."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    # A worker connects its output as soon as it starts, often before the next worker has
+    # bound its input; ZeroMQ's default retry (100-200 ms) then held the first items back
+    # that long. Retry after 10-20 ms, backing off to 1 s while a peer stays away.
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     return sock
 
 
