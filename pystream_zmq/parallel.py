@@ -30,7 +30,7 @@ from . import codec, links, profiler, security, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
 from .inputs import Inputs
 from .ledger import Ledger
-from .outputs import Outputs
+from .outputs import TURN_WAIT_MS, Outputs
 from .profile_process import ProfileProcess, is_counters
 from .profiler import Recorder, RunRecorder
 from .stage import MAIN_PIPELINE_NAME, REPLICA_MARK, EventBuffer, Leaf
@@ -376,10 +376,13 @@ class ParallelRunner:
         with self._source_lock:
             self._check_open()
             message = transport.pack_message(transport.KIND_DATA, self._next_seq, sent_at, frames)
-            if not self._wait_writable(_Deadline(timeout)):
+            deadline = _Deadline(timeout)
+            if not self._wait_writable(deadline):
                 self.refused += 1
                 self._raise_if_failed()
                 return False
+            # A caller that may wait keeps the replicas' shares even.
+            self._source.wait_for_turn(min(TURN_WAIT_MS, deadline.left_ms()))
             # copy=True: the caller may reuse its arrays as soon as forward() returns.
             # Room was there a moment ago and only this thread sends: it is still there.
             self._source.try_send(message, copy=True)

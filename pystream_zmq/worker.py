@@ -279,6 +279,7 @@ class Worker:
 
     def _send_to(self, outputs: Outputs, frames: list[Any]) -> bool:
         zero_copy = len(frames) > 1  # out-of-band arrays follow envelope and header
+        outputs.wait_for_turn()  # with replicas downstream: keep their shares even
         while True:
             sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=zero_copy)
             if sent:

@@ -105,6 +105,12 @@ def spin(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def spin_and_note_pid(data: dict[str, Any]) -> dict[str, Any]:
+    data = spin(data)
+    data["pid"] = os.getpid()
+    return data
+
+
 class ReusesItsBuffer(Stage):
     """Returns the same 1 MB array every time, overwritten with the item's number: the
     zero-copy send must not let a later call change what an earlier item carries."""

@@ -36,6 +36,22 @@ def test_two_replicas_share_the_work_and_the_next_stage_sees_input_order() -> No
         assert (book.delivered, book.dropped, book.lost) == (300, 0, 0)
 
 
+def test_a_burst_of_small_items_is_shared_evenly_between_busy_replicas() -> None:
+    # forward() sends 100 small items in a few ms; a replica's queue that is full for that
+    # moment (its I/O thread has not run yet) once let the other replica take 98 of them.
+    for _ in range(4):
+        recorder = stages.Recorder()
+        with Pipeline() as pipeline:
+            pipeline.add(stages.spin_and_note_pid, "Spin", replicas=2)
+            pipeline.add(recorder)
+            pipeline.parallelize()
+            forward_all(pipeline, [{"x": x, "work": 50_000} for x in range(100)])
+            pipeline.stop_loop()
+        assert recorder.seen == list(range(100))
+        shares = sorted(recorder.pids.count(pid) for pid in set(recorder.pids))
+        assert len(shares) == 2 and shares[0] >= 35, shares
+
+
 def test_replicas_of_the_last_stage_are_merged_in_order_at_the_output() -> None:
     with Pipeline(use_profiler=True) as pipeline:
         pipeline.add(stages.add_one, "First")
