@@ -377,15 +377,18 @@ class ParallelRunner:
             self._check_open()
             message = transport.pack_message(transport.KIND_DATA, self._next_seq, sent_at, frames)
             deadline = _Deadline(timeout)
-            if not self._wait_writable(deadline):
-                self.refused += 1
-                self._raise_if_failed()
-                return False
             # A caller that may wait keeps the replicas' shares even.
             self._source.wait_for_turn(min(TURN_WAIT_MS, deadline.left_ms()))
-            # copy=True: the caller may reuse its arrays as soon as forward() returns.
-            # Room was there a moment ago and only this thread sends: it is still there.
-            self._source.try_send(message, copy=True)
+            # copy=True: the caller may reuse its arrays as soon as forward() returns. Send at
+            # once, and poll only when there is no room: a poll per item cost more than the
+            # send itself (it lets the collector thread take the GIL).
+            if not self._source.try_send(message, copy=True)[0]:
+                if not self._wait_writable(deadline):
+                    self.refused += 1
+                    self._raise_if_failed()
+                    return False
+                # Room was there a moment ago and only this thread sends: it is still there.
+                self._source.try_send(message, copy=True)
             self._next_seq += 1
             self.forwarded += 1
             return True

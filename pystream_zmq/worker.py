@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 
+import numpy as np
 import zmq
 
 from . import codec, profiler, security, transport
@@ -221,7 +222,10 @@ class Worker:
             failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
             return self._send(self._failure_frames(failure, sent_at))
         self.counters["processed"] += 1
-        return self._send(transport.pack_message(kind, seq, sent_at, out_frames))
+        message = transport.pack_message(kind, seq, sent_at, out_frames)
+        if len(message) > 1 and _passed_on(message, frames):
+            return self._send(message, tracked=False)
+        return self._send(message)
 
     def _drop(self, seq: int, sent_at: float, counter: str) -> bool:
         """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
@@ -270,20 +274,22 @@ class Worker:
                     return False
         return True
 
-    def _send(self, frames: list[Any], everywhere: bool = False) -> bool:
+    def _send(self, frames: list[Any], everywhere: bool = False, tracked: bool = True) -> bool:
         """Send to the next replica downstream with room (``everywhere``: to each one).
-        False when told to stop while waiting for room."""
+        False when told to stop while waiting for room. ``tracked=False``: the buffers are
+        received frames passed on as they are (no release to wait for)."""
         if everywhere and len(self.outputs.sockets) > 1:
             return all(self._send_to(Outputs([sock]), frames) for sock in self.outputs.sockets)
-        return self._send_to(self.outputs, frames)
+        return self._send_to(self.outputs, frames, tracked)
 
-    def _send_to(self, outputs: Outputs, frames: list[Any]) -> bool:
+    def _send_to(self, outputs: Outputs, frames: list[Any], tracked: bool = True) -> bool:
         zero_copy = len(frames) > 1  # out-of-band arrays follow envelope and header
         outputs.wait_for_turn()  # with replicas downstream: keep their shares even
         while True:
-            sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=zero_copy)
+            track = zero_copy and tracked
+            sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=track)
             if sent:
-                if zero_copy:
+                if track:
                     self._tracker = tracker
                 return True
             # Downstream is full: wait for room, but keep answering the control channel.
@@ -400,6 +406,27 @@ class Worker:
                 [transport.PROFILE_END, self.spec.ident], flags=0, copy=True
             )
         control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
+
+
+def _passed_on(message: list[Any], received: list[zmq.Frame]) -> bool:
+    """Whether every out-of-band buffer of ``message`` is the whole of a frame received
+    with the item (a stage passed its array on, perhaps changed in place); if so, those
+    frames replace the buffers. ZeroMQ then shares each frame's memory with the next
+    process: no copy, and no wait for a release before the next item, which a buffer the
+    stage made itself needs, since the stage may write into it again."""
+    frames_at = {_address(frame.buffer): frame for frame in received[1:]}
+    passed = []
+    for buffer in message[1:]:
+        frame = frames_at.get(_address(buffer))
+        if frame is None or len(frame) != memoryview(buffer).nbytes:
+            return False
+        passed.append(frame)
+    message[1:] = passed
+    return True
+
+
+def _address(buffer: Any) -> int:
+    return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
 
 
 def _peek_kind(frames: Message) -> int | None:

@@ -126,6 +126,18 @@ class ReusesItsBuffer(Stage):
         pass
 
 
+def add_to_buffer(data: dict[str, Any]) -> dict[str, Any]:
+    """Changes the array it received in place and passes it on."""
+    data["buffer"] += 1
+    data["x"] += 1
+    return data
+
+
+def keep_buffer(data: dict[str, Any]) -> dict[str, Any]:
+    """Passes on a view of the whole array it received, and a slice of it as a new array."""
+    return {"x": data["x"], "buffer": data["buffer"].reshape(-1), "half": data["buffer"][::2]}
+
+
 class ChecksBuffer(Stage):
     def __init__(self) -> None:
         self.checked = 0

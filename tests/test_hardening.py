@@ -434,6 +434,9 @@ def test_garbage_replies_on_the_control_socket_do_not_break_the_orchestrator(
         for ident in (b"x", b"99", None):
             rogue = ctx.socket(zmq.DEALER)
             rogue.setsockopt(zmq.LINGER, 0)
+            # Send only once connected, so the messages are there before cleanup() reads.
+            rogue.setsockopt(zmq.IMMEDIATE, 1)
+            rogue.setsockopt(zmq.SNDTIMEO, 5000)
             if ident is not None:
                 rogue.setsockopt(zmq.ROUTING_ID, ident)
             rogue.connect(endpoint)

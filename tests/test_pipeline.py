@@ -155,6 +155,22 @@ def test_a_stage_reusing_its_output_buffer_cannot_corrupt_items_in_flight() -> N
         assert (checker.checked, checker.corrupt) == (100, 0)
 
 
+def test_arrays_passed_on_by_a_stage_travel_intact() -> None:
+    """A stage that passes on the array it received (changed in place or not) sends the
+    frame it arrived in, without a copy; the values must still be every item's own."""
+    checker = stages.ChecksBuffer()
+    with Pipeline() as pipeline:
+        pipeline.add(stages.ReusesItsBuffer())
+        pipeline.add(stages.add_to_buffer)
+        pipeline.add(stages.keep_buffer)
+        pipeline.add(checker)
+        pipeline.parallelize()
+        for x in range(100):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        assert (checker.checked, checker.corrupt) == (100, 0)
+
+
 def test_forward_refuses_unsupported_types_with_the_key_path() -> None:
     with Pipeline() as pipeline:
         pipeline.add(stages.add_one)
