@@ -24,6 +24,26 @@ class Outputs:
     def __init__(self, sockets: list[zmq.Socket[Any]]) -> None:
         self.sockets = sockets
         self._turn = 0
+        self._send_timeout_ms = -1  # the SNDTIMEO of a single socket, as last set
+
+    def send(self, frames: list[Any], timeout_ms: int, *, copy: bool = True) -> bool:
+        """Send, waiting up to ``timeout_ms`` for room. A single socket waits inside
+        ZeroMQ: for small items a refused send, a poll and a second send cost the
+        orchestrator more than the send itself, and the queue is full half the time."""
+        if len(self.sockets) > 1:
+            self.wait_for_turn(min(TURN_WAIT_MS, timeout_ms))
+            if self.try_send(frames, copy=copy)[0]:
+                return True
+            return self.wait_for_room(timeout_ms) and self.try_send(frames, copy=copy)[0]
+        sock = self.sockets[0]
+        if timeout_ms != self._send_timeout_ms:
+            sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+            self._send_timeout_ms = timeout_ms
+        try:
+            sock.send_multipart(frames, copy=copy)
+        except zmq.Again:
+            return False
+        return True
 
     def try_send(
         self, frames: list[Any], *, copy: bool = True, track: bool = False

@@ -30,7 +30,7 @@ from . import codec, links, profiler, security, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
 from .inputs import Inputs
 from .ledger import Ledger
-from .outputs import TURN_WAIT_MS, Outputs
+from .outputs import Outputs
 from .profile_process import ProfileProcess, is_counters
 from .profiler import Recorder, RunRecorder
 from .stage import MAIN_PIPELINE_NAME, REPLICA_MARK, EventBuffer, Leaf
@@ -376,19 +376,10 @@ class ParallelRunner:
         with self._source_lock:
             self._check_open()
             message = transport.pack_message(transport.KIND_DATA, self._next_seq, sent_at, frames)
-            deadline = _Deadline(timeout)
-            # A caller that may wait keeps the replicas' shares even.
-            self._source.wait_for_turn(min(TURN_WAIT_MS, deadline.left_ms()))
-            # copy=True: the caller may reuse its arrays as soon as forward() returns. Send at
-            # once, and poll only when there is no room: a poll per item cost more than the
-            # send itself (it lets the collector thread take the GIL).
-            if not self._source.try_send(message, copy=True)[0]:
-                if not self._wait_writable(deadline):
-                    self.refused += 1
-                    self._raise_if_failed()
-                    return False
-                # Room was there a moment ago and only this thread sends: it is still there.
-                self._source.try_send(message, copy=True)
+            if not self._send_source(message, _Deadline(timeout)):
+                self.refused += 1
+                self._raise_if_failed()
+                return False
             self._next_seq += 1
             self.forwarded += 1
             return True
@@ -459,6 +450,15 @@ class ParallelRunner:
                     return False
                 self._pending_cond.wait(min(deadline.left(), 0.1))
             return self._pending is None
+
+    def _send_source(self, message: list[Any], deadline: _Deadline) -> bool:
+        """Send an item to the first stage, waiting for room up to the deadline in slices,
+        so a worker that can no longer be restarted ends the wait at once. copy=True: the
+        caller may reuse its arrays as soon as forward() returns."""
+        while not self._source.send(message, min(deadline.left_ms(), 100), copy=True):
+            if not deadline.left() or self._supervisor.failed is not None:
+                return False
+        return True
 
     def _wait_writable(
         self, deadline: _Deadline, sockets: list[zmq.Socket[Any]] | None = None
