@@ -460,14 +460,11 @@ class ParallelRunner:
                 return False
         return True
 
-    def _wait_writable(
-        self, deadline: _Deadline, sockets: list[zmq.Socket[Any]] | None = None
-    ) -> bool:
-        """Wait for room at the first stage (any of its replicas, or all of ``sockets``), in
-        slices, so a worker that can no longer be restarted ends the wait at once instead of
-        at the timeout."""
-        outputs = self._source if sockets is None else Outputs(sockets)
-        while not outputs.wait_for_room(min(deadline.left_ms(), 100)):
+    def _wait_writable(self, deadline: _Deadline, sock: zmq.Socket[Any]) -> bool:
+        """Wait for room in ``sock`` (to one replica of the first stage), in slices, so a
+        worker that can no longer be restarted ends the wait at once instead of at the
+        timeout."""
+        while not sock.poll(min(deadline.left_ms(), 100), zmq.POLLOUT):
             if not deadline.left() or self._supervisor.failed is not None:
                 return False
         return True
@@ -505,7 +502,7 @@ class ParallelRunner:
             forwarded = self._next_seq
             marker = transport.pack_envelope(transport.KIND_EOS, token, time.time())
             for sock in self._source.sockets:  # through every replica of the first stage
-                if not self._wait_writable(deadline, [sock]):
+                if not self._wait_writable(deadline, sock):
                     return False
                 sock.send(marker, zmq.NOBLOCK)
         # In slices, so a worker that can no longer be restarted ends the wait at once.
