@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -743,6 +743,8 @@ class Collector(threading.Thread):
 
     def take_failure(self) -> StageError | None:
         """The first stage error reported under on_error="raise", once."""
+        if self._failure is None:  # forward() asks per item: spare it the collector's lock
+            return None
         with self._cond:
             failure, self._failure = self._failure, None
             return failure
@@ -814,8 +816,7 @@ class Collector(threading.Thread):
                     with self._cond:
                         self._flushed += 1
                         self._cond.notify_all()
-                for frames in self._inputs.take(ready):
-                    self._on_output(frames)
+                self._on_outputs(self._inputs.take(ready))
                 if self._profile is not None and self._profile in ready:
                     self._on_profile(self._profile.recv_multipart())
         finally:
@@ -823,32 +824,39 @@ class Collector(threading.Thread):
                 self._events.flush()
             self._close_sockets()
 
-    def _on_output(self, frames: list[zmq.Frame]) -> None:
-        end = time.time()
-        try:
-            kind, seq, sent_at = transport.unpack_envelope(frames[0])
-            data = None
-            if kind in _WITH_PAYLOAD:  # adopt: the frames were just received, and are ours
-                data = codec.decode(transport.payload(frames), adopt=True)
-        except DecodeError as e:
-            self.decode_errors += 1
-            log.warning("dropped a malformed output: %s", e)
+    def _on_outputs(self, messages: Iterable[list[zmq.Frame]]) -> None:
+        """Decode what arrived, then hand it over under one lock for the whole burst."""
+        arrived = []
+        for frames in messages:
+            end = time.time()
+            try:
+                kind, seq, sent_at = transport.unpack_envelope(frames[0])
+                data = None
+                if kind in _WITH_PAYLOAD:  # adopt: the frames were just received, and are ours
+                    data = codec.decode(transport.payload(frames), adopt=True)
+            except DecodeError as e:
+                self.decode_errors += 1
+                log.warning("dropped a malformed output: %s", e)
+                continue
+            arrived.append((kind, seq, data))
+            if kind == transport.KIND_DATA and self._events is not None:
+                self._events.add((MAIN_PIPELINE_NAME, seq, sent_at, sent_at, end))
+        if not arrived:
             return
         with self._cond:
-            self._ended = kind == transport.KIND_EOS
-            if kind == transport.KIND_EOS:
-                self._eos_seen = max(self._eos_seen, seq)
-            elif kind == transport.KIND_DATA:
-                self.ledger.arrived(seq)
-                self._latest, self._has_new = data, True
-                self.delivered += 1
-            else:
-                self.ledger.arrived(seq, dropped=True)
-                if kind == transport.KIND_FAILED and self._failure is None:
-                    self._failure = _stage_error(seq, data)
+            for kind, seq, data in arrived:
+                self._ended = kind == transport.KIND_EOS
+                if kind == transport.KIND_EOS:
+                    self._eos_seen = max(self._eos_seen, seq)
+                elif kind == transport.KIND_DATA:
+                    self.ledger.arrived(seq)
+                    self._latest, self._has_new = data, True
+                    self.delivered += 1
+                else:
+                    self.ledger.arrived(seq, dropped=True)
+                    if kind == transport.KIND_FAILED and self._failure is None:
+                        self._failure = _stage_error(seq, data)
             self._cond.notify_all()
-        if kind == transport.KIND_DATA and self._events is not None:
-            self._events.add((MAIN_PIPELINE_NAME, seq, sent_at, sent_at, end))
 
     def _on_profile(self, message: list[bytes]) -> None:
         if message[0] == transport.PROFILE_END:
