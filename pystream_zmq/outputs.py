@@ -40,7 +40,7 @@ class Outputs:
             sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
             self._send_timeout_ms = timeout_ms
         try:
-            sock.send_multipart(frames, copy=copy)
+            _send(sock, frames, 0, copy, False)
         except zmq.Again:
             return False
         return True
@@ -54,9 +54,7 @@ class Outputs:
         for step in range(count):
             index = (self._turn + step) % count
             try:
-                tracker = self.sockets[index].send_multipart(
-                    frames, zmq.NOBLOCK, copy=copy, track=track
-                )
+                tracker = _send(self.sockets[index], frames, zmq.NOBLOCK, copy, track)
             except zmq.Again:
                 continue
             self._turn = (index + 1) % count
@@ -77,3 +75,11 @@ class Outputs:
         for sock in self.sockets:
             poller.register(sock, zmq.POLLOUT)
         return bool(poller.poll(timeout_ms))
+
+
+def _send(
+    sock: zmq.Socket[Any], frames: list[Any], flags: int, copy: bool, track: bool
+) -> zmq.MessageTracker | None:
+    if len(frames) == 1:  # most small items: send_multipart's checks cost more than a send
+        return sock.send(frames[0], flags, copy=copy, track=track)
+    return sock.send_multipart(frames, flags, copy=copy, track=track)
