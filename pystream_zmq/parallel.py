@@ -26,7 +26,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from . import codec, links, profiler, security, transport
+from . import codec, cpus, links, profiler, security, transport
 from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
 from .inputs import Inputs
 from .ledger import Ledger
@@ -110,6 +110,7 @@ class ParallelSettings:
     endpoint: str | None = None  # "tcp://HOST": links over tcp there, not ipc files
     curve: bool = False  # CURVE on every link, with a key pair made for the run
     insecure: bool = False  # bind a non-loopback HOST without CURVE
+    pin_cpus: bool = False  # a CPU per worker, one for our helper threads (cpus.py)
 
 
 class _Deadline:
@@ -143,6 +144,13 @@ class ParallelRunner:
         self._dir = tempfile.mkdtemp(prefix="pystream-")
         self._links = links.Links(self._dir, host, settings.curve)
         self._ctx: zmq.Context[Any] = zmq.Context()
+        # CPUs (pin_cpus): ours, then one per worker process.
+        self._cpu: int | None = None
+        self._worker_cpus: list[int | None] = [None] * len(self._slots)
+        if settings.pin_cpus:
+            cpu, worker_cpus = cpus.plan(len(self._slots))
+            self._cpu, self._worker_cpus = cpu, list(worker_cpus)
+            self._ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before its I/O thread
         self._auth = security.start_authenticator(self._ctx, self._links.curve)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._blobs: list[bytes] = []
@@ -225,6 +233,7 @@ class ParallelRunner:
             ordered=last.replicas > 1 and last.ordered,
             in_order=_in_order(self.units),
             curve=self._links.curve,
+            cpu=self._cpu,
         )
         sinks = zip(self._input_names(len(self.units), 0), collector.sink_endpoints, strict=True)
         for name, bound in sinks:
@@ -308,6 +317,7 @@ class ParallelRunner:
             drop_policy=unit.drop_policy,
             max_age=self.settings.max_age,
             curve=self._links.curve,
+            cpu=self._worker_cpus[index],
         )
         stdin = self._procs[index].stdin
         assert stdin is not None
@@ -691,11 +701,14 @@ class Collector(threading.Thread):
         ordered: bool = False,
         in_order: bool = True,
         curve: security.Curve | None = None,
+        cpu: int | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
         sequence order; ``in_order``: whether outputs arrive in input order at all;
-        ``curve``: bind as CURVE servers (the context's authenticator checks the clients)."""
+        ``curve``: bind as CURVE servers (the context's authenticator checks the clients);
+        ``cpu``: the CPU to run on (pin_cpus)."""
         super().__init__(name="pystream-collector", daemon=True)
+        self._cpu = cpu
         sinks = []
         self.sink_endpoints: list[str] = []  # as bound: tcp://HOST:* with the port chosen
         for endpoint in sink_endpoints:
@@ -792,6 +805,8 @@ class Collector(threading.Thread):
 
     # -- the thread ----------------------------------------------------------------------
     def run(self) -> None:
+        if self._cpu is not None:
+            cpus.pin_this_thread(self._cpu)
         poller = zmq.Poller()
         poller.register(self._wake_rx, zmq.POLLIN)
         if self._profile is not None:

@@ -4,6 +4,7 @@ runners."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,7 @@ class Pipeline:
         endpoint: str | None = None,
         curve: bool = False,
         insecure: bool = False,
+        pin_cpus: bool = False,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. ``hwm`` bounds each link's queue (backpressure). A worker that
@@ -150,13 +152,20 @@ class Pipeline:
         machine, on ports the OS chooses, instead of ipc files. ``curve=True``: encrypt and
         authenticate every link with CURVE, under a key pair made for this run. A HOST other
         machines can reach (not 127.0.0.0/8, ::1 or localhost) is refused with
-        ``SecurityError`` (a ``ValueError``) unless ``curve`` or ``insecure`` is given."""
+        ``SecurityError`` (a ``ValueError``) unless ``curve`` or ``insecure`` is given.
+
+        ``pin_cpus=True``: keep each worker process on one CPU, and this process's ZeroMQ
+        and collector threads on another, round-robin over the CPUs this process may use
+        (your own threads stay free). Worth it when the pipeline is the machine's main load
+        and there are about as many CPUs as workers; otherwise leave it off."""
         if hwm < 1:
             raise ValueError("hwm must be at least 1")
         _check_drop_policy(drop_policy, transport.DROP_POLICIES)
         if max_age is not None and not max_age > 0:
             raise ValueError(f"max_age must be a positive number of seconds, not {max_age!r}")
         links.check(endpoint, curve=curve, insecure=insecure)
+        if pin_cpus and not hasattr(os, "sched_setaffinity"):
+            raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")
         settings = ParallelSettings(
             block_input=block_input,
             input_timeout=input_timeout,
@@ -171,6 +180,7 @@ class Pipeline:
             endpoint=endpoint,
             curve=curve,
             insecure=insecure,
+            pin_cpus=pin_cpus,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

@@ -27,7 +27,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 import zmq
 
-from . import codec, profiler, security, transport
+from . import codec, cpus, profiler, security, transport
 from .errors import DecodeError, PyStreamError
 from .inputs import Inputs, Message
 from .outputs import Outputs
@@ -73,6 +73,7 @@ class WorkerSpec:
     first_seq: int | None = 0  # None for a restarted worker: it joins mid-stream
     replica: int | None = None  # which replica of its stage, for per-replica counters
     curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
+    cpu: int | None = None  # pin_cpus: the CPU this process runs on
 
 
 def _never() -> bool:
@@ -485,6 +486,8 @@ def _watch_stdin(
 def main() -> None:
     spec: WorkerSpec = pickle.loads(_read_part(sys.stdin.buffer))
     stages_blob = _read_part(sys.stdin.buffer)
+    if spec.cpu is not None:  # first, so that the threads started below inherit it
+        cpus.pin_this_thread(spec.cpu)
     sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
     logging.basicConfig(
         level=spec.log_level,

@@ -6,7 +6,7 @@ One command; every figure comes from the same run:
   hand-written pyzmq PUSH/PULL ipc chain forwarding raw frames (the ceiling), (b) the same
   chain decoding and re-encoding with msgpack-numpy, (c) a multiprocessing.Queue chain;
 - small messages (a dict of three scalars) through one stage, msgs/s, same baselines
-  (plain msgpack in (b));
+  (plain msgpack in (b)), and pystream_zmq with ``parallelize(pin_cpus=True)``;
 - latency p50/p99 per hop at a moderate rate (timestamps carried in the data);
 - two pure-Python stages: serial, parallel, two bare processes, thread-based PyStream;
 - replicas: one pure-Python stage with replicas=2 versus replicas=1;
@@ -59,6 +59,8 @@ SHAPE = (480, 720, 3)
 SMALL = {"a": 1, "b": 2.0, "c": "x"}
 TIMEOUT = 30.0  # any single blocking receive or join in a trial
 CHAINS = ["pystream_zmq", "zmq raw", "zmq msgpack", "mp.Queue"]
+PINNED = "pystream_zmq pinned"  # parallelize(pin_cpus=True): small messages only
+SMALL_CHAINS = [*CHAINS, PINNED]
 PURE = ["serial", "parallel", "bare 2 processes", "PyStream threads"]
 
 
@@ -253,13 +255,15 @@ class _PystreamChain(_Chain):
     """pystream_zmq itself; recv() works only one item at a time (get_results() returns
     the latest output), which is all the latency trial needs."""
 
-    def __init__(self, hops: int, hwm: int, stamp: bool) -> None:
+    def __init__(self, hops: int, hwm: int, stamp: bool, pin_cpus: bool = False) -> None:
         from pystream_zmq import Pipeline
 
         self.pipeline = Pipeline()
         for i in range(hops):
             self.pipeline.add(_stamp if stamp else _noop, f"Hop{i}")
-        self.pipeline.parallelize(block_output=True, output_timeout=TIMEOUT, hwm=hwm)
+        self.pipeline.parallelize(
+            block_output=True, output_timeout=TIMEOUT, hwm=hwm, pin_cpus=pin_cpus
+        )
 
     def send(self, item: dict[str, Any]) -> None:
         if not self.pipeline.forward(item):
@@ -288,8 +292,8 @@ def _join_or_terminate(procs: list[Any]) -> None:
 
 
 def _make_chain(variant: str, hops: int, hwm: int, payload: str, stamp: bool) -> _Chain:
-    if variant == "pystream_zmq":
-        return _PystreamChain(hops, hwm, stamp)
+    if variant in ("pystream_zmq", PINNED):
+        return _PystreamChain(hops, hwm, stamp, pin_cpus=variant == PINNED)
     if variant == "zmq raw":
         return _ZmqChain(hops, hwm, "raw", stamp)
     if variant == "zmq msgpack":
@@ -604,7 +608,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     rate = run_trial(spec)["rate"]
                     res["mb"].setdefault(hops, {}).setdefault(variant, []).append(rate)
         if "small" in args.sections:
-            for variant in order:
+            shift = r % len(SMALL_CHAINS)
+            for variant in SMALL_CHAINS[shift:] + SMALL_CHAINS[:shift]:
                 spec = {"kind": "throughput", "variant": variant, "payload": "small"}
                 spec |= {"hops": 1, "n": args.messages, "hwm": args.hwm}
                 res["small"].setdefault(variant, []).append(run_trial(spec)["rate"])
@@ -680,26 +685,26 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
         tables.append("1 MB frames, frames/s (median):\n\n" + "\n".join(table))
     if res["small"]:
         lines.append(f"small messages {SMALL}, one stage, msgs/s (median; runs)")
-        for variant in CHAINS:
+        for variant in SMALL_CHAINS:
             values = res["small"][variant]
-            lines.append(f"  {variant:13} {statistics.median(values):8.0f}  ({runs_text(values)})")
-        mine = res["small"]["pystream_zmq"]
-        for variant in ("zmq msgpack", "zmq raw", "mp.Queue"):
-            p, m = paired(mine, res["small"][variant])
-            label = f"small msgs: pystream_zmq / {variant}"
-            extra = f"  (ratio of medians {m:.2f})"
-            if variant == "zmq msgpack":
-                check(label, p, p >= 0.8, ">= 0.8", extra)
-            else:
-                verdicts.append(f"{label:44} = {p:8.2f}  (no target){extra}")
+            lines.append(f"  {variant:19} {statistics.median(values):8.0f}  ({runs_text(values)})")
+        for mine in ("pystream_zmq", PINNED):
+            for variant in ("zmq msgpack", "zmq raw", "mp.Queue"):
+                p, m = paired(res["small"][mine], res["small"][variant])
+                label = f"small msgs: {mine} / {variant}"
+                extra = f"  (ratio of medians {m:.2f})"
+                if variant == "zmq msgpack":
+                    check(label, p, p >= 0.8, ">= 0.8", extra)
+                else:
+                    verdicts.append(f"{label:44} = {p:8.2f}  (no target){extra}")
         tables.append(
-            "Small messages, one stage, msgs/s (median):\n\n"
-            + "| "
-            + " | ".join(CHAINS)
+            "Small messages, one stage, msgs/s (median; pinned: `parallelize(pin_cpus=True)`):"
+            + "\n\n| "
+            + " | ".join(SMALL_CHAINS)
             + " |\n"
-            + "|---" * len(CHAINS)
+            + "|---" * len(SMALL_CHAINS)
             + "|\n| "
-            + " | ".join(f"{statistics.median(res['small'][v]):.0f}" for v in CHAINS)
+            + " | ".join(f"{statistics.median(res['small'][v]):.0f}" for v in SMALL_CHAINS)
             + " |"
         )
     if res["latency"]:
@@ -854,7 +859,7 @@ def chart(res: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=8)
         else:
             data = res[key]
-            names = list(data) if key == "pure" else CHAINS
+            names = list(data) if key == "pure" else SMALL_CHAINS
             ax.bar(names, [statistics.median(data[n]) for n in names], color="C0")
             ax.set_title(
                 "small messages, one stage, msgs/s"
