@@ -304,6 +304,10 @@ def main() -> None:
         format="%(asctime)s %(levelname)s [profile writer pid %(process)d] %(name)s: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator decides, as for workers
+    # The lowest CPU priority: on a busy machine storing rows waits for idle time instead of
+    # taking it from the pipeline; its queues are bounded (see ProfileWriter and the
+    # workers' NOBLOCK sends), and what overflows is dropped and counted.
+    os.nice(19)
     finished = threading.Event()
     stdin_closed = threading.Event()
     threading.Thread(target=_watch_stdin, args=(finished, stdin_closed), daemon=True).start()
