@@ -3,7 +3,7 @@ CPU, and the orchestrator's helper threads (ZeroMQ's I/O thread and the collecto
 another, taken round-robin from the CPUs this process may use.
 
 Left to the scheduler, the threads of the two ends of a link wander between CPUs, and a
-small-item pipeline ran at 17-40k items/s from one start to the next; placed, at 41-43k
+small-item pipeline ran at 17-40k items/s from one start to the next; placed, at 39-47k
 every time. Placement helps only when the pipeline is the machine's main load and there
 are about as many CPUs as processes: otherwise pinned workers cannot move away from a busy
 CPU. The caller's own threads are never pinned.

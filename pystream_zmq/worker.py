@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<Q")
 _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
+_DISCONNECT_LOG_INTERVAL = 10.0  # seconds between two "input peer disconnected" lines
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
@@ -131,6 +132,7 @@ class Worker:
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
         self._counters_sent = time.monotonic()
+        self._next_disconnect_log = 0.0  # monotonic time from which one may be logged again
 
     def _bind_input(self, endpoint: str) -> zmq.Socket[Any]:
         pull = transport.make_socket(self.ctx, zmq.PULL, self.spec.hwm)
@@ -319,10 +321,16 @@ class Worker:
         while monitor.poll(0):
             monitor.recv_multipart()
             self.counters["input_disconnects"] += 1
-            log.info(
-                "an input peer disconnected (it left, or sent a frame over %d bytes)",
-                self.spec.max_message_bytes,
-            )
+            # At most a line per interval: a peer whose CURVE key is refused reconnects
+            # (and is dropped again) every 10-20 ms.
+            if time.monotonic() >= self._next_disconnect_log:
+                self._next_disconnect_log = time.monotonic() + _DISCONNECT_LOG_INTERVAL
+                log.info(
+                    "an input peer disconnected (it left, was refused, or sent a frame over "
+                    "%d bytes); %d so far",
+                    self.spec.max_message_bytes,
+                    self.counters["input_disconnects"],
+                )
 
     # -- control -------------------------------------------------------------------------
     def state(self) -> dict[str, dict[str, Any]]:
