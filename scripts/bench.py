@@ -42,6 +42,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -482,8 +483,12 @@ def trial_profiler(profiled: bool, payload: str, n: int) -> dict[str, Any]:
     import bench_profiler
     import numpy as np
 
+    from pystream_zmq import set_profiler_db_folder
+
     data = {"image": np.zeros(SHAPE, np.uint8)} if payload == "mb" else dict(SMALL)
-    rate, cpu_us = bench_profiler.rate(profiled, n, data, 3 if payload == "mb" else 1)
+    with tempfile.TemporaryDirectory(prefix="pystream-bench-") as folder:
+        set_profiler_db_folder(folder)  # not the user's own profile database
+        rate, cpu_us = bench_profiler.rate(profiled, n, data, 3 if payload == "mb" else 1)
     return {"rate": rate, "cpu_us": cpu_us}
 
 

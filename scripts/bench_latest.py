@@ -97,7 +97,12 @@ def main() -> None:
     parser.add_argument("--stage-b", type=float, default=0.03)
     parser.add_argument("--small", action="store_true", help="tiny items, not 1 MB frames")
     args = parser.parse_args()
-    pystream_zmq.set_profiler_db_folder(tempfile.mkdtemp(prefix="bench-latest-"))
+    with tempfile.TemporaryDirectory(prefix="bench-latest-") as folder:
+        pystream_zmq.set_profiler_db_folder(folder)  # a scratch database, removed at the end
+        compare_policies(args)
+
+
+def compare_policies(args: argparse.Namespace) -> None:
     floor = (args.stage_a + args.stage_b) * 1000
     print(
         f"stages {args.stage_a * 1000:g} + {args.stage_b * 1000:g} ms = {floor:g} ms, "

@@ -63,7 +63,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=600, help="1 MB frames per run")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    set_profiler_db_folder(tempfile.mkdtemp(prefix="pystream-bench-"))
+    with tempfile.TemporaryDirectory(prefix="pystream-bench-") as folder:
+        set_profiler_db_folder(folder)  # a scratch database, removed at the end
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     small = {"a": 1, "b": 2.5, "c": "three"}
     frame = {"image": np.zeros((480, 720, 3), np.uint8)}
     cases = {
