@@ -462,19 +462,19 @@ class ParallelRunner:
             return self._pending is None
 
     def _send_source(self, message: list[Any], deadline: _Deadline) -> bool:
-        """Send an item to the first stage, waiting for room up to the deadline in slices,
-        so a worker that can no longer be restarted ends the wait at once. copy=True: the
-        caller may reuse its arrays as soon as forward() returns."""
-        while not self._source.send(message, min(deadline.left_ms(), 100), copy=True):
-            if not deadline.left() or self._supervisor.failed is not None:
-                return False
-        return True
+        """Send an item to the first stage, waiting for room up to the deadline. copy=True:
+        the caller may reuse its arrays as soon as forward() returns."""
+        return self._in_slices(deadline, lambda ms: self._source.send(message, ms, copy=True))
 
     def _wait_writable(self, deadline: _Deadline, sock: zmq.Socket[Any]) -> bool:
-        """Wait for room in ``sock`` (to one replica of the first stage), in slices, so a
-        worker that can no longer be restarted ends the wait at once instead of at the
-        timeout."""
-        while not sock.poll(min(deadline.left_ms(), 100), zmq.POLLOUT):
+        """Wait for room in ``sock`` (to one replica of the first stage)."""
+        return self._in_slices(deadline, lambda ms: bool(sock.poll(ms, zmq.POLLOUT)))
+
+    def _in_slices(self, deadline: _Deadline, attempt: Callable[[int], bool]) -> bool:
+        """Retry ``attempt(timeout_ms)`` in slices of at most 100 ms until it succeeds or the
+        deadline passes, so a worker that can no longer be restarted ends the wait at once
+        instead of at the timeout."""
+        while not attempt(min(deadline.left_ms(), 100)):
             if not deadline.left() or self._supervisor.failed is not None:
                 return False
         return True

@@ -287,9 +287,9 @@ class Worker:
 
     def _send_to(self, outputs: Outputs, frames: list[Any], tracked: bool = True) -> bool:
         zero_copy = len(frames) > 1  # out-of-band arrays follow envelope and header
+        track = zero_copy and tracked
         outputs.wait_for_turn()  # with replicas downstream: keep their shares even
         while True:
-            track = zero_copy and tracked
             sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=track)
             if sent:
                 if track:
