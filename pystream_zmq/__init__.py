@@ -2,7 +2,7 @@
 ZeroMQ. Change ``from pystream import Pipeline, Stage`` to
 ``from pystream_zmq import Pipeline, Stage``."""
 
-from .errors import (
+from pystream_zmq.errors import (
     DecodeError,
     PipelineStateError,
     PyStreamError,
@@ -12,9 +12,9 @@ from .errors import (
     UnsupportedTypeError,
     WorkerStartupError,
 )
-from .pipeline import Pipeline
-from .profiler import get_profiler_db_folder, set_profiler_db_folder
-from .stage import MAIN_PIPELINE_NAME, Stage
+from pystream_zmq.pipeline import Pipeline
+from pystream_zmq.profiling.store import get_profiler_db_folder, set_profiler_db_folder
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Stage
 
 __all__ = [
     "MAIN_PIPELINE_NAME",

@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import links, profiler, report, transport
-from .errors import PipelineStateError, PyStreamError, StageNameError
-from .parallel import ParallelRunner, ParallelSettings, Unit
-from .serial import SerialRunner
-from .stage import (
+from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
+from pystream_zmq.orchestrator import links
+from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
+from pystream_zmq.plan import Plan, Unit, build_plan
+from pystream_zmq.profiling import report, store
+from pystream_zmq.serial import SerialRunner
+from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
     ON_ERROR_POLICIES,
     PATH_SEPARATOR,
@@ -24,6 +26,8 @@ from .stage import (
     StageChain,
     check_stage_name,
 )
+from pystream_zmq.stats import PipelineStats
+from pystream_zmq.wire import transport
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class Pipeline:
         self._runner: SerialRunner | ParallelRunner | None = None
         self._loop: _InputLoop | None = None
         self._drain_timeout = 10.0
-        self._writer: profiler.ProfileWriter | None = None
+        self._writer: store.ProfileWriter | None = None
         self._profile_run: tuple[Path, int] | None = None
 
     # -- building ------------------------------------------------------------------------
@@ -109,6 +113,18 @@ class Pipeline:
         """This pipeline as one stage of another. Serialized, it runs as one worker that
         executes its stages inline; parallelized, its stages join the parent's workers."""
         return PipelineStage(self)
+
+    def plan(self, *, drop_policy: str = transport.BLOCK, root: str = MAIN_PIPELINE_NAME) -> Plan:
+        """What ``parallelize(drop_policy=...)`` would run, as data: its units, processes
+        and links (see ``pystream_zmq.plan``). Nothing starts. ``root`` is the top level of
+        the profile paths. A parallelized child pipeline's stages join this plan as units of
+        their own; a serialized one is one unit."""
+        _check_drop_policy(drop_policy, transport.DROP_POLICIES)
+        raising = self._raising_paths(root, self.on_error)
+        link_policy = transport.LATEST if drop_policy == transport.LATEST else transport.BLOCK
+        units = list(self._units(root, raising, link_policy))
+        layout = [(root, "pipeline"), *((path, kind) for path, kind, _ in self._layout(root))]
+        return build_plan(units, layout)
 
     # -- starting ------------------------------------------------------------------------
     def serialize(self) -> Pipeline:
@@ -194,17 +210,14 @@ class Pipeline:
         for child in self._children():
             child._release()  # its stages now run under this pipeline
         self._mode = mode
-        raising = self._raising_paths(MAIN_PIPELINE_NAME, self.on_error)
-        link_policy = transport.BLOCK
-        if settings is not None and settings.drop_policy == transport.LATEST:
-            link_policy = transport.LATEST
         record = self._open_profile_run(mode)
         try:
             if settings is None:
+                raising = self._raising_paths(MAIN_PIPELINE_NAME, self.on_error)
                 self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record, raising)
             else:
                 self._runner = ParallelRunner(
-                    list(self._units(MAIN_PIPELINE_NAME, raising, link_policy)), settings, record
+                    self.plan(drop_policy=settings.drop_policy), settings, record
                 )
         except BaseException:
             self._close_profile()
@@ -222,6 +235,12 @@ class Pipeline:
     def get_results(self) -> Any:
         """The latest output, never the same one twice; None when there is nothing new."""
         return self._running().get_results()
+
+    def stats(self) -> PipelineStats:
+        """What the running pipeline has done: items forwarded, delivered, dropped and lost
+        (by sequence number), each worker's pid and restarts, each stage's counters, and
+        where its links are bound. Asks each worker for its counters (up to 1 s each)."""
+        return self._running().stats()
 
     def start_loop(self, period: float = 0.01) -> None:
         """Forward the input generator's data every ``period`` seconds, in a thread."""
@@ -288,7 +307,7 @@ class Pipeline:
         if self._profile_run is None:
             return {}, {}
         self._flush_profile()
-        return profiler.read_profiles(*self._profile_run)
+        return store.read_profiles(*self._profile_run)
 
     def get_profile_report(self) -> report.ProfileReport | None:
         """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,
@@ -307,16 +326,16 @@ class Pipeline:
         if self._writer is not None:
             self._writer.flush()
 
-    def _open_profile_run(self, mode: str) -> profiler.RunRecorder | None:
+    def _open_profile_run(self, mode: str) -> store.RunRecorder | None:
         if not self.use_profiler:
             return None
-        db_path = profiler.profiler_db_path()
-        writer = profiler.ProfileWriter(db_path)
+        db_path = store.profiler_db_path()
+        writer = store.ProfileWriter(db_path)
         layout = [(MAIN_PIPELINE_NAME, "pipeline")]
         layout += [(path, kind) for path, kind, _ in self._layout(MAIN_PIPELINE_NAME)]
         run_id = writer.start_run(MAIN_PIPELINE_NAME, mode, layout)
         self._writer, self._profile_run = writer, (db_path, run_id)
-        return profiler.RunRecorder(writer, run_id)
+        return store.RunRecorder(writer, run_id)
 
     def _close_profile(self) -> None:
         writer, self._writer = self._writer, None
@@ -349,7 +368,7 @@ class Pipeline:
             mine = self._stage_drop_policy.get(name, policy)
             replicas, ordered = self._stage_replicas.get(name, (1, True))
             if not isinstance(stage, PipelineStage):
-                yield Unit(path, [(path, stage)], raising & {path}, mine, replicas, ordered)
+                yield Unit(path, ((path, stage),), raising & {path}, mine, replicas, ordered)
             elif stage.pipeline._mode == "parallel":
                 if replicas > 1:
                     raise ValueError(
@@ -358,7 +377,7 @@ class Pipeline:
                     )
                 yield from stage.pipeline._units(path, raising, mine)
             else:
-                leaves = stage.pipeline._leaves(path)
+                leaves = tuple(stage.pipeline._leaves(path))
                 raise_on = raising & {leaf_path for leaf_path, _ in leaves}
                 yield Unit(path, leaves, raise_on, mine, replicas, ordered)
 

@@ -7,9 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import StageError
-from .profiler import RunRecorder
-from .stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
+from pystream_zmq.errors import StageError
+from pystream_zmq.profiling.store import RunRecorder
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
+from pystream_zmq.stats import PipelineStats
 
 _COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a counters snapshot
 
@@ -53,6 +54,19 @@ class SerialRunner:
                 return None
             latest, self._latest, self._has_new = self._latest, None, False
             return latest
+
+    def stats(self) -> PipelineStats:
+        with self._run_lock:
+            errors = {path: {"stage_errors": n} for path, n in self._chain.errors.items()}
+            dropped = self._next_seq - self._delivered  # a stage raised on each of them
+            return PipelineStats(
+                mode="serial",
+                forwarded=self._next_seq,
+                delivered=self._delivered,
+                dropped=dropped,
+                out=self._next_seq,
+                stages=errors,
+            )
 
     def flush_events(self) -> None:
         with self._run_lock:

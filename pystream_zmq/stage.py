@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StageNameError
+from pystream_zmq.errors import StageNameError
 
 MAIN_PIPELINE_NAME = "MainPipeline"
 PATH_SEPARATOR = "__"

@@ -22,7 +22,9 @@ import time
 import numpy as np
 
 import pystream_zmq
-from pystream_zmq import Pipeline, profiler, report
+from pystream_zmq import Pipeline
+from pystream_zmq.profiling import report
+from pystream_zmq.profiling import store as profiler
 
 
 class Work:

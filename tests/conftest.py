@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 import pystream_zmq
-from pystream_zmq import profiler
+from pystream_zmq.profiling import store as profiler
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:

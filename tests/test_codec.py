@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgpack import ExtType, packb
 
-from pystream_zmq.codec import (
+from pystream_zmq.errors import DecodeError, UnsupportedTypeError
+from pystream_zmq.wire.codec import (
     DEFAULT_MAX_CONTAINER_LEN,
     EXT_ARRAY,
     EXT_BUFFER,
@@ -32,7 +33,6 @@ from pystream_zmq.codec import (
     decode,
     encode,
 )
-from pystream_zmq.errors import DecodeError, UnsupportedTypeError
 
 ROUND_TRIP = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

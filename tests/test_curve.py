@@ -30,8 +30,11 @@ from click.testing import CliRunner
 from conftest import wait_until
 from zmq.utils.monitor import recv_monitor_message
 
-from pystream_zmq import Pipeline, SecurityError, cli, codec, security, transport, worker_cli
-from pystream_zmq.profiler import DB_FILENAME, unpack_events
+from pystream_zmq import Pipeline, SecurityError
+from pystream_zmq.cli import main as cli
+from pystream_zmq.cli import worker as worker_cli
+from pystream_zmq.profiling.store import DB_FILENAME, unpack_events
+from pystream_zmq.wire import codec, security, transport
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

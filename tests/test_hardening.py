@@ -32,10 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stages import add_one
 
-from pystream_zmq import Pipeline, codec, profiler, transport
+from pystream_zmq import Pipeline
 from pystream_zmq.errors import DecodeError
-from pystream_zmq.parallel import Collector
-from pystream_zmq.worker import Worker, WorkerSpec
+from pystream_zmq.orchestrator.runner import Collector
+from pystream_zmq.profiling import store as profiler
+from pystream_zmq.wire import codec, transport
+from pystream_zmq.worker.loop import Worker, WorkerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -389,7 +391,7 @@ def test_collector_counts_garbage_on_sink_and_profile_sockets(
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
     try:
-        with caplog.at_level(logging.WARNING, "pystream_zmq.parallel"):
+        with caplog.at_level(logging.WARNING, "pystream_zmq.orchestrator"):
             for frames in MESSAGES.values():
                 data.send_multipart(frames)
             data.send_multipart(good_message(1))
@@ -445,7 +447,7 @@ def test_garbage_replies_on_the_control_socket_do_not_break_the_orchestrator(
             rogues.append(rogue)
         assert pipeline.forward({"x": 1})
         assert pipeline.get_results() == {"x": 2}
-        with caplog.at_level(logging.WARNING, "pystream_zmq.parallel"):
+        with caplog.at_level(logging.WARNING, "pystream_zmq.orchestrator"):
             pipeline.cleanup()
         assert "ignored a control message from unknown peer" in caplog.text
     finally:
@@ -472,7 +474,8 @@ for name in ("loads", "load"):
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import test_hardening as th
 import zmq
-from pystream_zmq import codec, profiler
+from pystream_zmq.wire import codec
+from pystream_zmq.profiling import store as profiler
 from pystream_zmq.errors import DecodeError
 
 ctx = zmq.Context()

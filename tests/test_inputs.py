@@ -9,8 +9,8 @@ import pytest
 import zmq
 from conftest import wait_until
 
-from pystream_zmq import transport
-from pystream_zmq.inputs import Inputs
+from pystream_zmq.wire import transport
+from pystream_zmq.wire.inputs import Inputs
 
 
 @pytest.fixture

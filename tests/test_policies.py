@@ -9,7 +9,7 @@ import stages
 from conftest import wait_until
 
 from pystream_zmq import Pipeline
-from pystream_zmq.parallel import ParallelRunner
+from pystream_zmq.orchestrator.runner import ParallelRunner
 
 MAIN = "MainPipeline"
 
@@ -103,7 +103,7 @@ def test_a_stage_can_set_the_policy_of_its_own_input_link() -> None:
     pipeline.add(stages.add_one, "First")
     pipeline.add(stages.add_one, "Live", drop_policy="latest")
     pipeline.add(child.as_stage(), "Child", drop_policy="latest")
-    units = pipeline._units(MAIN, frozenset(), "block")
+    units = pipeline.plan().units
     assert [(u.name, u.drop_policy) for u in units] == [
         (f"{MAIN}__First", "block"),
         (f"{MAIN}__Live", "latest"),

@@ -18,9 +18,11 @@ from click.testing import CliRunner
 from conftest import wait_until
 
 import pystream_zmq
-from pystream_zmq import Pipeline, profile_cli, profiler
-from pystream_zmq.cli import main as cli
-from pystream_zmq.report import ProfileReport
+from pystream_zmq import Pipeline
+from pystream_zmq.cli.main import main as cli
+from pystream_zmq.cli import profile as profile_cli
+from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.report import ProfileReport
 
 MAIN = "MainPipeline"
 PATHS = [MAIN, f"{MAIN}__Sleep5", f"{MAIN}__Sleep10", f"{MAIN}__Fail"]
@@ -150,7 +152,7 @@ def test_profile_plot_writes_a_png(profiled_run: tuple[Path, Any], tmp_path: Pat
 def test_plot_without_matplotlib_says_how_to_install(
     profiled_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for module in ("matplotlib", "matplotlib.figure", "pystream_zmq.plot"):
+    for module in ("matplotlib", "matplotlib.figure", "pystream_zmq.profiling.plot"):
         monkeypatch.setitem(sys.modules, module, None)  # None: importing it raises
     png = tmp_path / "profile.png"
     out = CliRunner().invoke(cli, ["profile", str(profiled_run[0]), "--plot", str(png)])

@@ -8,7 +8,8 @@ import time
 
 import psutil
 
-from pystream_zmq import Pipeline, profiler
+from pystream_zmq import Pipeline
+from pystream_zmq.profiling import store as profiler
 from tests import stages
 
 ITEMS = 300
@@ -25,7 +26,7 @@ def _profiled(**settings: float) -> Pipeline:
 def test_every_event_and_counter_is_stored_by_cleanup() -> None:
     pipeline = _profiled()
     try:
-        writers = [p for p in psutil.Process().children() if "profile_process" in str(p.cmdline())]
+        writers = [p for p in psutil.Process().children() if "writer_process" in str(p.cmdline())]
         assert len(writers) == 1
         for x in range(ITEMS):
             assert pipeline.forward({"x": x})

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pystream_zmq import profiler
 from pystream_zmq.errors import DecodeError
-from pystream_zmq.profiler import (
+from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.store import (
     MAIN_PIPELINE_NAME,
     PROFILE_DIR_ENV,
     Event,

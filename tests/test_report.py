@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import stages
 
-from pystream_zmq import Pipeline, profiler, report
-from pystream_zmq.profiler import MAIN_PIPELINE_NAME, Event, ProfileWriter
+from pystream_zmq import Pipeline
+from pystream_zmq.profiling import report
+from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.store import MAIN_PIPELINE_NAME, Event, ProfileWriter
 
 MAIN = MAIN_PIPELINE_NAME
 A, B = f"{MAIN}__A", f"{MAIN}__B"

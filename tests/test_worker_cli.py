@@ -23,8 +23,10 @@ import stages
 from click.testing import CliRunner
 from conftest import wait_until
 
-from pystream_zmq import Pipeline, cli, worker_cli
-from pystream_zmq.profiler import DB_FILENAME, read_profiles
+from pystream_zmq import Pipeline
+from pystream_zmq.cli import main as cli
+from pystream_zmq.cli import worker as worker_cli
+from pystream_zmq.profiling.store import DB_FILENAME, read_profiles
 from services import demo, vision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +64,7 @@ def free_port_range(count: int) -> int:
         (["stage", "services.demo:no_such", *ENDPOINTS], worker_cli.EXIT_IMPORT,
          "has no attribute 'no_such'"),
         (["stage", "services.demo", *ENDPOINTS], worker_cli.EXIT_IMPORT, "is not MODULE:ATTR"),
-        (["stage", "pystream_zmq.transport:KIND_EOS", *ENDPOINTS], worker_cli.EXIT_IMPORT,
+        (["stage", "pystream_zmq.wire.transport:KIND_EOS", *ENDPOINTS], worker_cli.EXIT_IMPORT,
          "int is not callable"),
         (["stage", "services.demo:DummyStage", *ENDPOINTS], worker_cli.EXIT_IMPORT,
          "missing 1 required positional argument: 'name'"),

@@ -24,7 +24,8 @@ import msgpack_numpy
 import numpy as np
 from msgpack import ExtType, packb
 
-from pystream_zmq import codec, profiler, transport
+from pystream_zmq.profiling import store as profiler
+from pystream_zmq.wire import codec, transport
 
 HERE = Path(__file__).resolve().parent
 ENVELOPE = transport.pack_envelope(transport.KIND_DATA, 7, 1.0)

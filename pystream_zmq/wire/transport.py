@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from .errors import DecodeError
+from pystream_zmq.errors import DecodeError
 
 DEFAULT_HWM = 2
 RECONNECT_IVL_MS = 10
@@ -68,6 +68,7 @@ STATE = b"state"  # + 8-byte LE count of profile events sent + codec frames of {
 BYE = b"bye"  # + codec frames of the worker's counters
 # orchestrator -> worker
 GET_STATE = b"get-state"
+GET_COUNTERS = b"get-counters"  # reply COUNTERS + codec frames of the worker's counters
 CLEANUP = b"cleanup"  # run every stage's cleanup(), then reply STATE
 STOP = b"stop"  # flush profile events, reply BYE, wait for stdin to close
 

@@ -36,8 +36,8 @@ from typing import Protocol, cast
 import msgpack
 import numpy as np
 
-from .errors import DecodeError, PyStreamError
-from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, Event
+from pystream_zmq.errors import DecodeError, PyStreamError
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, Event
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 import click
 import zmq
 
-from . import codec, profiler, security, standalone, transport
-from .loader import LoadError, build, load, parse_params
-from .pipeline import Pipeline
-from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
-from .worker import WorkerSpec
+from pystream_zmq.cli.loader import LoadError, build, default_name, load, parse_params
+from pystream_zmq.pipeline import Pipeline
+from pystream_zmq.profiling import store
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
+from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.worker import standalone
+from pystream_zmq.worker.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +281,7 @@ def _stage_options(f: _F) -> _F:
 def stage(verbose: bool, ref: str, **opts: Any) -> int:
     """Run one stage: a function, a Stage class (built from the params) or a factory."""
     obj = _build(verbose, ref, opts)
-    name = _name(opts["name"], getattr(obj, "name", None), ref)
+    name = _name(opts["name"], obj, ref)
     path = MAIN_PIPELINE_NAME + PATH_SEPARATOR + name
     return _serve_worker(verbose, name, [(path, obj)], opts)
 
@@ -295,7 +297,7 @@ def pipeline_(verbose: bool, ref: str, **opts: Any) -> int:
     if not isinstance(made, Pipeline):
         raise _LoadFailed(f"{ref}: returned a {type(made).__name__}, not a Pipeline")
     name = _name(opts["name"], None, ref)
-    leaves = made._leaves(MAIN_PIPELINE_NAME + PATH_SEPARATOR + name)
+    leaves = made.plan(root=MAIN_PIPELINE_NAME + PATH_SEPARATOR + name).leaves()
     if not leaves:
         raise _LoadFailed(f"{ref}: the pipeline has no stages")
     return _serve_worker(verbose, name, leaves, opts)
@@ -364,7 +366,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
 )
 @_opt(
     "--profile-dir",
-    envvar=profiler.PROFILE_DIR_ENV,
+    envvar=store.PROFILE_DIR_ENV,
     type=click.Path(file_okay=False),
     help="Folder of profiles.sqlite3 (default: as `pystream profile` reads).",
 )
@@ -425,9 +427,9 @@ def sink(verbose: bool, **opts: Any) -> int:
         for name in names:
             for level in name.split(PATH_SEPARATOR):
                 _check_name(level, " (in --stages)")
-        folder = opts["profile_dir"] or profiler.get_profiler_db_folder()
+        folder = opts["profile_dir"] or store.get_profiler_db_folder()
         profile = standalone.ProfileTarget(
-            Path(folder) / profiler.DB_FILENAME, opts["run_name"], names
+            Path(folder) / store.DB_FILENAME, opts["run_name"], names
         )
     on_latest = None
     if opts["save_latest"]:
@@ -484,12 +486,11 @@ def _check_name(name: str, hint: str = "") -> str:
         raise click.UsageError(f"{e}{hint}") from e
 
 
-def _name(given: str | None, own: object, ref: str) -> str:
+def _name(given: str | None, obj: object, ref: str) -> str:
     """--name, else the stage's own name attribute, else ATTR."""
     if given:
         return _check_name(given)
-    name = own if isinstance(own, str) else ref.rpartition(":")[2].rpartition(".")[2]
-    return _check_name(name, " (choose another with --name)")
+    return _check_name(default_name(obj, ref), " (choose another with --name)")
 
 
 def _pull_endpoints(opts: dict[str, Any]) -> list[str]:

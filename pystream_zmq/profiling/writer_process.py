@@ -18,11 +18,9 @@ the answer is not lost with its socket.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,9 +31,11 @@ from typing import Any, TypeGuard
 import msgpack
 import zmq
 
-from . import codec, profiler, transport
-from .errors import DecodeError, WorkerStartupError
-from .stage import MAIN_PIPELINE_NAME, Event
+from pystream_zmq import child
+from pystream_zmq.errors import DecodeError, WorkerStartupError
+from pystream_zmq.profiling import store
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event
+from pystream_zmq.wire import codec, transport
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ FLUSHED = b"flushed"
 _RECEIVE, _FLUSH, _CLOSE = 0, 1, 2  # what a flush request waits for: ends, + stored, + closed
 _HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
 _EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
-EXIT_ORPHANED = 3
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-_MAIN = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-    f"from pystream_zmq.profile_process import main; sys.path.remove({_PACKAGE_ROOT!r}); main()"
-)
 
 
 def is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
@@ -86,10 +80,8 @@ class ProfileProcess:
         self._closed = False
         args = [str(db_path), str(run_id), endpoint, reply_endpoint]
         level = str(logging.getLogger("pystream_zmq").getEffectiveLevel())
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _MAIN, *args, level], stdin=subprocess.PIPE
-        )
-        self._finalizer = weakref.finalize(self, _stop, self._proc, 1.0)
+        self._proc = child.start(__name__, *args, level)
+        self._finalizer = weakref.finalize(self, child.stop, [self._proc], 1.0)
 
     def wait_ready(self, timeout: float) -> None:
         """The readiness handshake (a flush), separate so that it overlaps the workers'
@@ -107,7 +99,7 @@ class ProfileProcess:
         return self._remote[0]
 
     def events(self, events: list[Event]) -> bool:
-        message = [transport.EVENTS, profiler.pack_events(events)]
+        message = [transport.EVENTS, store.pack_events(events)]
         with self._lock:
             if not self._closed:
                 try:
@@ -119,7 +111,7 @@ class ProfileProcess:
             self._local_dropped += len(events)
             return False
 
-    def counters(self, counters: profiler.Counters) -> bool:
+    def counters(self, counters: store.Counters) -> bool:
         """Send a snapshot; MainPipeline's dropped_events gets the process's drops added."""
         message = [transport.COUNTERS, *codec.encode(dict(counters))]
         with self._lock:
@@ -149,7 +141,7 @@ class ProfileProcess:
             with self._lock:
                 self._closed = True
         self._finalizer.detach()
-        _stop(self._proc, max(0.0, deadline - time.monotonic()))
+        child.stop([self._proc], max(0.0, deadline - time.monotonic()))
         self._push.close(linger=0)
         self._reply.close(linger=0)
         if self.dropped_events:
@@ -161,7 +153,7 @@ class ProfileProcess:
         with self._lock:
             self._closed = True
         self._finalizer.detach()
-        _stop(self._proc, 0.0)
+        child.stop([self._proc], 0.0)
         self._push.close(linger=0)
         self._reply.close(linger=0)
 
@@ -193,24 +185,9 @@ class ProfileProcess:
             return None
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """Close stdin (the process's cue to exit), then terminate and kill if it lingers."""
-    if proc.stdin is not None and not proc.stdin.closed:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-    for step in (None, subprocess.Popen.terminate, subprocess.Popen.kill):
-        if step is not None and proc.poll() is None:
-            step(proc)
-        try:
-            proc.wait(grace if step is None else 1.0)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 # -- the process -----------------------------------------------------------------------------
 class _Server:
-    def __init__(self, writer: profiler.ProfileWriter, run_id: int) -> None:
+    def __init__(self, writer: store.ProfileWriter, run_id: int) -> None:
         self.writer = writer
         self.run_id = run_id
         self.ends = 0
@@ -222,7 +199,7 @@ class _Server:
         kind = message[0]
         try:
             if kind == transport.EVENTS and len(message) == 2:
-                events = profiler.unpack_events(message[1])
+                events = store.unpack_events(message[1])
                 self.received += len(events)
                 self.writer.submit(self.run_id, events)
             elif kind == transport.COUNTERS:
@@ -251,7 +228,7 @@ def serve(
 ) -> None:
     """Store what arrives until a flush request asks to close (then set ``finished``)."""
     ctx: zmq.Context[Any] = zmq.Context()
-    writer = profiler.ProfileWriter(db_path)
+    writer = store.ProfileWriter(db_path)
     try:
         pull = transport.make_socket(ctx, zmq.PULL, _HWM)
         pull.bind(endpoint)
@@ -289,34 +266,20 @@ def serve(
         writer.close(1.0)
 
 
-def _watch_stdin(finished: threading.Event, stdin_closed: threading.Event) -> None:
-    sys.stdin.buffer.read()  # returns only at EOF
-    stdin_closed.set()
-    if not finished.is_set():
-        log.warning("orchestrator has gone away; exiting")
-        os._exit(EXIT_ORPHANED)
-
-
 def main() -> None:
     db_path, run_id, endpoint, reply_endpoint, level = sys.argv[1:]
-    logging.basicConfig(
-        level=int(level),
-        format="%(asctime)s %(levelname)s [profile writer pid %(process)d] %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=int(level), format=child.log_format("profile writer"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator decides, as for workers
     # The lowest CPU priority: on a busy machine storing rows waits for idle time instead of
     # taking it from the pipeline; its queues are bounded (see ProfileWriter and the
     # workers' NOBLOCK sends), and what overflows is dropped and counted.
     os.nice(19)
-    finished = threading.Event()
-    stdin_closed = threading.Event()
-    threading.Thread(target=_watch_stdin, args=(finished, stdin_closed), daemon=True).start()
+    parent = child.ParentWatch()
     code = 0
     try:
-        serve(Path(db_path), int(run_id), endpoint, reply_endpoint, finished)
-        stdin_closed.wait(_EXIT_GRACE)
+        serve(Path(db_path), int(run_id), endpoint, reply_endpoint, parent.finished)
+        parent.stdin_closed.wait(_EXIT_GRACE)
     except Exception:
         log.exception("the profile writer failed")
         code = 1
-    logging.shutdown()
-    os._exit(code)  # the stdin watcher is still blocked in read()
+    child.leave(code)

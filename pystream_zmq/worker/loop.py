@@ -11,7 +11,6 @@ same ``Worker`` loop standalone, without a control channel.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import shutil
 import signal
@@ -27,11 +26,13 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 import zmq
 
-from . import codec, cpus, profiler, security, transport
-from .errors import DecodeError, PyStreamError
-from .inputs import Inputs, Message
-from .outputs import Outputs
-from .stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq import child, cpus
+from pystream_zmq.errors import DecodeError, PyStreamError
+from pystream_zmq.profiling import store
+from pystream_zmq.stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire.inputs import Inputs, Message
+from pystream_zmq.wire.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ _DISCONNECT_LOG_INTERVAL = 10.0  # seconds between two "input peer disconnected"
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
-EXIT_ORPHANED = 3
 
 
 @dataclass
@@ -175,12 +175,10 @@ class Worker:
             pass
 
     # -- profile events ------------------------------------------------------------------
-    def _send_events(self, events: list[profiler.Event]) -> None:
+    def _send_events(self, events: list[store.Event]) -> None:
         assert self.profile is not None
         try:
-            self.profile.send_multipart(
-                [transport.EVENTS, profiler.pack_events(events)], zmq.NOBLOCK
-            )
+            self.profile.send_multipart([transport.EVENTS, store.pack_events(events)], zmq.NOBLOCK)
             self.events_sent += len(events)
         except zmq.Again:  # the collector is behind: drop rather than stall the data path
             self.counters["dropped_events"] += len(events)
@@ -360,6 +358,8 @@ class Worker:
                 self.events.flush()
             sent = self.events_sent.to_bytes(8, "little")  # for the flush barrier
             control.send_multipart([transport.STATE, sent, *codec.encode(self.state())])
+        elif command == transport.GET_COUNTERS:
+            control.send_multipart([transport.COUNTERS, *codec.encode(self.counter_snapshot())])
         elif command == transport.STOP:
             return False
         else:
@@ -478,42 +478,19 @@ def serve(
         ctx.destroy(linger=0)
 
 
-def _watch_stdin(
-    finished: threading.Event, stdin_closed: threading.Event, ipc_dir: str | None
-) -> None:
-    sys.stdin.buffer.read()  # returns only at EOF
-    stdin_closed.set()
-    if not finished.is_set():
-        # The orchestrator vanished mid-run: nobody will read our output, so do not linger.
-        log.warning("orchestrator has gone away; exiting")
-        if ipc_dir is not None:  # it cannot remove its socket files any more
-            shutil.rmtree(ipc_dir, ignore_errors=True)
-        os._exit(EXIT_ORPHANED)
-
-
 def main() -> None:
     spec: WorkerSpec = pickle.loads(_read_part(sys.stdin.buffer))
     stages_blob = _read_part(sys.stdin.buffer)
     if spec.cpu is not None:  # first, so that the threads started below inherit it
         cpus.pin_this_thread(spec.cpu)
     sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s [{spec.name} pid %(process)d] %(name)s: %(message)s",
-    )
-    finished = threading.Event()
-    stdin_closed = threading.Event()
+    logging.basicConfig(level=spec.log_level, format=child.log_format(spec.name))
     # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
     # happens, and it stops its workers through the control channel or by closing stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    watcher_args = (finished, stdin_closed, spec.ipc_dir)
-    threading.Thread(target=_watch_stdin, args=watcher_args, daemon=True).start()
-    code = serve(spec, stages_blob, finished, stdin_closed)
-    logging.shutdown()
-    # os._exit: the stdin watcher thread is still blocked in read(), and a normal
-    # interpreter shutdown aborts on the lock that read() holds.
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    main()
+    ipc_dir = spec.ipc_dir
+    # An orphan removes the orchestrator's socket files, which nobody else will now.
+    parent = child.ParentWatch(
+        on_orphaned=None if ipc_dir is None else lambda: shutil.rmtree(ipc_dir, True)
+    )
+    child.leave(serve(spec, stages_blob, parent.finished, parent.stdin_closed))

@@ -29,7 +29,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from .errors import SecurityError
+from pystream_zmq.errors import SecurityError
 
 if TYPE_CHECKING:  # imports asyncio: only processes that use CURVE pay for it
     from zmq.auth.thread import ThreadAuthenticator

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import report
-from .profiler import DB_FILENAME, get_profiler_db_folder
-from .report import ProfileNotFoundError, ProfileReport, StageReport
+from pystream_zmq.profiling import report
+from pystream_zmq.profiling.report import ProfileNotFoundError, ProfileReport, StageReport
+from pystream_zmq.profiling.store import DB_FILENAME, get_profiler_db_folder
 
 PLOT_HINT = "--plot needs matplotlib: pip install 'pystream-zmq[plot]'"
 _CSV_FIELDS = [f.name for f in dataclasses.fields(StageReport) if f.name != "counters"]
@@ -74,7 +74,7 @@ def profile(
 
 def _plot(db: Path, run_id: int | None, out: Path) -> None:
     try:
-        from .plot import plot_run
+        from pystream_zmq.profiling.plot import plot_run
     except ImportError:
         raise click.ClickException(PLOT_HINT) from None
     plot_run(report.load_run(db, run_id), out)

@@ -19,8 +19,8 @@ from typing import Any
 
 import zmq
 
-from . import transport
-from .errors import DecodeError
+from pystream_zmq.errors import DecodeError
+from pystream_zmq.wire import transport
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .report import RunData
-from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
+from pystream_zmq.profiling.report import RunData
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 
 
 def plot_run(run: RunData, out: str | Path) -> None:

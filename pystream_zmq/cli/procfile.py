@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
-from .loader import LoadError, load, reference
-from .parallel import Unit, check_order
-from .pipeline import Pipeline, PipelineStage
+from pystream_zmq.cli.loader import LoadError, default_name, load, reference
+from pystream_zmq.pipeline import Pipeline
+from pystream_zmq.stage import PATH_SEPARATOR
 
 _WORKER = "pystream-worker"
 
@@ -39,53 +39,49 @@ def procfile(
     """The Procfile text; raises LoadError for what cannot be imported by name."""
     if pipeline.input_generator is None:
         raise LoadError("the pipeline has no input_generator to run as the source")
-    entries = pipeline._entries
-    for name, stage in entries:
-        if isinstance(stage, PipelineStage):
+    planned = pipeline.plan()
+    for unit in planned.units:
+        if len(unit.leaves) != 1 or unit.leaves[0][0] != unit.name or _depth(unit.name) > 1:
             raise LoadError(
-                f"{name} is a sub-pipeline; those cannot be written to a Procfile "
-                "yet (run one by hand with `pystream-worker pipeline`)"
+                f"{_stage_name(unit.name)} is a sub-pipeline; those cannot be written to a "
+                "Procfile yet (run one by hand with `pystream-worker pipeline`)"
             )
+    port = {
+        name: f"tcp://{host}:{base_port + 1 + i}" for i, name in enumerate(planned.link_names())
+    }
 
-    replicas = [pipeline._stage_replicas.get(name, (1, True)) for name, _ in entries]
-    check_order(
-        [
-            Unit(name, [], replicas=n, ordered=o)
-            for (name, _), (n, o) in zip(entries, replicas, strict=True)
-        ]
-    )
-    ports = _Ports(host, base_port, [n for n, _ in replicas])
+    def push(args: list[str], names: Sequence[str]) -> list[str]:
+        return args + [arg for name in names for arg in ("--push", port[name])]
 
-    def push(args: list[str], endpoints: list[str]) -> list[str]:
-        return args + [arg for endpoint in endpoints for arg in ("--push", endpoint)]
+    def pull(args: list[str], names: Sequence[str], ordered: bool) -> list[str]:
+        args = args + [arg for name in names for arg in ("--pull", port[name])]
+        return args if ordered or len(names) == 1 else [*args, "--unordered"]
 
-    def pull(args: list[str], endpoints: list[str], ordered: bool) -> list[str]:
-        args = args + [arg for endpoint in endpoints for arg in ("--pull", endpoint)]
-        return args if ordered or len(endpoints) == 1 else [*args, "--unordered"]
-
-    profile = ["--profile", ports.profile] if pipeline.use_profiler else []
+    profile_endpoint = f"tcp://{host}:{base_port}"
+    profile = ["--profile", profile_endpoint] if pipeline.use_profiler else []
     ref, params = reference(pipeline.input_generator)
     source = ["source", ref, *_params(params), "--period", f"{period:g}"]
-    lines = [("source", push(source, ports.outputs(-1, 0)))]
-    for index, (name, stage) in enumerate(entries):
+    lines = [("source", push(source, planned.source_connects))]
+    for process in planned.processes:
+        unit = planned.units[process.unit]
+        name, stage = _stage_name(unit.name), unit.leaves[0][1]
         ref, params = reference(stage)
         args = ["stage", ref, *_params(params)]
-        own = getattr(stage, "name", None)
-        if name != (own if isinstance(own, str) else ref.rpartition(".")[2].rpartition(":")[2]):
+        if name != default_name(stage, ref):
             args += ["--name", name]
-        count = replicas[index][0]
-        upstream_ordered = index == 0 or replicas[index - 1][1]
-        for replica in range(count):
-            mine = pull(args, ports.inputs(index, replica), upstream_ordered)
-            mine = push(mine, ports.outputs(index, replica)) + profile
-            if count > 1:
-                mine += ["--replica", str(replica)]
-            process = _process_name(name) + (f"_{replica}" if count > 1 else "")
-            lines.append((process, mine))
-    sink = pull(["sink"], ports.inputs(len(entries), 0), not entries or replicas[-1][1])
+        upstream_ordered = process.unit == 0 or planned.units[process.unit - 1].ordered
+        mine = pull(args, process.binds, upstream_ordered)
+        mine = push(mine, process.connects) + profile
+        entry = _process_name(name)
+        if unit.replicas > 1:
+            mine += ["--replica", str(process.replica)]
+            entry += f"_{process.replica}"
+        lines.append((entry, mine))
+    last_ordered = not planned.units or planned.units[-1].ordered
+    sink = pull(["sink"], planned.sink_binds, last_ordered)
     if pipeline.use_profiler:
-        stages = ",".join(name for name, _ in entries)
-        sink += ["--profile-pull", ports.profile, "--run-name", run_name, "--stages", stages]
+        stages = ",".join(_stage_name(unit.name) for unit in planned.units)
+        sink += ["--profile-pull", profile_endpoint, "--run-name", run_name, "--stages", stages]
     if save_latest:
         sink += ["--save-latest", save_latest]
     lines.append(("sink", sink))
@@ -94,29 +90,13 @@ def procfile(
     return "\n".join([f"# {header}", *body]) + "\n"
 
 
-class _Ports:
-    """Ports from ``base``: the profile endpoint, then each input socket in chain order (a
-    replica binds one per replica of the stage before it; the sink is last)."""
+def _stage_name(path: str) -> str:
+    """The stage's name: its path below MainPipeline."""
+    return path.partition(PATH_SEPARATOR)[2]
 
-    def __init__(self, host: str, base: int, replicas: list[int]) -> None:
-        self.profile = f"tcp://{host}:{base}"
-        senders = [1, *replicas]  # of each receiver: the source, then each stage
-        receivers = [*replicas, 1]  # each stage's replicas, then the sink
-        self._inputs: list[list[list[str]]] = []  # [receiver][replica][sender]
-        port = base + 1
-        for count, sending in zip(receivers, senders, strict=True):
-            self._inputs.append([])
-            for _ in range(count):
-                self._inputs[-1].append([f"tcp://{host}:{port + s}" for s in range(sending)])
-                port += sending
 
-    def inputs(self, stage: int, replica: int) -> list[str]:
-        """What replica ``replica`` of stage ``stage`` (len(stages): the sink) binds."""
-        return self._inputs[stage][replica]
-
-    def outputs(self, stage: int, replica: int) -> list[str]:
-        """Where replica ``replica`` of stage ``stage`` (-1: the source) connects."""
-        return [inputs[replica] for inputs in self._inputs[stage + 1]]
+def _depth(path: str) -> int:
+    return path.count(PATH_SEPARATOR)
 
 
 def _params(params: dict[str, Any]) -> list[str]:

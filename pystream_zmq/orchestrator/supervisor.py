@@ -7,7 +7,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 
-from .errors import WorkerCrashedError
+from pystream_zmq.errors import WorkerCrashedError
 
 log = logging.getLogger(__name__)
 

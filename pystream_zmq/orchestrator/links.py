@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from . import security, transport
+from pystream_zmq.wire import security, transport
 
 _HOST = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)")
 _HINT = "pass curve=True (encrypted, authenticated links) or insecure=True"
@@ -53,14 +53,19 @@ class Links:
 
     def endpoint(self, name: str) -> str:
         """Where ``name`` is bound; not bound yet, where to bind it."""
+        if name in self._bound:
+            return self._bound[name]
         if self.host is None:
             return transport.ipc_endpoint(self._dir, name)
-        return self._bound.get(name, f"tcp://{self.host}:*")
+        return f"tcp://{self.host}:*"
 
     def bind(self, sock: zmq.Socket[Any], name: str) -> None:
         self.record(name, security.bind(sock, self.endpoint(name), self.curve))
 
     def record(self, name: str, endpoint: str) -> None:
         """Note where ``name`` was bound (a worker reports it with READY)."""
-        if self.host is not None:
-            self._bound[name] = endpoint
+        self._bound[name] = endpoint
+
+    def bound(self) -> dict[str, str]:
+        """{name: endpoint} of every link bound so far (over ipc: every one recorded)."""
+        return dict(self._bound)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .keys_cli import keys
-from .procfile import procfile_command
-from .profile_cli import profile, top
+from pystream_zmq.cli.keys import keys
+from pystream_zmq.cli.procfile import procfile_command
+from pystream_zmq.cli.profile import profile, top
 
 
 @click.group()

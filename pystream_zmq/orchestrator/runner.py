@@ -18,81 +18,37 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import zmq
 
-from . import codec, cpus, links, profiler, security, transport
-from .errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
-from .inputs import Inputs
-from .ledger import Ledger
-from .outputs import Outputs
-from .profile_process import ProfileProcess, is_counters
-from .profiler import Recorder, RunRecorder
-from .stage import MAIN_PIPELINE_NAME, REPLICA_MARK, EventBuffer, Leaf
-from .supervisor import Supervisor
-from .worker import WorkerSpec, write_spec
+from pystream_zmq import child, cpus
+from pystream_zmq.errors import DecodeError, PipelineStateError, StageError, WorkerStartupError
+from pystream_zmq.orchestrator import links
+from pystream_zmq.orchestrator.ledger import Ledger
+from pystream_zmq.orchestrator.supervisor import Supervisor
+from pystream_zmq.plan import Plan
+from pystream_zmq.profiling import store
+from pystream_zmq.profiling.store import Recorder, RunRecorder
+from pystream_zmq.profiling.writer_process import ProfileProcess, is_counters
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, EventBuffer
+from pystream_zmq.stats import PipelineStats, WorkerStats
+from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire.inputs import Inputs
+from pystream_zmq.wire.outputs import Outputs
+from pystream_zmq.worker.loop import WorkerSpec, write_spec
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _IDLE_FLUSH_MS = 200
 _BURST = 64  # outputs read per wake-up of the collector
 _MALLOC_KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "16777216", "MALLOC_TRIM_THRESHOLD_": "134217728"}
 _COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
+_STATS_TIMEOUT = 1.0  # how long stats() waits for each worker's counters
 _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
-# Not "-m pystream_zmq.worker": this package imports that module, and runpy warns about it.
-# `-c` puts the working directory first on sys.path: a folder named pystream_zmq there (another
-# checkout, say) would be imported instead of this package. Import ours, then restore the path.
-_WORKER_MAIN = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
-    f"from pystream_zmq.worker import main; sys.path.remove({_PACKAGE_ROOT!r}); main()"
-)
-
-
-@dataclass
-class Unit:
-    """What one worker process runs: a stage, or a serial sub-pipeline's stages inline."""
-
-    name: str
-    leaves: list[Leaf]
-    raise_on: frozenset[str] = frozenset()  # leaf paths whose errors go to the user
-    drop_policy: str = transport.BLOCK  # of the link into this worker
-    replicas: int = 1  # worker processes sharing the unit's input
-    ordered: bool = True  # replicas' outputs are put back in input order
-
-
-def check_order(units: Sequence[Unit]) -> None:
-    """Replicas' outputs are put back in order by the next single process (a one-replica
-    stage, or the pipeline's output), merging one in-order stream per replica. Refuse the
-    layouts where that cannot work, rather than deliver out of order."""
-    scrambled_by: str | None = None  # the stage after which items are out of order for good
-    for unit, after in zip(units, [*units[1:], None], strict=True):
-        if unit.replicas == 1 or not unit.ordered:
-            if unit.replicas > 1 and scrambled_by is None:
-                scrambled_by = unit.name
-            continue
-        if scrambled_by is not None:
-            raise ValueError(
-                f"stage {unit.name} has replicas and ordered=True, but its input is already "
-                f"out of order ({scrambled_by} has replicas and ordered=False): set "
-                f"ordered=False on {unit.name} too"
-            )
-        if after is not None and after.replicas > 1:
-            raise ValueError(
-                f"stages {unit.name} and {after.name} both have replicas: order is restored in "
-                f"front of a single worker only; set ordered=False on {unit.name}, or put a "
-                f"stage with one worker between them"
-            )
-
-
-def _in_order(units: Sequence[Unit]) -> bool:
-    """Whether the pipeline's outputs come out in input order."""
-    return all(unit.ordered or unit.replicas == 1 for unit in units)
 
 
 @dataclass
@@ -127,17 +83,16 @@ class _Deadline:
 class ParallelRunner:
     def __init__(
         self,
-        units: Sequence[Unit],
+        plan: Plan,
         settings: ParallelSettings,
         recorder: RunRecorder | None,
     ) -> None:
-        if not units:
+        if not plan.units:
             raise PipelineStateError("a parallel pipeline needs at least one stage")
-        check_order(units)
-        self.units = list(units)
-        # One worker process per replica: (unit index, replica index), in chain order.
-        self._slots = [(u, r) for u, unit in enumerate(units) for r in range(unit.replicas)]
-        self._names = [self._slot_name(p) for p in range(len(self._slots))]
+        self.plan = plan
+        self.units = list(plan.units)
+        self._slots = [(p.unit, p.replica) for p in plan.processes]
+        self._names = [p.name for p in plan.processes]
         self.settings = settings
         self._recorder = recorder
         host = links.check(settings.endpoint, curve=settings.curve, insecure=settings.insecure)
@@ -172,8 +127,7 @@ class ParallelRunner:
         self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id over
         first = [
-            transport.make_socket(self._ctx, zmq.PUSH, settings.hwm)
-            for _ in range(units[0].replicas)
+            transport.make_socket(self._ctx, zmq.PUSH, settings.hwm) for _ in plan.source_connects
         ]
         self._source = Outputs(first)
         self._source_lock = threading.Lock()
@@ -222,7 +176,6 @@ class ParallelRunner:
 
     def _open_sink(self, recorder: Recorder | None) -> Collector:
         """The orchestrator's end of the chain and of the profile link, bound."""
-        last = self.units[-1]
         collector = Collector(
             self._ctx,
             self._input_endpoints(len(self.units), 0),
@@ -230,8 +183,8 @@ class ParallelRunner:
             self.settings.hwm,
             recorder,
             self.main_counters,
-            ordered=last.replicas > 1 and last.ordered,
-            in_order=_in_order(self.units),
+            ordered=self.plan.sink_ordered,
+            in_order=self.plan.in_order,
             curve=self._links.curve,
             cpu=self._cpu,
         )
@@ -242,26 +195,16 @@ class ParallelRunner:
             self._links.record("profile", collector.profile_endpoint)
         return collector
 
-    def _slot_name(self, process: int) -> str:
-        unit, replica = self._slots[process]
-        name = self.units[unit].name
-        return name if self.units[unit].replicas == 1 else f"{name}{REPLICA_MARK}{replica}"
-
     def _input_names(self, unit: int, replica: int) -> list[str]:
-        """The endpoints a replica of ``unit`` binds (``unit`` past the last: the sink), one
-        per sender upstream, so that it can tell their streams apart."""
-        senders = self.units[unit - 1].replicas if unit > 0 else 1
-        name = "sink" if unit == len(self.units) else f"in{unit}.{replica}"
-        return [f"{name}-{sender}" for sender in range(senders)]
+        if unit == len(self.units):
+            return list(self.plan.sink_binds)
+        return list(self.plan.process(unit, replica).binds)
 
     def _input_endpoints(self, unit: int, replica: int) -> list[str]:
         return [self._endpoint(name) for name in self._input_names(unit, replica)]
 
     def _output_endpoints(self, unit: int, replica: int) -> list[str]:
-        """The endpoints a replica of ``unit`` connects to: its own on each next replica."""
-        after = unit + 1
-        count = self.units[after].replicas if after < len(self.units) else 1
-        return [self._input_endpoints(after, r)[replica] for r in range(count)]
+        return [self._endpoint(name) for name in self.plan.process(unit, replica).connects]
 
     def _start_workers(self) -> None:
         for unit in self.units:
@@ -287,23 +230,20 @@ class ParallelRunner:
         # glibc returns freed 1 MB blocks to the kernel at once, so every received frame
         # would fault in fresh pages; keep them (measured 1.16x on 1 MB frames).
         env = {**_MALLOC_KEEP_FREED, **os.environ}
-        return subprocess.Popen(
-            [sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE, env=env
-        )
+        return child.start("pystream_zmq.worker.loop", env=env)
 
     def _send_spec(self, index: int, restarted: bool = False) -> None:
         unit_index, replica = self._slots[index]
         unit = self.units[unit_index]
         pulls = self._input_endpoints(unit_index, replica)
         pushes = self._output_endpoints(unit_index, replica)
-        before = self.units[unit_index - 1] if unit_index > 0 else None
         spec = WorkerSpec(
             name=unit.name,
             pull=pulls[0],
             push=pushes[0],
             more_pulls=tuple(pulls[1:]),
             more_pushes=tuple(pushes[1:]),
-            ordered_input=before is not None and before.replicas > 1 and before.ordered,
+            ordered_input=self.plan.processes[index].ordered_input,
             first_seq=None if restarted else 0,
             replica=replica if unit.replicas > 1 else None,
             profile=self._endpoint("profile") if self._recorder is not None else None,
@@ -479,6 +419,45 @@ class ParallelRunner:
                 return False
         return True
 
+    def stats(self) -> PipelineStats:
+        """What the pipeline has done so far (see ``Pipeline.stats``)."""
+        stages = dict(self.worker_counters)
+        if not self._closed:
+            for reply in self._ask_all(transport.GET_COUNTERS, _STATS_TIMEOUT).values():
+                stages.update(_decode_counters(reply, transport.COUNTERS) or {})
+        restarts = self._supervisor.restarts if hasattr(self, "_supervisor") else []
+        workers = tuple(
+            WorkerStats(
+                name,
+                proc.pid,
+                not self._closed and index in self._ready and proc.poll() is None,
+                restarts[index] if restarts else 0,
+            )
+            for index, (name, proc) in enumerate(zip(self._names, self._procs, strict=True))
+        )
+        counters = self.main_counters()
+        with self._collector.locked():
+            ledger = self._collector.ledger
+            lost_ranges, out = tuple(ledger.lost_ranges), ledger.next_seq
+        curve = self._links.curve
+        return PipelineStats(
+            mode="parallel",
+            forwarded=counters["forwarded"],
+            refused=counters["refused"],
+            replaced=counters["replaced"],
+            delivered=counters["delivered"],
+            dropped=counters["dropped"],
+            lost=counters["lost"],
+            lost_ranges=lost_ranges,
+            out=out,
+            decode_errors=counters["decode_errors"],
+            workers=workers,
+            stages=stages,
+            endpoints=self._links.bound(),
+            socket_dir=self._dir,
+            curve_public_key=curve.public if curve is not None else None,
+        )
+
     def main_counters(self) -> dict[str, int]:
         """The orchestrator's counters, recorded under MainPipeline."""
         counters = {
@@ -622,13 +601,7 @@ class ParallelRunner:
         deadline = _Deadline(self.settings.stop_timeout)
         replies = self._ask_all(transport.STOP, deadline.left())
         for reply in replies.values():
-            if reply and reply[0] == transport.BYE:
-                try:
-                    counters = codec.decode(reply[1:])
-                except DecodeError:
-                    continue
-                if is_counters(counters):
-                    self.worker_counters.update(counters)
+            self.worker_counters.update(_decode_counters(reply, transport.BYE) or {})
         # Every worker that said BYE sent its profile END before it.
         if self._profile_proc is not None:
             self._profile_proc.wait_for_ends(len(replies), deadline.left())
@@ -647,6 +620,17 @@ class ParallelRunner:
         self._ctx.destroy(linger=0)
 
 
+def _decode_counters(reply: list[bytes], kind: bytes) -> dict[str, dict[str, int]] | None:
+    """The counters a worker sent in a reply of ``kind``; None when it is not one."""
+    if not reply or reply[0] != kind:
+        return None
+    try:
+        counters = codec.decode(reply[1:])
+    except DecodeError:
+        return None
+    return counters if is_counters(counters) else None
+
+
 _WITH_PAYLOAD = (transport.KIND_DATA, transport.KIND_FAILED)
 
 
@@ -659,29 +643,9 @@ def _stage_error(seq: int, report: Any) -> StageError:
 
 
 def _teardown(procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0) -> None:
-    """Let workers exit (closing stdin is their signal), then terminate and kill whatever
-    is left; remove the socket files."""
-    for proc in procs:
-        if proc.stdin is not None and not proc.stdin.closed:
-            with contextlib.suppress(OSError):  # a dead worker's pipe may be broken
-                proc.stdin.close()
-    _wait_all(procs, grace)
-    for step in (subprocess.Popen.terminate, subprocess.Popen.kill):
-        alive = [proc for proc in procs if proc.poll() is None]
-        if not alive:
-            break
-        log.warning("%s %d worker(s) that did not exit in time", step.__name__, len(alive))
-        for proc in alive:
-            step(proc)
-        _wait_all(alive, 1.0)
+    """Let workers exit, stop those that do not; remove the socket files."""
+    child.stop(procs, grace)
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = _Deadline(timeout)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(deadline.left())
 
 
 class Collector(threading.Thread):
@@ -744,6 +708,10 @@ class Collector(threading.Thread):
         self.dropped_events = 0
 
     # -- called from the user's threads ---------------------------------------------------
+    def locked(self) -> threading.Condition:
+        """Hold it to read the ledger and counters consistently."""
+        return self._cond
+
     def take_latest(self, timeout: float) -> Any:
         with self._cond:
             if timeout > 0:
@@ -882,7 +850,7 @@ class Collector(threading.Thread):
             return
         elif message[0] == transport.EVENTS and len(message) == 2:
             try:
-                self._recorder.events(profiler.unpack_events(message[1]))
+                self._recorder.events(store.unpack_events(message[1]))
             except DecodeError as e:
                 self._profile_error(f"dropped malformed profile events: {e}")
         elif message[0] == transport.COUNTERS:

@@ -8,7 +8,7 @@ import inspect
 import json
 from typing import Any
 
-from .errors import PyStreamError
+from pystream_zmq.errors import PyStreamError
 
 
 class LoadError(PyStreamError):
@@ -116,3 +116,10 @@ def reference(obj: Any) -> tuple[str, dict[str, Any]]:
 def _describe(obj: Any) -> str:
     name = getattr(obj, "__qualname__", None)
     return name if isinstance(name, str) else f"an object of type {type(obj).__name__}"
+
+
+def default_name(obj: Any, ref: str) -> str:
+    """A stage's name when none is given: its own ``name`` attribute, else the last part of
+    ATTR in ``MODULE:ATTR``."""
+    own = getattr(obj, "name", None)
+    return own if isinstance(own, str) else ref.rpartition(":")[2].rpartition(".")[2]

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import PyStreamError
-from .stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
+from pystream_zmq.errors import PyStreamError
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
 
 _Array = npt.NDArray[np.float64]
 _ERROR_COUNTERS = ("stage_errors", "decode_errors", "encode_errors")

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import codec, profiler, security, transport
-from .outputs import Outputs
-from .parallel import Collector
-from .stage import MAIN_PIPELINE_NAME, Leaf
-from .worker import Worker, WorkerSpec
+from pystream_zmq.orchestrator.runner import Collector
+from pystream_zmq.profiling import store
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
+from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire.outputs import Outputs
+from pystream_zmq.worker.loop import Worker, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +243,14 @@ def run_sink(
     the latest output to ``on_latest``. Returns the latest output."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
-    writer: profiler.ProfileWriter | None = None
+    writer: store.ProfileWriter | None = None
     collector: Collector | None = None
     try:
         recorder = None
         if profile is not None and profile_endpoint is not None:
-            writer = profiler.ProfileWriter(profile.db_path)
+            writer = store.ProfileWriter(profile.db_path)
             run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
-            recorder = profiler.RunRecorder(writer, run_id)
+            recorder = store.RunRecorder(writer, run_id)
             log.info("profiles: run %d in %s", run_id, profile.db_path)
 
         def sink_counters() -> dict[str, int]:

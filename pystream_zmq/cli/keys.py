@@ -7,8 +7,8 @@ import socket
 
 import click
 
-from . import security
-from .errors import SecurityError
+from pystream_zmq.errors import SecurityError
+from pystream_zmq.wire import security
 
 
 @click.group()

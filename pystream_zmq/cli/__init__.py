@@ -1,0 +1,1 @@
+"""The command-line tools: ``pystream`` (profiles, procfile, keys) and ``pystream-worker``."""

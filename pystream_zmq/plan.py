@@ -1,0 +1,139 @@
+"""The plan: what a parallel pipeline will run, as plain data, built without starting
+anything. Every launcher reads it -- the orchestrator (local worker processes),
+``pystream procfile`` (honcho) and ``pystream-worker pipeline`` -- and none re-derives it.
+
+A plan is a chain of units. A unit is what one worker process runs: a stage, or a serial
+sub-pipeline's stages inline; a unit with replicas is that many processes sharing its input.
+Links follow one rule: **every process binds its own inputs, one per sender upstream**, and
+the process upstream connects to them. So a replica of unit ``u`` binds ``in{u}.{r}-{s}``
+for each replica ``s`` of the unit before it (the source, before the first unit, is one
+sender); the sink, after the last unit, binds ``sink-{s}``. A launcher turns these names
+into endpoints: ipc files, OS-chosen tcp ports, or the consecutive ports of a Procfile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pystream_zmq.stage import REPLICA_MARK, Leaf
+from pystream_zmq.wire import transport
+
+SOURCE = -1  # the unit index of the source, before the first unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one worker process runs."""
+
+    name: str  # its profile path, e.g. "MainPipeline__Stage1"
+    leaves: tuple[Leaf, ...]  # (profile path, stage) run one after the other
+    raise_on: frozenset[str] = frozenset()  # leaf paths whose errors go to the user
+    drop_policy: str = transport.BLOCK  # of the link into this unit's processes
+    replicas: int = 1  # processes sharing the unit's input
+    ordered: bool = True  # the replicas' outputs are put back in input order
+
+
+@dataclass(frozen=True)
+class Process:
+    """One worker process: a replica of a unit, and its links."""
+
+    index: int  # position in Plan.processes (chain order)
+    unit: int
+    replica: int
+    name: str  # the unit's path; "<path>#<replica>" for a unit with replicas
+    binds: tuple[str, ...]  # link names of its inputs, one per sender upstream
+    connects: tuple[str, ...]  # link names of its outputs, one per receiver downstream
+    ordered_input: bool  # merge its inputs in sequence order (the unit before has replicas)
+
+
+@dataclass(frozen=True)
+class Plan:
+    units: tuple[Unit, ...]
+    processes: tuple[Process, ...]
+    source_connects: tuple[str, ...]  # where the source sends: one per first-unit replica
+    sink_binds: tuple[str, ...]  # what the sink binds: one per last-unit replica
+    sink_ordered: bool  # the sink merges its inputs in sequence order
+    in_order: bool  # outputs come out in input order at all
+    layout: tuple[tuple[str, str], ...]  # (path, "pipeline" | "stage") of every profile level
+
+    def process(self, unit: int, replica: int) -> Process:
+        return next(p for p in self.processes if p.unit == unit and p.replica == replica)
+
+    def link_names(self) -> list[str]:
+        """Every link name, in chain order: each process's inputs, then the sink's."""
+        return [name for p in self.processes for name in p.binds] + list(self.sink_binds)
+
+    def leaves(self) -> list[Leaf]:
+        """Every stage of every unit, in chain order (to run them all in one process)."""
+        return [leaf for unit in self.units for leaf in unit.leaves]
+
+
+def build_plan(units: Sequence[Unit], layout: Sequence[tuple[str, str]]) -> Plan:
+    """The plan of a chain of units; ValueError for a layout whose order cannot be kept."""
+    check_order(units)
+    processes: list[Process] = []
+    for u, unit in enumerate(units):
+        before = units[u - 1] if u > 0 else None
+        for r in range(unit.replicas):
+            name = unit.name if unit.replicas == 1 else f"{unit.name}{REPLICA_MARK}{r}"
+            processes.append(
+                Process(
+                    index=len(processes),
+                    unit=u,
+                    replica=r,
+                    name=name,
+                    binds=tuple(_input_names(units, u, r)),
+                    connects=tuple(_output_names(units, u, r)),
+                    ordered_input=before is not None and before.replicas > 1 and before.ordered,
+                )
+            )
+    last = units[-1] if units else None
+    return Plan(
+        units=tuple(units),
+        processes=tuple(processes),
+        source_connects=tuple(_output_names(units, SOURCE, 0)),
+        sink_binds=tuple(_input_names(units, len(units), 0)),
+        sink_ordered=last is not None and last.replicas > 1 and last.ordered,
+        in_order=all(unit.ordered or unit.replicas == 1 for unit in units),
+        layout=tuple(layout),
+    )
+
+
+def _input_names(units: Sequence[Unit], unit: int, replica: int) -> list[str]:
+    """What a replica of ``unit`` binds (``unit == len(units)``: the sink)."""
+    senders = units[unit - 1].replicas if unit > 0 else 1
+    name = "sink" if unit == len(units) else f"in{unit}.{replica}"
+    return [f"{name}-{sender}" for sender in range(senders)]
+
+
+def _output_names(units: Sequence[Unit], unit: int, replica: int) -> list[str]:
+    """Where a replica of ``unit`` (SOURCE: the source) connects: its own input on each
+    replica of the next unit."""
+    after = unit + 1
+    receivers = units[after].replicas if after < len(units) else 1
+    return [_input_names(units, after, r)[replica] for r in range(receivers)]
+
+
+def check_order(units: Sequence[Unit]) -> None:
+    """Replicas' outputs are put back in order by the next single process (a one-replica
+    unit, or the sink), merging one in-order stream per replica. Refuse the layouts where
+    that cannot work, rather than deliver out of order."""
+    scrambled_by: str | None = None  # the unit after which items are out of order for good
+    for unit, after in zip(units, [*units[1:], None], strict=True):
+        if unit.replicas == 1 or not unit.ordered:
+            if unit.replicas > 1 and scrambled_by is None:
+                scrambled_by = unit.name
+            continue
+        if scrambled_by is not None:
+            raise ValueError(
+                f"stage {unit.name} has replicas and ordered=True, but its input is already "
+                f"out of order ({scrambled_by} has replicas and ordered=False): set "
+                f"ordered=False on {unit.name} too"
+            )
+        if after is not None and after.replicas > 1:
+            raise ValueError(
+                f"stages {unit.name} and {after.name} both have replicas: order is restored in "
+                f"front of a single worker only; set ordered=False on {unit.name}, or put a "
+                f"stage with one worker between them"
+            )

@@ -1,0 +1,40 @@
+"""``Pipeline.stats()``: what a running pipeline has done, as plain data -- for tests,
+tools and users alike, so that none of them reads the orchestrator's private state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker process (a replica of a unit)."""
+
+    name: str  # the unit's path; "<path>#<replica>" for a replica
+    pid: int  # of the process running now (a restart changes it)
+    alive: bool  # running, and it has said it is ready
+    restarts: int  # how often it was started again after dying
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    """Counters by sequence number: after a drain, forwarded = delivered + dropped + lost."""
+
+    mode: str  # "serial" or "parallel"
+    forwarded: int = 0  # items that entered the first stage
+    refused: int = 0  # forward() returned False
+    replaced: int = 0  # drop_policy="latest": taken by forward(), replaced before entering
+    delivered: int = 0  # outputs that came out
+    dropped: int = 0  # dropped by a stage, a drop policy or max_age (a marker came out)
+    lost: int = 0  # never came out: lost with a worker that died
+    lost_ranges: tuple[tuple[int, int], ...] = ()  # (first, last) sequence numbers, inclusive
+    out: int = 0  # every item below this sequence number has come out (or is lost)
+    decode_errors: int = 0  # malformed outputs or profile messages received, dropped
+    workers: tuple[WorkerStats, ...] = ()
+    # {path: {name: value}} as each worker last reported them; a replica's end in "#N".
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    # {link name: endpoint} where each of the orchestrator's links is bound ("control",
+    # "profile", "in0.0-0", "sink-0", ...; see pystream_zmq.plan).
+    endpoints: dict[str, str] = field(default_factory=dict)
+    socket_dir: str | None = None  # the private folder of ipc files and run keys
+    curve_public_key: bytes | None = None  # the run's CURVE public key (curve=True)
