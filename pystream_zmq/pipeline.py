@@ -14,6 +14,7 @@ from typing import Any
 from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
 from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
+from pystream_zmq.pacing import Pacer
 from pystream_zmq.plan import Plan, Unit, build_plan
 from pystream_zmq.profiling import report, store
 from pystream_zmq.serial import SerialRunner
@@ -459,7 +460,7 @@ class _InputLoop(threading.Thread):
         self.refused = 0
 
     def run(self) -> None:
-        next_at = time.monotonic()
+        pacer = Pacer(self._period)
         while not self._stopping.is_set():
             try:
                 if not self._forward():
@@ -468,11 +469,7 @@ class _InputLoop(threading.Thread):
                 log.exception("the input loop stopped: forward() raised")
                 self.error = e
                 return
-            next_at += self._period
-            delay = next_at - time.monotonic()
-            if delay < 0:
-                next_at = time.monotonic()
-            elif self._stopping.wait(delay):
+            if pacer.wait(self._stopping):
                 return
 
     def stop(self) -> None:

@@ -19,8 +19,8 @@ from conftest import wait_until
 
 import pystream_zmq
 from pystream_zmq import Pipeline
-from pystream_zmq.cli.main import main as cli
 from pystream_zmq.cli import profile as profile_cli
+from pystream_zmq.cli.main import main as cli
 from pystream_zmq.profiling import store as profiler
 from pystream_zmq.profiling.report import ProfileReport
 

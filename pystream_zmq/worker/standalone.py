@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from pystream_zmq.orchestrator.runner import Collector
+from pystream_zmq.pacing import Pacer
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
 from pystream_zmq.wire import codec, security, transport
@@ -175,7 +176,7 @@ def run_source(
             "ready: output %s, one item every %g s%s", ", ".join(push_endpoints), period, secured
         )
         sent = 0
-        next_at = time.monotonic()
+        pacer = Pacer(period)
         while not stop.is_set() and (count is None or sent < count):
             item = next(items, _END)
             if item is _END:
@@ -189,11 +190,7 @@ def run_source(
             if not delivered:
                 break
             sent += 1  # even if the stop came just after: it went out
-            next_at += period
-            delay = next_at - time.monotonic()
-            if delay < 0:  # slower than the period: do not burst to catch up
-                next_at = time.monotonic()
-            elif stop.wait(delay):
+            if pacer.wait(stop):
                 break
         if not stop.is_set():
             log.info("sent all %d items; waiting to be stopped", sent)
