@@ -37,7 +37,8 @@ from pystream_zmq.errors import DecodeError
 from pystream_zmq.orchestrator.runner import Collector
 from pystream_zmq.profiling import store as profiler
 from pystream_zmq.wire import codec, transport
-from pystream_zmq.worker.loop import Worker, WorkerSpec
+from pystream_zmq.worker.loop import Worker
+from pystream_zmq.worker.spec import WorkerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"

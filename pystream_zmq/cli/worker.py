@@ -31,7 +31,7 @@ from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.worker import standalone
-from pystream_zmq.worker.loop import WorkerSpec
+from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,96 +1,37 @@
-"""A worker process: runs one unit of stages between a PULL and a PUSH socket.
-
-Two ways to start one. The orchestrator (``parallel.py``) starts ``main()`` below and
-writes its spec to stdin: a plain header (endpoints, settings) and the stages, cloudpickled,
-so that stages defined in ``__main__`` or a notebook travel by value. stdin stays open for
-the worker's life: when it closes -- orchestrator done, or dead -- the worker exits, so no
-worker outlives the process that started it. ``pystream-worker`` (``worker_cli.py``) runs the
-same ``Worker`` loop standalone, without a control channel.
-"""
+"""The worker loop: runs one unit of stages between its input (PULL) and output (PUSH)
+sockets, answering the control channel when orchestrated (``worker.main``) or until told to
+stop when standalone (``worker.standalone``, for ``pystream-worker``)."""
 
 from __future__ import annotations
 
 import logging
-import pickle
-import shutil
-import signal
-import struct
-import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import zmq
 
-from pystream_zmq import child, cpus
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
+from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("<Q")
 _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
 _DISCONNECT_LOG_INTERVAL = 10.0  # seconds between two "input peer disconnected" lines
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
-_EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
-
-
-@dataclass
-class WorkerSpec:
-    name: str  # the unit's profile path, used in logs
-    pull: str  # endpoint this worker binds for its input
-    push: str  # endpoint it connects to for its output
-    profile: str | None  # where profile events go; None when profiling is off
-    hwm: int = transport.DEFAULT_HWM
-    # Orchestrated workers only: the orchestrator's control endpoint, this worker's routing
-    # id on it, and the orchestrator's sys.path. control is None for a standalone worker.
-    control: str | None = None
-    ident: bytes = b""
-    sys_path: list[str] = field(default_factory=list)
-    log_level: int = logging.INFO
-    raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
-    ipc_dir: str | None = None  # the orchestrator's socket directory: removed if orphaned
-    # Received messages over this many bytes are refused: by ZeroMQ (MAXMSGSIZE, per frame,
-    # before any allocation; it drops the sender's connection) and by the codec (in total).
-    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
-    # "block": take items in order; "latest": read all that waits, process only the newest.
-    drop_policy: str = transport.BLOCK
-    max_age: float | None = None  # seconds after the source sent it; older items are dropped
-    # Replicas: more input endpoints (one per upstream replica), merged in sequence order
-    # when ordered_input; more output endpoints (one per downstream replica).
-    more_pulls: tuple[str, ...] = ()
-    more_pushes: tuple[str, ...] = ()
-    ordered_input: bool = False
-    first_seq: int | None = 0  # None for a restarted worker: it joins mid-stream
-    replica: int | None = None  # which replica of its stage, for per-replica counters
-    curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
-    cpu: int | None = None  # pin_cpus: the CPU this process runs on
 
 
 def _never() -> bool:
     return False
-
-
-def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:
-    for part in (pickle.dumps(spec), stages_blob):
-        stream.write(_LENGTH.pack(len(part)))
-        stream.write(part)
-    stream.flush()
-
-
-def _read_part(stream: BinaryIO) -> bytes:
-    (size,) = _LENGTH.unpack(stream.read(_LENGTH.size))
-    return stream.read(size)
 
 
 class Worker:
@@ -443,54 +384,3 @@ def _peek_kind(frames: Message) -> int | None:
         return transport.unpack_envelope(frames[0])[0]
     except DecodeError:
         return None  # handle_item counts and logs it
-
-
-def serve(
-    spec: WorkerSpec, stages_blob: bytes, finished: threading.Event, stdin_closed: threading.Event
-) -> int:
-    import cloudpickle
-
-    if spec.control is None:
-        raise ValueError("an orchestrated worker needs the control endpoint")
-    ctx: zmq.Context[Any] = zmq.Context()
-    auth = security.start_authenticator(ctx, spec.curve)
-    control = transport.make_socket(ctx, zmq.DEALER, 1000)
-    control.setsockopt(zmq.ROUTING_ID, spec.ident)
-    security.connect(control, spec.control, spec.curve)
-    try:
-        try:
-            leaves = cloudpickle.loads(stages_blob)
-            worker = Worker(spec, leaves, ctx)
-        except Exception:
-            log.exception("could not start")
-            finished.set()
-            control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
-            stdin_closed.wait(_EXIT_GRACE)
-            return 1
-        control.send_multipart([transport.READY, *(e.encode() for e in worker.bound)])
-        worker.run(control)
-        finished.set()
-        worker.finish(control)
-        stdin_closed.wait(_EXIT_GRACE)
-        return 0
-    finally:
-        security.stop_authenticator(auth)
-        ctx.destroy(linger=0)
-
-
-def main() -> None:
-    spec: WorkerSpec = pickle.loads(_read_part(sys.stdin.buffer))
-    stages_blob = _read_part(sys.stdin.buffer)
-    if spec.cpu is not None:  # first, so that the threads started below inherit it
-        cpus.pin_this_thread(spec.cpu)
-    sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
-    logging.basicConfig(level=spec.log_level, format=child.log_format(spec.name))
-    # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
-    # happens, and it stops its workers through the control channel or by closing stdin.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ipc_dir = spec.ipc_dir
-    # An orphan removes the orchestrator's socket files, which nobody else will now.
-    parent = child.ParentWatch(
-        on_orphaned=None if ipc_dir is None else lambda: shutil.rmtree(ipc_dir, True)
-    )
-    child.leave(serve(spec, stages_blob, parent.finished, parent.stdin_closed))

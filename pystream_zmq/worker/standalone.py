@@ -31,7 +31,8 @@ from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.outputs import Outputs
-from pystream_zmq.worker.loop import Worker, WorkerSpec
+from pystream_zmq.worker.loop import Worker
+from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 

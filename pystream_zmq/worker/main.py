@@ -1,0 +1,75 @@
+"""An orchestrated worker process: started by the orchestrator (``child.start``), it reads
+its spec and stages from stdin, reports READY on the control channel, runs its stages until
+told to stop, says BYE, and exits once the orchestrator closes its stdin. When stdin closes
+earlier, the orchestrator has gone, and the worker exits at once (``child.ParentWatch``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+import zmq
+
+from pystream_zmq import child, cpus
+from pystream_zmq.wire import security, transport
+from pystream_zmq.worker.loop import Worker
+from pystream_zmq.worker.spec import WorkerSpec, read_spec
+
+log = logging.getLogger(__name__)
+
+_EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exiting anyway
+
+
+def serve(
+    spec: WorkerSpec, stages_blob: bytes, finished: threading.Event, stdin_closed: threading.Event
+) -> int:
+    import cloudpickle
+
+    if spec.control is None:
+        raise ValueError("an orchestrated worker needs the control endpoint")
+    ctx: zmq.Context[Any] = zmq.Context()
+    auth = security.start_authenticator(ctx, spec.curve)
+    control = transport.make_socket(ctx, zmq.DEALER, 1000)
+    control.setsockopt(zmq.ROUTING_ID, spec.ident)
+    security.connect(control, spec.control, spec.curve)
+    try:
+        try:
+            leaves = cloudpickle.loads(stages_blob)
+            worker = Worker(spec, leaves, ctx)
+        except Exception:
+            log.exception("could not start")
+            finished.set()
+            control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
+            stdin_closed.wait(_EXIT_GRACE)
+            return 1
+        control.send_multipart([transport.READY, *(e.encode() for e in worker.bound)])
+        worker.run(control)
+        finished.set()
+        worker.finish(control)
+        stdin_closed.wait(_EXIT_GRACE)
+        return 0
+    finally:
+        security.stop_authenticator(auth)
+        ctx.destroy(linger=0)
+
+
+def main() -> None:
+    spec, stages_blob = read_spec(sys.stdin.buffer)
+    if spec.cpu is not None:  # first, so that the threads started below inherit it
+        cpus.pin_this_thread(spec.cpu)
+    sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
+    logging.basicConfig(level=spec.log_level, format=child.log_format(spec.name))
+    # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
+    # happens, and it stops its workers through the control channel or by closing stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ipc_dir = spec.ipc_dir
+    # An orphan removes the orchestrator's socket files, which nobody else will now.
+    parent = child.ParentWatch(
+        on_orphaned=None if ipc_dir is None else lambda: shutil.rmtree(ipc_dir, True)
+    )
+    child.leave(serve(spec, stages_blob, parent.finished, parent.stdin_closed))

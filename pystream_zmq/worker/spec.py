@@ -1,0 +1,66 @@
+"""What an orchestrated worker is told at start: its ``WorkerSpec`` (endpoints, settings)
+and its stages, written to its stdin as two length-prefixed parts: the spec pickled (it
+comes from our own parent), the stages cloudpickled, so that stages defined in ``__main__``
+or a notebook travel by value."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import struct
+from dataclasses import dataclass, field
+from typing import IO, BinaryIO
+
+from pystream_zmq.wire import codec, security, transport
+
+_LENGTH = struct.Struct("<Q")
+
+
+@dataclass
+class WorkerSpec:
+    name: str  # the unit's profile path, used in logs
+    pull: str  # endpoint this worker binds for its input
+    push: str  # endpoint it connects to for its output
+    profile: str | None  # where profile events go; None when profiling is off
+    hwm: int = transport.DEFAULT_HWM
+    # Orchestrated workers only: the orchestrator's control endpoint, this worker's routing
+    # id on it, and the orchestrator's sys.path. control is None for a standalone worker.
+    control: str | None = None
+    ident: bytes = b""
+    sys_path: list[str] = field(default_factory=list)
+    log_level: int = logging.INFO
+    raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
+    ipc_dir: str | None = None  # the orchestrator's socket directory: removed if orphaned
+    # Received messages over this many bytes are refused: by ZeroMQ (MAXMSGSIZE, per frame,
+    # before any allocation; it drops the sender's connection) and by the codec (in total).
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES
+    # "block": take items in order; "latest": read all that waits, process only the newest.
+    drop_policy: str = transport.BLOCK
+    max_age: float | None = None  # seconds after the source sent it; older items are dropped
+    # Replicas: more input endpoints (one per upstream replica), merged in sequence order
+    # when ordered_input; more output endpoints (one per downstream replica).
+    more_pulls: tuple[str, ...] = ()
+    more_pushes: tuple[str, ...] = ()
+    ordered_input: bool = False
+    first_seq: int | None = 0  # None for a restarted worker: it joins mid-stream
+    replica: int | None = None  # which replica of its stage, for per-replica counters
+    curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
+    cpu: int | None = None  # pin_cpus: the CPU this process runs on
+
+
+def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:
+    for part in (pickle.dumps(spec), stages_blob):
+        stream.write(_LENGTH.pack(len(part)))
+        stream.write(part)
+    stream.flush()
+
+
+def read_part(stream: BinaryIO) -> bytes:
+    (size,) = _LENGTH.unpack(stream.read(_LENGTH.size))
+    return stream.read(size)
+
+
+def read_spec(stream: BinaryIO) -> tuple[WorkerSpec, bytes]:
+    """The spec and the stages blob, as ``write_spec`` wrote them."""
+    spec: WorkerSpec = pickle.loads(read_part(stream))
+    return spec, read_part(stream)
