@@ -1,10 +1,14 @@
-"""Pacing a source: one item every ``period`` seconds, shared by ``start_loop()`` and
-``pystream-worker source``."""
+"""Pacing a source: one item every ``period`` seconds (``Pacer``, shared by ``start_loop()``
+and ``pystream-worker source``), and ``start_loop()``'s thread."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class Pacer:
@@ -23,3 +27,33 @@ class Pacer:
             self._next_at = time.monotonic()
             return stop.is_set()
         return stop.wait(delay)
+
+
+class InputLoop(threading.Thread):
+    """Calls ``forward()`` every ``period`` seconds until stopped. When the pipeline is
+    slower than the period it does not burst to catch up."""
+
+    def __init__(self, forward: Callable[[], bool], period: float) -> None:
+        super().__init__(name="pystream-input-loop", daemon=True)
+        self._forward = forward
+        self._period = period
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.refused = 0
+
+    def run(self) -> None:
+        pacer = Pacer(self._period)
+        while not self._stopping.is_set():
+            try:
+                if not self._forward():
+                    self.refused += 1
+            except Exception as e:
+                log.exception("the input loop stopped: forward() raised")
+                self.error = e
+                return
+            if pacer.wait(self._stopping):
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
 from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
-from pystream_zmq.pacing import Pacer
+from pystream_zmq.pacing import InputLoop
 from pystream_zmq.plan import Plan, Unit, build_plan
 from pystream_zmq.profiling import report, store
 from pystream_zmq.serial import SerialRunner
@@ -60,7 +59,7 @@ class Pipeline:
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
-        self._loop: _InputLoop | None = None
+        self._loop: InputLoop | None = None
         self._drain_timeout = 10.0
         self._writer: store.ProfileWriter | None = None
         self._profile_run: tuple[Path, int] | None = None
@@ -250,7 +249,7 @@ class Pipeline:
             raise PipelineStateError("start_loop() needs an input_generator")
         if self._loop is not None:
             raise PipelineStateError("the loop is already running")
-        self._loop = _InputLoop(self.forward, period)
+        self._loop = InputLoop(self.forward, period)
         self._loop.start()
 
     def stop_loop(self) -> None:
@@ -445,33 +444,3 @@ class PipelineStage(Stage):
 
     def cleanup(self) -> None:
         StageChain(self.pipeline._leaves(""), None).cleanup()
-
-
-class _InputLoop(threading.Thread):
-    """Calls ``forward()`` every ``period`` seconds until stopped. When the pipeline is
-    slower than the period it does not burst to catch up."""
-
-    def __init__(self, forward: Callable[[], bool], period: float) -> None:
-        super().__init__(name="pystream-input-loop", daemon=True)
-        self._forward = forward
-        self._period = period
-        self._stopping = threading.Event()
-        self.error: BaseException | None = None
-        self.refused = 0
-
-    def run(self) -> None:
-        pacer = Pacer(self._period)
-        while not self._stopping.is_set():
-            try:
-                if not self._forward():
-                    self.refused += 1
-            except Exception as e:
-                log.exception("the input loop stopped: forward() raised")
-                self.error = e
-                return
-            if pacer.wait(self._stopping):
-                return
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join()

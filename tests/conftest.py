@@ -37,4 +37,4 @@ def profile_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv(profiler.PROFILE_DIR_ENV, str(folder))
     pystream_zmq.set_profiler_db_folder(folder)
     yield folder
-    profiler._db_folder = None
+    profiler._db_folder = None  # private: PyStream's API sets the folder but has no reset

@@ -69,12 +69,12 @@ class Gate(Stage):
 
     def __init__(self, fifo: str) -> None:
         self.fifo = fifo
-        self._reader: Any = None
+        self.reader: Any = None
 
     def __call__(self, data: Any) -> Any:
-        if self._reader is None:
-            self._reader = open(self.fifo, "rb", buffering=0)  # noqa: SIM115
-        self._reader.read(1)
+        if self.reader is None:
+            self.reader = open(self.fifo, "rb", buffering=0)  # noqa: SIM115
+        self.reader.read(1)
         return data
 
     def cleanup(self) -> None:

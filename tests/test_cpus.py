@@ -4,6 +4,7 @@ threads, round-robin over the CPUs this process may use; the caller's threads st
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 import pytest
@@ -34,6 +35,6 @@ def test_each_worker_runs_on_its_cpu_and_the_caller_stays_free() -> None:
         workers = sorted(psutil.Process().children(), key=lambda proc: proc.pid)
         # The workers' main threads (their pid): started in chain order, one per replica.
         assert [os.sched_getaffinity(proc.pid) for proc in workers] == [{c} for c in planned]
-        collector = pipeline._runner._collector  # type: ignore[union-attr]
+        collector = next(t for t in threading.enumerate() if t.name == "pystream-collector")
         assert os.sched_getaffinity(collector.native_id) == {ours}
         assert os.sched_getaffinity(0) == caller_cpus  # this thread: not pinned

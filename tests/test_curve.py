@@ -337,8 +337,7 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
     pipeline.add(stages.double, "Two")
     with pipeline:
         pipeline.parallelize(endpoint=f"tcp://{HOST_A}", curve=True, block_output=True)
-        runner: Any = pipeline._runner
-        bound = dict(runner._links._bound)
+        bound = pipeline.stats().endpoints
         assert set(bound) == {"control", "in0.0-0", "in1.0-0", "sink-0"}
         assert all(re.fullmatch(rf"tcp://{re.escape(HOST_A)}:\d+", e) for e in bound.values())
         outputs = []
@@ -350,7 +349,9 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
         stranger = tmp_path / "stranger"
         security.generate(stranger, ["s"])
         server = tmp_path / "server.key"
-        server.write_text(f'curve\n    public-key = "{runner._links.curve.public.decode()}"\n')
+        run_key = pipeline.stats().curve_public_key
+        assert run_key is not None
+        server.write_text(f'curve\n    public-key = "{run_key.decode()}"\n')
         with curve_context(None) as ctx:
             kinds = {"in1.0-0": zmq.PUSH, "sink-0": zmq.PUSH, "control": zmq.DEALER}
             opened = []  # until ctx.destroy() closes them
@@ -361,9 +362,9 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
                 wait_event(opened[-1][1], zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         assert pipeline.forward({"x": 10})
         assert pipeline.get_results() == {"x": 22}
-        counters = runner.main_counters()
-        assert counters["delivered"] == counters["forwarded"] == 6
-        assert counters["decode_errors"] == 0
+        counters = pipeline.stats()
+        assert counters.delivered == counters.forwarded == 6
+        assert counters.decode_errors == 0
 
 
 def test_a_killed_worker_rejoins_on_its_tcp_port() -> None:
@@ -375,12 +376,16 @@ def test_a_killed_worker_rejoins_on_its_tcp_port() -> None:
         pipeline.parallelize(
             endpoint=f"tcp://{HOST_A}", curve=True, block_output=True, output_timeout=2
         )
-        runner: Any = pipeline._runner
-        endpoint = runner._links.endpoint("in0.0-0")
+        endpoint = pipeline.stats().endpoints["in0.0-0"]
         assert pipeline.forward({"x": 1}) and pipeline.get_results() == {"x": 4}
-        runner._procs[0].kill()
-        assert wait_until(lambda: runner._supervisor.restarts[0] == 1 and 0 in runner._alive())
-        assert runner._links.endpoint("in0.0-0") == endpoint
+        os.kill(pipeline.stats().workers[0].pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            worker = pipeline.stats().workers[0]
+            return worker.restarts == 1 and worker.alive
+
+        assert wait_until(restarted)
+        assert pipeline.stats().endpoints["in0.0-0"] == endpoint
 
         def flows() -> bool:  # an item sent into the dying connection may be lost: again
             return pipeline.forward({"x": 2}) and pipeline.get_results() == {"x": 6}

@@ -18,14 +18,15 @@ from test_seed_notebook import _env, alive
 
 from pystream_zmq import Pipeline, StageError
 from pystream_zmq.errors import WorkerCrashedError
+from pystream_zmq.stats import PipelineStats
 
 
-def ledger(pipeline: Pipeline):  # type: ignore[no-untyped-def]
-    return pipeline._runner._collector.ledger  # type: ignore[union-attr]
+def ledger(pipeline: Pipeline) -> PipelineStats:
+    return pipeline.stats()
 
 
 def worker_pids(pipeline: Pipeline) -> list[int]:
-    return [proc.pid for proc in pipeline._runner._procs]  # type: ignore[union-attr]
+    return [worker.pid for worker in pipeline.stats().workers]
 
 
 # -- stage errors ------------------------------------------------------------------------
@@ -112,14 +113,14 @@ def test_kill_9_of_a_middle_worker_is_recovered_and_every_item_accounted(
         pipeline.parallelize(input_timeout=30)
         victim = worker_pids(pipeline)[1]
         sender = _forward_in_background(pipeline, [dict(item) for _ in range(count)])
-        assert wait_until(lambda: pipeline._runner._collector.delivered > count // 5)  # type: ignore[union-attr]
+        assert wait_until(lambda: pipeline.stats().delivered > count // 5)
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: pipeline._runner._supervisor.restarts[1] == 1, timeout=1.5)  # type: ignore[union-attr]
+        assert wait_until(lambda: pipeline.stats().workers[1].restarts == 1, timeout=1.5)
         sender.join(timeout=60)
         assert not sender.is_alive()
         pipeline.stop_loop()
         book = ledger(pipeline)
-        forwarded = pipeline._runner.forwarded  # type: ignore[union-attr]
+        forwarded = book.forwarded
         assert forwarded == count
         assert book.delivered + book.dropped + book.lost == forwarded
         assert book.delivered > count // 5 and book.dropped == 0
@@ -159,7 +160,7 @@ pipeline = Pipeline()
 pipeline.add(same)
 pipeline.add(same)
 pipeline.parallelize()
-print(pipeline._runner._dir, flush=True)
+print(pipeline.stats().socket_dir, flush=True)
 sys.stdin.read()
 """
 

@@ -195,9 +195,11 @@ class LiveWorker:
         self.endpoint = self.worker.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self.upstream = self.connect()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.worker.run, kwargs={"done": self._stop.is_set})
-        self._thread.start()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=self.worker.run, kwargs={"done": self.stop_event.is_set}
+        )
+        self.thread.start()
 
     def connect(self, kind: int = zmq.PUSH) -> zmq.Socket[Any]:
         sock = self.ctx.socket(kind)
@@ -215,9 +217,9 @@ class LiveWorker:
         assert codec.decode(transport.payload(frames)) == {"x": x + 1}
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive()
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
 
 
 class _Context(zmq.Context):  # type: ignore[type-arg]
@@ -429,10 +431,9 @@ def test_garbage_replies_on_the_control_socket_do_not_break_the_orchestrator(
     pipeline = Pipeline()
     pipeline.add(add_one, "One")
     pipeline.parallelize(block_output=True)
-    runner = pipeline._runner
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        endpoint = runner._control.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
+        endpoint = pipeline.stats().endpoints["control"]
         rogues = []
         for ident in (b"x", b"99", None):
             rogue = ctx.socket(zmq.DEALER)

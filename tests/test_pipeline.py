@@ -32,7 +32,7 @@ def test_default_names_count_only_unnamed_stages() -> None:
     pipeline.add(stages.add_one)
     pipeline.add(stages.Counter())  # a Stage without a name attribute
     pipeline.add(stages.add_one, "Custom")
-    paths = [path for path, _, _ in pipeline._layout(MAIN_PIPELINE_NAME)]
+    paths = [path for path, _ in pipeline.plan().layout[1:]]
     names = ["StageA", "Stage_1", "Stage_2", "Custom"]
     assert paths == [f"{MAIN_PIPELINE_NAME}__{name}" for name in names]
 
@@ -255,10 +255,11 @@ def test_stage_state_comes_back_and_cleanup_runs_in_the_worker() -> None:
     pipeline.start_loop(0.001)
     assert wait_until(lambda: pipeline.get_results() is not None)
     pipeline.stop_loop()
-    delivered = pipeline._runner._collector.delivered  # type: ignore[union-attr]
+    delivered = pipeline.stats().delivered
     assert counter.count == delivered > 0
     np.testing.assert_array_equal(counter.kernel, np.arange(4))
-    runner_dir = pipeline._runner._dir  # type: ignore[union-attr]
+    runner_dir = pipeline.stats().socket_dir
+    assert runner_dir is not None and os.path.isdir(runner_dir)
     started = time.monotonic()
     pipeline.cleanup()
     assert time.monotonic() - started < 5
@@ -308,7 +309,7 @@ def test_mixed_pipeline(child_mode: str, workers: int) -> None:
     ]
     assert list(throughput) == list(latency)
     assert all(v > 0 for v in latency.values())
-    child_stage = child._entries[0][1]
+    child_stage = child.plan().units[0].leaves[0][1]
     assert child_stage.count == 0  # type: ignore[attr-defined]
 
 

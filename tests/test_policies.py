@@ -8,15 +8,9 @@ import pytest
 import stages
 from conftest import wait_until
 
-from pystream_zmq import Pipeline
-from pystream_zmq.orchestrator.runner import ParallelRunner
+from pystream_zmq import Pipeline, PipelineStateError
 
 MAIN = "MainPipeline"
-
-
-def runner(pipeline: Pipeline) -> ParallelRunner:
-    assert isinstance(pipeline._runner, ParallelRunner)
-    return pipeline._runner
 
 
 def test_latest_keeps_latency_near_the_stage_times_and_counts_every_drop() -> None:
@@ -25,13 +19,12 @@ def test_latest_keeps_latency_near_the_stage_times_and_counts_every_drop() -> No
         pipeline.add(stages.Sleep(stage_time), "A")
         pipeline.add(stages.Sleep(stage_time), "B")
         pipeline.parallelize(drop_policy="latest")
-        run = runner(pipeline)
         pipeline.start_loop(period)
-        assert wait_until(lambda: run._collector.delivered >= 25, timeout=20)
+        assert wait_until(lambda: pipeline.stats().delivered >= 25, timeout=20)
         pipeline.stop_loop()
-        book = run._collector.ledger
+        book = pipeline.stats()
         assert book.lost == 0
-        assert run.forwarded == book.delivered + book.dropped + book.lost
+        assert book.forwarded == book.delivered + book.dropped + book.lost
     result = pipeline.get_profile_report()
     assert result is not None
     main, a, b = result.stages
@@ -53,13 +46,12 @@ def test_drop_newest_refuses_at_once_when_the_first_stage_is_full() -> None:
         pipeline.parallelize(drop_policy="drop-newest", input_timeout=30)
         taken = [pipeline.forward({"x": x, "image": frame}) for x in range(40)]
         pipeline.stop_loop()
-        run = runner(pipeline)
-        book = run._collector.ledger
-        assert taken.count(False) == run.refused > 0
-        assert run.forwarded == taken.count(True) == book.delivered
+        book = pipeline.stats()
+        assert taken.count(False) == book.refused > 0
+        assert book.forwarded == taken.count(True) == book.delivered
         assert (book.dropped, book.lost) == (0, 0)
     result = pipeline.get_profile_report()
-    assert result is not None and result.stages[0].dropped == run.refused
+    assert result is not None and result.stages[0].dropped == book.refused
 
 
 @pytest.mark.parametrize(("max_age", "delivered"), [(0.15, 0), (10.0, 3)])
@@ -73,7 +65,7 @@ def test_items_older_than_max_age_are_dropped_where_they_arrive(
         for x in range(3):  # items 1 and 2 wait behind item 0 for 0.3 s and more
             assert pipeline.forward({"x": x})
         pipeline.stop_loop()
-        book = runner(pipeline)._collector.ledger
+        book = pipeline.stats()
         assert (book.delivered, book.dropped, book.lost) == (delivered, 3 - delivered, 0)
     result = pipeline.get_profile_report()
     assert result is not None
@@ -93,7 +85,8 @@ def test_policies_are_checked_before_anything_starts() -> None:
         pipeline.parallelize(drop_policy="oldest")
     with pytest.raises(ValueError, match="max_age"):
         pipeline.parallelize(max_age=0)
-    assert pipeline._runner is None
+    with pytest.raises(PipelineStateError):
+        pipeline.stats()  # nothing was started
 
 
 def test_a_stage_can_set_the_policy_of_its_own_input_link() -> None:
@@ -119,10 +112,9 @@ def test_a_latest_link_skips_to_the_newest_item_with_markers_in_order() -> None:
         for x in range(20):  # all sent while Live works on the first
             assert pipeline.forward({"x": x})
         pipeline.stop_loop()
-        run = runner(pipeline)
-        book = run._collector.ledger
+        book = pipeline.stats()
         assert pipeline.get_results() == {"x": 20}  # the newest always goes through
-        assert run.forwarded == 20 == book.delivered + book.dropped and book.lost == 0
+        assert book.forwarded == 20 == book.delivered + book.dropped and book.lost == 0
         assert book.dropped > 0
     result = pipeline.get_profile_report()
     assert result is not None

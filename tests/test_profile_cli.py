@@ -62,7 +62,7 @@ def profiled_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     finally:
         pipeline.cleanup()
     yield db, (pipeline.get_profile_report(), live)
-    profiler._db_folder = None
+    profiler._db_folder = None  # private: PyStream's API sets the folder but has no reset
 
 
 def test_report_shows_the_injected_delays(profiled_run: tuple[Path, Any]) -> None:

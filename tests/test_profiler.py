@@ -452,6 +452,6 @@ def test_close_gives_up_on_a_locked_db(
     assert time.monotonic() - began < 1.0
     assert writer.written_events == 0
     lock.execute("ROLLBACK")
-    assert writer._thread is not None
+    assert writer._thread is not None  # private: the thread is what this test watches
     writer._thread.join(timeout=10)  # the thread finishes on its own once the lock is gone
     assert writer.written_events + writer.dropped_events == 5

@@ -209,10 +209,10 @@ class Honcho:
 
     def __init__(self, procfile: Path, workdir: Path, env: dict[str, str]) -> None:
         self.log = workdir / "honcho.log"
-        self._out = self.log.open("wb")
+        self.out_file = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "honcho", "-f", str(procfile), "-d", str(workdir), "start"],
-            stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            stdout=self.out_file, stderr=subprocess.STDOUT, env=env, cwd=workdir,
             start_new_session=True,
         )  # fmt: skip
         self.seen: dict[int, psutil.Process] = {}  # every descendant, while it was alive
@@ -243,7 +243,7 @@ class Honcho:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)  # honcho starts each in its own group
         self.proc.wait(timeout=10)
-        self._out.close()
+        self.out_file.close()
 
 
 @pytest.fixture
