@@ -65,7 +65,7 @@ class ParentWatch:
         sys.stdin.buffer.read()  # returns only at EOF
         self.stdin_closed.set()
         if not self.finished.is_set():
-            log.warning("orchestrator has gone away; exiting")
+            log.info("orchestrator has gone away; exiting")
             if self._on_orphaned is not None:
                 self._on_orphaned()
             leave(EXIT_ORPHANED)

@@ -3,9 +3,11 @@ runners."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class Pipeline:
         self._drain_timeout = 10.0
         self._writer: store.ProfileWriter | None = None
         self._profile_run: tuple[Path, int] | None = None
+        self._at_exit: Callable[[], None] | None = None
 
     # -- building ------------------------------------------------------------------------
     def add(
@@ -219,6 +222,9 @@ class Pipeline:
                 self._runner = ParallelRunner(
                     self.plan(drop_policy=settings.drop_policy), settings, record
                 )
+                # After the runner: its own exit hook (weakref.finalize's, which stops the
+                # workers) must run after this one, and atexit runs the last one first.
+                self._stop_at_exit()
         except BaseException:
             self._close_profile()
             raise
@@ -239,7 +245,7 @@ class Pipeline:
     def stats(self) -> PipelineStats:
         """What the running pipeline has done: items forwarded, delivered, dropped and lost
         (by sequence number), each worker's pid and restarts, each stage's counters, and
-        where its links are bound. Asks each worker for its counters (up to 1 s each)."""
+        where its links are bound. Asks the workers for their counters (waiting up to 1 s)."""
         return self._running().stats()
 
     def start_loop(self, period: float = 0.01) -> None:
@@ -277,6 +283,9 @@ class Pipeline:
         if loop is not None:
             loop.stop()
         runner, self._runner = self._runner, None
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         try:
             if isinstance(runner, ParallelRunner):
                 self._drain(runner)
@@ -286,6 +295,24 @@ class Pipeline:
                 runner.close()
         finally:
             self._close_profile()
+
+    def _stop_at_exit(self) -> None:
+        """If the program ends without cleanup(), deliver what is in flight (within
+        drain_timeout) and stop the workers then, with one warning. Not in a forked child:
+        the pipeline is its parent's."""
+        me, pid = weakref.ref(self), os.getpid()
+
+        def stop() -> None:
+            pipeline = me()
+            if pipeline is not None and pipeline._runner is not None and os.getpid() == pid:
+                log.warning(
+                    "a parallel pipeline was still running at exit: delivering what is in "
+                    "flight and stopping it (call cleanup(), or use `with Pipeline(...)`)"
+                )
+                pipeline.cleanup()
+
+        self._at_exit = stop
+        atexit.register(stop)
 
     def _release(self) -> None:
         """Stop this pipeline's own runner without running stage cleanups: its stages are

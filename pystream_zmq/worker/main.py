@@ -59,6 +59,8 @@ def serve(
 
 
 def main() -> None:
+    # A stage's print() reaches a file or a pipe line by line, as it would in a terminal.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     spec, stages_blob = read_spec(sys.stdin.buffer)
     if spec.cpu is not None:  # first, so that the threads started below inherit it
         cpus.pin_this_thread(spec.cpu)
