@@ -14,8 +14,8 @@ import numpy as np
 import zmq
 
 from pystream_zmq.errors import DecodeError, PyStreamError
-from pystream_zmq.profiling import store
-from pystream_zmq.stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq.profiling.events import pack_events
+from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
@@ -116,10 +116,10 @@ class Worker:
             pass
 
     # -- profile events ------------------------------------------------------------------
-    def _send_events(self, events: list[store.Event]) -> None:
+    def _send_events(self, events: list[Event]) -> None:
         assert self.profile is not None
         try:
-            self.profile.send_multipart([transport.EVENTS, store.pack_events(events)], zmq.NOBLOCK)
+            self.profile.send_multipart([transport.EVENTS, pack_events(events)], zmq.NOBLOCK)
             self.events_sent += len(events)
         except zmq.Again:  # the collector is behind: drop rather than stall the data path
             self.counters["dropped_events"] += len(events)
