@@ -17,7 +17,7 @@ from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.pacing import InputLoop
 from pystream_zmq.plan import Plan, Unit, build_plan
-from pystream_zmq.profiling import report, store
+from pystream_zmq.profiling import report, store, summary
 from pystream_zmq.serial import SerialRunner
 from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
@@ -334,7 +334,7 @@ class Pipeline:
         if self._profile_run is None:
             return {}, {}
         self._flush_profile()
-        return store.read_profiles(*self._profile_run)
+        return summary.read_profiles(*self._profile_run)
 
     def get_profile_report(self) -> report.ProfileReport | None:
         """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,

@@ -23,8 +23,7 @@ import numpy as np
 
 import pystream_zmq
 from pystream_zmq import Pipeline
-from pystream_zmq.profiling import report
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling import report, store
 
 
 class Work:
@@ -59,7 +58,7 @@ def run(policy: str, args: argparse.Namespace) -> dict:
         pipeline.stop_loop()
     finally:
         pipeline.cleanup()
-    with report.open_db(profiler.profiler_db_path()) as conn:
+    with report.open_db(store.profiler_db_path()) as conn:
         run_id = report.latest_run(conn)
         rows = conn.execute(
             "SELECT start, end FROM events WHERE run_id = ? AND path = ? ORDER BY start",
@@ -68,7 +67,7 @@ def run(policy: str, args: argparse.Namespace) -> dict:
     sent = np.array([r[0] for r in rows]) - started
     latency = np.array([r[1] - r[0] for r in rows]) * 1000
     first, last = latency[:10], latency[sent >= args.seconds - 1.0]
-    result = report.build_report(profiler.profiler_db_path(), run_id)
+    result = report.build_report(store.profiler_db_path(), run_id)
     counters: dict[str, int] = {}
     for stage in result.stages:
         for name, value in stage.counters.items():

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 import pystream_zmq
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling import store
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
@@ -34,7 +34,7 @@ def no_leftover_processes() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def profile_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder = tmp_path / "profiles"
-    monkeypatch.setenv(profiler.PROFILE_DIR_ENV, str(folder))
+    monkeypatch.setenv(store.PROFILE_DIR_ENV, str(folder))
     pystream_zmq.set_profiler_db_folder(folder)
     yield folder
-    profiler._db_folder = None  # private: PyStream's API sets the folder but has no reset
+    store._db_folder = None  # private: PyStream's API sets the folder but has no reset

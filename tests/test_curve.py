@@ -33,7 +33,8 @@ from zmq.utils.monitor import recv_monitor_message
 from pystream_zmq import Pipeline, SecurityError
 from pystream_zmq.cli import main as cli
 from pystream_zmq.cli import worker as worker_cli
-from pystream_zmq.profiling.store import DB_FILENAME, unpack_events
+from pystream_zmq.profiling.events import unpack_events
+from pystream_zmq.profiling.store import DB_FILENAME
 from pystream_zmq.wire import codec, security, transport
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Hostile bytes on every socket a worker or the orchestrator reads: each bad message is a
 counted, logged DecodeError (or a counted drop), and the next good message still flows.
 
-Pure targets are fuzzed (codec.decode, transport.unpack_envelope, profiler.unpack_events);
+Pure targets are fuzzed (codec.decode, transport.unpack_envelope, events.unpack_events);
 the regression corpus in tests/corpus/ is replayed through the pure functions and through a
 live Worker; an audit hook shows no pickle runs on received bytes; a real pystream-worker
 takes garbage on its tcp port from raw sockets and from a ZeroMQ PUSH.
@@ -35,7 +35,8 @@ from stages import add_one
 from pystream_zmq import Pipeline
 from pystream_zmq.errors import DecodeError
 from pystream_zmq.orchestrator.runner import Collector
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.events import pack_events, unpack_events
+from pystream_zmq.stage import Event
 from pystream_zmq.wire import codec, transport
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
@@ -82,7 +83,7 @@ def test_corpus_messages_raise_decode_error(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(EVENT_BATCHES))
 def test_corpus_event_batches_raise_decode_error(name: str) -> None:
     with pytest.raises(DecodeError):
-        profiler.unpack_events(EVENT_BATCHES[name])
+        unpack_events(EVENT_BATCHES[name])
 
 
 def test_msgpack_numpy_as_it_is_on_the_wire_never_becomes_an_array() -> None:
@@ -113,8 +114,8 @@ VALID = {
         [transport.pack_envelope(transport.KIND_EOS, 3, 0.0)],
     ],
     "events": [
-        [profiler.pack_events([("MainPipeline__A", 1, 0.5, 1.0, 2.0), ("B", 2, 3, 4, 5)])],
-        [profiler.pack_events([])],
+        [pack_events([("MainPipeline__A", 1, 0.5, 1.0, 2.0), ("B", 2, 3, 4, 5)])],
+        [pack_events([])],
     ],
 }
 
@@ -159,7 +160,7 @@ def test_fuzz_mutated_frames_raise_only_decode_error(case: tuple[str, list[bytes
         if target == "events":
             if len(frames) != 1:
                 return  # the collector reads exactly one payload frame
-            events = profiler.unpack_events(frames[0])
+            events = unpack_events(frames[0])
             assert all(type(e[0]) is str and type(e[1]) is int for e in events)
         else:
             if not frames:
@@ -369,10 +370,10 @@ class Recorded:
     """Stands in for RunRecorder: keeps what the collector passes on."""
 
     def __init__(self) -> None:
-        self.batches: list[list[profiler.Event]] = []
+        self.batches: list[list[Event]] = []
         self.snapshots: list[Any] = []
 
-    def events(self, events: list[profiler.Event]) -> bool:
+    def events(self, events: list[Event]) -> bool:
         self.batches.append(events)
         return True
 
@@ -403,7 +404,7 @@ def test_collector_counts_garbage_on_sink_and_profile_sockets(
             bad_profile = [
                 *([transport.EVENTS, batch] for batch in EVENT_BATCHES.values()),
                 [transport.EVENTS],
-                [transport.EVENTS, profiler.pack_events([]), b"extra"],
+                [transport.EVENTS, pack_events([]), b"extra"],
                 [transport.COUNTERS, b"\xc1"],
                 [transport.COUNTERS, *codec.encode({"p": {"n": "not an int"}})],
                 [transport.COUNTERS, *codec.encode([1, 2])],
@@ -413,7 +414,7 @@ def test_collector_counts_garbage_on_sink_and_profile_sockets(
             for frames in bad_profile:
                 profile.send_multipart(frames)
             good = [("MainPipeline__A", 3, 1.0, 2.0, 3.0)]
-            profile.send_multipart([transport.EVENTS, profiler.pack_events(good)])
+            profile.send_multipart([transport.EVENTS, pack_events(good)])
             assert wait_until(lambda: recorded.batches == [good], 5), recorded.batches
         assert wait_until(lambda: collector.decode_errors == len(MESSAGES) + len(bad_profile), 5)
         assert caplog.text.count("dropped a malformed output") == len(MESSAGES)
@@ -477,7 +478,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import test_hardening as th
 import zmq
 from pystream_zmq.wire import codec
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.events import unpack_events
 from pystream_zmq.errors import DecodeError
 
 ctx = zmq.Context()
@@ -491,7 +492,7 @@ live.stop()
 ctx.destroy(linger=0)
 for batch in th.EVENT_BATCHES.values():
     try:
-        profiler.unpack_events(batch)
+        unpack_events(batch)
     except DecodeError:
         pass
 import random
@@ -504,7 +505,7 @@ for _ in range(3000):
         frame[rng.randrange(len(frame))] ^= rng.randrange(1, 256)
     try:
         if target == "events":
-            profiler.unpack_events(bytes(frames[0]))
+            unpack_events(bytes(frames[0]))
         else:
             th.decode_message(frames)
     except DecodeError:

@@ -21,7 +21,7 @@ import pystream_zmq
 from pystream_zmq import Pipeline
 from pystream_zmq.cli import profile as profile_cli
 from pystream_zmq.cli.main import main as cli
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling import store
 from pystream_zmq.profiling.report import ProfileReport
 
 MAIN = "MainPipeline"
@@ -41,7 +41,7 @@ def profiled_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     """(database, report) of one parallel run; the live checks happen while it runs."""
     folder = tmp_path_factory.mktemp("profiles")
     pystream_zmq.set_profiler_db_folder(folder)
-    db = folder / profiler.DB_FILENAME
+    db = folder / store.DB_FILENAME
     pipeline = Pipeline(use_profiler=True)
     pipeline.add(stages.sleep_5ms, "Sleep5")
     pipeline.add(stages.sleep_10ms, "Sleep10")
@@ -62,7 +62,7 @@ def profiled_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     finally:
         pipeline.cleanup()
     yield db, (pipeline.get_profile_report(), live)
-    profiler._db_folder = None  # private: PyStream's API sets the folder but has no reset
+    store._db_folder = None  # private: PyStream's API sets the folder but has no reset
 
 
 def test_report_shows_the_injected_delays(profiled_run: tuple[Path, Any]) -> None:

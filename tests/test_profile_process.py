@@ -9,7 +9,7 @@ import time
 import psutil
 
 from pystream_zmq import Pipeline
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling import store
 from tests import stages
 
 ITEMS = 300
@@ -47,7 +47,7 @@ def test_every_event_and_counter_is_stored_by_cleanup() -> None:
 
 def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
     pipeline = _profiled(stop_timeout=2.0)
-    lock = sqlite3.connect(profiler.profiler_db_path(), isolation_level=None)
+    lock = sqlite3.connect(store.profiler_db_path(), isolation_level=None)
     try:
         lock.execute("BEGIN EXCLUSIVE")
         for x in range(ITEMS):

@@ -16,16 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pystream_zmq.errors import DecodeError
-from pystream_zmq.profiling import store as profiler
-from pystream_zmq.profiling.store import (
-    MAIN_PIPELINE_NAME,
-    PROFILE_DIR_ENV,
-    Event,
-    ProfileWriter,
-    pack_events,
-    read_profiles,
-    unpack_events,
-)
+from pystream_zmq.profiling import schema, store
+from pystream_zmq.profiling.events import pack_events, unpack_events
+from pystream_zmq.profiling.store import PROFILE_DIR_ENV, ProfileWriter
+from pystream_zmq.profiling.summary import read_profiles
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event
 
 MAIN = MAIN_PIPELINE_NAME
 BASE = 100.0  # small base times keep float differences exact enough to compare tightly
@@ -36,7 +31,7 @@ fuzz = settings(
 
 @pytest.fixture(autouse=True)
 def _reset_db_folder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(profiler, "_db_folder", None)  # restored after each test
+    monkeypatch.setattr(store, "_db_folder", None)  # restored after each test
 
 
 @pytest.fixture
@@ -77,19 +72,19 @@ def record(writer: ProfileWriter, stages: list[tuple[str, str]], *batches: list[
 # -- DB folder -------------------------------------------------------------------------------
 def test_set_folder_wins_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "env"))
-    profiler.set_profiler_db_folder(tmp_path / "set")
-    assert profiler.get_profiler_db_folder() == str(tmp_path / "set")
+    store.set_profiler_db_folder(tmp_path / "set")
+    assert store.get_profiler_db_folder() == str(tmp_path / "set")
 
 
 def test_env_is_read_at_call_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "env"))
-    assert profiler.get_profiler_db_folder() == str(tmp_path / "env")
+    assert store.get_profiler_db_folder() == str(tmp_path / "env")
 
 
 def test_default_uses_xdg_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROFILE_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert profiler.get_profiler_db_folder() == str(tmp_path / "state" / "pystream_zmq")
+    assert store.get_profiler_db_folder() == str(tmp_path / "state" / "pystream_zmq")
 
 
 @pytest.mark.parametrize("xdg", [None, "", "relative/state"])
@@ -102,15 +97,15 @@ def test_default_is_in_home_not_in_package(
     else:
         monkeypatch.setenv("XDG_STATE_HOME", xdg)
     monkeypatch.setenv("HOME", str(tmp_path))
-    folder = Path(profiler.get_profiler_db_folder())
+    folder = Path(store.get_profiler_db_folder())
     assert folder == tmp_path / ".local" / "state" / "pystream_zmq"
-    assert not folder.resolve().is_relative_to(Path(profiler.__file__).resolve().parent)
+    assert not folder.resolve().is_relative_to(Path(store.__file__).resolve().parent)
 
 
 def test_db_path_creates_folder(tmp_path: Path) -> None:
-    profiler.set_profiler_db_folder(tmp_path / "a" / "b")
-    path = profiler.profiler_db_path()
-    assert path == tmp_path / "a" / "b" / profiler.DB_FILENAME
+    store.set_profiler_db_folder(tmp_path / "a" / "b")
+    path = store.profiler_db_path()
+    assert path == tmp_path / "a" / "b" / store.DB_FILENAME
     assert path.parent.is_dir()
 
 
@@ -318,7 +313,7 @@ def test_two_writers_share_one_file(make_writer: Callable[..., ProfileWriter], d
 def test_schema_and_run_row(make_writer: Callable[..., ProfileWriter], db: Path) -> None:
     run_id = make_writer().start_run("Demo", "serial", LAYOUT[:2])
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (profiler.SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (schema.SCHEMA_VERSION,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         pipeline, mode, started, pid = conn.execute(
             "SELECT pipeline, mode, started, pid FROM runs WHERE run_id = ?", (run_id,)
@@ -338,7 +333,7 @@ def test_newer_schema_is_refused(make_writer: Callable[..., ProfileWriter], db: 
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(profiler.ProfileSchemaError):
+    with pytest.raises(schema.ProfileSchemaError):
         make_writer().start_run(MAIN, "serial", [(MAIN, "pipeline")])
 
 
@@ -426,7 +421,7 @@ def test_writer_retries_while_the_db_stays_locked(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(profiler, "_WRITER_BUSY_TIMEOUT", 0.02)  # give up on SQLite's wait soon
+    monkeypatch.setattr(store, "_WRITER_BUSY_TIMEOUT", 0.02)  # give up on SQLite's wait soon
     writer = make_writer()
     run_id = writer.start_run(MAIN, "parallel", [(MAIN, "pipeline")])
     lock = locked()

@@ -12,9 +12,9 @@ import pytest
 import stages
 
 from pystream_zmq import Pipeline
-from pystream_zmq.profiling import report
-from pystream_zmq.profiling import store as profiler
-from pystream_zmq.profiling.store import MAIN_PIPELINE_NAME, Event, ProfileWriter
+from pystream_zmq.profiling import report, store
+from pystream_zmq.profiling.store import ProfileWriter
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event
 
 MAIN = MAIN_PIPELINE_NAME
 A, B = f"{MAIN}__A", f"{MAIN}__B"
@@ -171,7 +171,7 @@ def test_counters_keep_the_latest_snapshot(writer: ProfileWriter, db: Path) -> N
 def test_retention_keeps_the_newest_runs(
     db: Path, writer: ProfileWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(profiler.KEEP_RUNS_ENV, "3")  # read at call time
+    monkeypatch.setenv(store.KEEP_RUNS_ENV, "3")  # read at call time
     for _ in range(5):
         run_id = writer.start_run(MAIN, "parallel", [(MAIN, "pipeline"), (A, "stage")])
         writer.submit(run_id, [(A, 0, T0, T0, T0 + 1)])
@@ -185,12 +185,12 @@ def test_retention_keeps_the_newest_runs(
 
 
 def test_keep_runs_default_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(profiler.KEEP_RUNS_ENV, raising=False)
-    assert profiler.keep_runs() == profiler.DEFAULT_KEEP_RUNS == 100
+    monkeypatch.delenv(store.KEEP_RUNS_ENV, raising=False)
+    assert store.keep_runs() == store.DEFAULT_KEEP_RUNS == 100
     for bad in ("0", "many"):
-        monkeypatch.setenv(profiler.KEEP_RUNS_ENV, bad)
-        with pytest.raises(ValueError, match=profiler.KEEP_RUNS_ENV):
-            profiler.keep_runs()
+        monkeypatch.setenv(store.KEEP_RUNS_ENV, bad)
+        with pytest.raises(ValueError, match=store.KEEP_RUNS_ENV):
+            store.keep_runs()
 
 
 def test_serial_pipeline_report_counts_items_and_errors() -> None:

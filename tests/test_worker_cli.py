@@ -26,7 +26,8 @@ from conftest import wait_until
 from pystream_zmq import Pipeline
 from pystream_zmq.cli import main as cli
 from pystream_zmq.cli import worker as worker_cli
-from pystream_zmq.profiling.store import DB_FILENAME, read_profiles
+from pystream_zmq.profiling.store import DB_FILENAME
+from pystream_zmq.profiling.summary import read_profiles
 from services import demo, vision
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.ledger import Ledger
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.plan import Plan
-from pystream_zmq.profiling import store
+from pystream_zmq.profiling.events import unpack_events
 from pystream_zmq.profiling.store import Recorder, RunRecorder
 from pystream_zmq.profiling.writer_process import ProfileProcess, is_counters
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, EventBuffer
@@ -850,7 +850,7 @@ class Collector(threading.Thread):
             return
         elif message[0] == transport.EVENTS and len(message) == 2:
             try:
-                self._recorder.events(store.unpack_events(message[1]))
+                self._recorder.events(unpack_events(message[1]))
             except DecodeError as e:
                 self._profile_error(f"dropped malformed profile events: {e}")
         elif message[0] == transport.COUNTERS:

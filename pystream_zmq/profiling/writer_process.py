@@ -34,6 +34,7 @@ import zmq
 from pystream_zmq import child
 from pystream_zmq.errors import DecodeError, WorkerStartupError
 from pystream_zmq.profiling import store
+from pystream_zmq.profiling.events import pack_events, unpack_events
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event
 from pystream_zmq.wire import codec, transport
 
@@ -99,7 +100,7 @@ class ProfileProcess:
         return self._remote[0]
 
     def events(self, events: list[Event]) -> bool:
-        message = [transport.EVENTS, store.pack_events(events)]
+        message = [transport.EVENTS, pack_events(events)]
         with self._lock:
             if not self._closed:
                 try:
@@ -199,7 +200,7 @@ class _Server:
         kind = message[0]
         try:
             if kind == transport.EVENTS and len(message) == 2:
-                events = store.unpack_events(message[1])
+                events = unpack_events(message[1])
                 self.received += len(events)
                 self.writer.submit(self.run_id, events)
             elif kind == transport.COUNTERS:

@@ -1,6 +1,9 @@
 """The worker loop: runs one unit of stages between its input (PULL) and output (PUSH)
 sockets, answering the control channel when orchestrated (``worker.main``) or until told to
-stop when standalone (``worker.standalone``, for ``pystream-worker``)."""
+stop when standalone (``worker.standalone``, for ``pystream-worker``).
+
+A stop is seen deep down (STOP on the control channel, or ``done()`` turning true while a
+send waits for room or for a release): it raises _Stop there, which ``run`` catches."""
 
 from __future__ import annotations
 
@@ -10,15 +13,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import zmq
 
 from pystream_zmq.errors import DecodeError, PyStreamError
-from pystream_zmq.profiling import store
-from pystream_zmq.stage import REPLICA_MARK, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq.profiling.events import pack_events
+from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
+from pystream_zmq.worker.sending import Sender, share_received_frames
 from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,10 @@ _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its 
 
 def _never() -> bool:
     return False
+
+
+class _Stop(Exception):
+    """Raised where the worker learns it must stop; ``run`` catches it."""
 
 
 class Worker:
@@ -49,6 +56,7 @@ class Worker:
             pulls, ordered=spec.ordered_input, burst=burst, first_seq=spec.first_seq
         )
         self.outputs = Outputs(pushes)
+        self._sender = Sender(self.outputs, self._between_waits)
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
         if spec.profile is not None:
@@ -66,9 +74,7 @@ class Worker:
             "expired": 0,  # older than max_age when they arrived
         }
         self.events_sent = 0  # profile events handed to the profile socket
-        self._tracker: zmq.MessageTracker | None = None
         self._control: zmq.Socket[Any] | None = None
-        self._send_poller: zmq.Poller | None = None  # made on the first full downstream
         self._done: Callable[[], bool] = _never
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
@@ -116,32 +122,34 @@ class Worker:
             pass
 
     # -- profile events ------------------------------------------------------------------
-    def _send_events(self, events: list[store.Event]) -> None:
+    def _send_events(self, events: list[Event]) -> None:
         assert self.profile is not None
         try:
-            self.profile.send_multipart([transport.EVENTS, store.pack_events(events)], zmq.NOBLOCK)
+            self.profile.send_multipart([transport.EVENTS, pack_events(events)], zmq.NOBLOCK)
             self.events_sent += len(events)
         except zmq.Again:  # the collector is behind: drop rather than stall the data path
             self.counters["dropped_events"] += len(events)
 
     # -- data path -----------------------------------------------------------------------
-    def handle_item(self, frames: list[zmq.Frame]) -> bool:
-        """Process one message; False when told to stop while waiting to send."""
+    def _handle_item(self, frames: list[zmq.Frame]) -> None:
+        """Process one message and send what it gives."""
         arrive = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
             if kind in (transport.KIND_DROPPED, transport.KIND_FAILED):
-                return self._send([frame.bytes for frame in frames])  # pass it on, in order
+                self._sender.send([frame.bytes for frame in frames])  # pass it on, in order
+                return
             if kind == transport.KIND_EOS:
                 if self.events is not None:
                     self.events.flush()
                 marker = transport.pack_envelope(kind, seq, sent_at)  # anything after: dropped
-                sent = self._send([marker], everywhere=True)  # every replica's
+                self._sender.send([marker], everywhere=True)  # every replica's
                 self.upstream_done = True  # only now: done() may end the loop on it
-                return sent
+                return
             self.upstream_done = False
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
-                return self._drop(seq, sent_at, "expired")
+                self._drop(seq, sent_at, "expired")
+                return
             # adopt: the frames were just received, and are ours alone.
             data = codec.decode(
                 transport.payload(frames), max_message_bytes=self.spec.max_message_bytes, adopt=True
@@ -149,12 +157,12 @@ class Worker:
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
-            return True
-        if not self._previous_output_released():
-            return False
+            return
+        self._sender.wait_for_release()
         ok, out = self.chain.run(data, seq, arrive)
         if not ok:
-            return self._send(self._failure_frames(out, sent_at))
+            self._sender.send(self._failure_frames(out, sent_at))
+            return
         try:
             out_frames = codec.encode(out)
         except PyStreamError as e:
@@ -162,34 +170,31 @@ class Worker:
             path = self.chain.leaves[-1][0]
             log.error("stage %s returned what cannot be sent (item %d dropped): %s", path, seq, e)
             failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
-            return self._send(self._failure_frames(failure, sent_at))
+            self._sender.send(self._failure_frames(failure, sent_at))
+            return
         self.counters["processed"] += 1
         message = transport.pack_message(kind, seq, sent_at, out_frames)
-        if len(message) > 1 and _passed_on(message, frames):
-            return self._send(message, tracked=False)
-        return self._send(message)
+        shared = len(message) > 1 and share_received_frames(message, frames)
+        self._sender.send(message, tracked=not shared)
 
-    def _drop(self, seq: int, sent_at: float, counter: str) -> bool:
+    def _drop(self, seq: int, sent_at: float, counter: str) -> None:
         """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
         self.counters[counter] += 1
-        return self._send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
+        self._sender.send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
 
-    def _handle_newest(self, batch: list[Message]) -> bool:
+    def _handle_newest(self, batch: list[Message]) -> None:
         """drop_policy="latest": of everything that was waiting, process only the newest
-        item and drop the older ones (markers in their place, in order). False when told to
-        stop."""
+        item and drop the older ones (markers in their place, in order)."""
         kinds = [_peek_kind(frames) for frames in batch]
         newest = max((i for i, kind in enumerate(kinds) if kind == transport.KIND_DATA), default=-1)
         for i, frames in enumerate(batch):
             if i < newest and kinds[i] == transport.KIND_DATA:
                 _, seq, sent_at = transport.unpack_envelope(frames[0])
                 self.upstream_done = False
-                sent = self._drop(seq, sent_at, "replaced")
+                self._drop(seq, sent_at, "replaced")
             else:
-                sent = self.handle_item(frames)
-            if not sent or self._done():
-                return False
-        return True
+                self._handle_item(frames)
+            self._stop_if_done()
 
     def _failure_frames(self, failure: StageFailure, sent_at: float) -> list[Any]:
         """The marker that travels in the item's place, so the orchestrator can tell a
@@ -200,61 +205,16 @@ class Worker:
         frames = codec.encode(report)
         return transport.pack_message(transport.KIND_FAILED, failure.seq, sent_at, frames)
 
-    def _previous_output_released(self) -> bool:
-        """Arrays go out zero-copy, and a stage may write into the buffer it returned last
-        time on its next call: wait until ZeroMQ has let go of the previous output. False
-        when told to stop while waiting."""
-        while self._tracker is not None:
-            try:
-                self._tracker.wait(_POLL_MS / 1000)
-                self._tracker = None
-            except zmq.NotDone:
-                control = self._control
-                if control is not None and control.poll(0) and not self.handle_control(control):
-                    return False
-                if self._done():
-                    return False
-        return True
+    def _between_waits(self) -> None:
+        """While a send waits: keep answering the control channel, and stop when told to."""
+        control = self._control
+        if control is not None and control.poll(0):
+            self._handle_control(control)
+        self._stop_if_done()
 
-    def _send(self, frames: list[Any], everywhere: bool = False, tracked: bool = True) -> bool:
-        """Send to the next replica downstream with room (``everywhere``: to each one).
-        False when told to stop while waiting for room. ``tracked=False``: the buffers are
-        received frames passed on as they are (no release to wait for)."""
-        if everywhere and len(self.outputs.sockets) > 1:
-            return all(self._send_to(Outputs([sock]), frames) for sock in self.outputs.sockets)
-        return self._send_to(self.outputs, frames, tracked)
-
-    def _send_to(self, outputs: Outputs, frames: list[Any], tracked: bool = True) -> bool:
-        zero_copy = len(frames) > 1  # out-of-band arrays follow envelope and header
-        track = zero_copy and tracked
-        outputs.wait_for_turn()  # with replicas downstream: keep their shares even
-        while True:
-            sent, tracker = outputs.try_send(frames, copy=not zero_copy, track=track)
-            if sent:
-                if track:
-                    self._tracker = tracker
-                return True
-            # Downstream is full: wait for room, but keep answering the control channel.
-            if outputs is not self.outputs:
-                poller = self._make_send_poller(outputs)
-            elif self._send_poller is None:
-                poller = self._send_poller = self._make_send_poller(outputs)
-            else:
-                poller = self._send_poller
-            ready = dict(poller.poll(_POLL_MS))
-            control = self._control
-            if control is not None and control in ready and not self.handle_control(control):
-                return False
-            if self._done():
-                return False
-
-    def _make_send_poller(self, outputs: Outputs) -> zmq.Poller:
-        poller = zmq.Poller()
-        for sock in outputs.sockets:
-            poller.register(sock, zmq.POLLOUT)
-        if self._control is not None:
-            poller.register(self._control, zmq.POLLIN)
-        return poller
+    def _stop_if_done(self) -> None:
+        if self._done():
+            raise _Stop
 
     def _count_disconnects(self, monitor: zmq.Socket[Any]) -> None:
         while monitor.poll(0):
@@ -289,8 +249,8 @@ class Worker:
             states[path] = sendable
         return states
 
-    def handle_control(self, control: zmq.Socket[Any]) -> bool:
-        """Answer one command; False on STOP."""
+    def _handle_control(self, control: zmq.Socket[Any]) -> None:
+        """Answer one command; raises _Stop on STOP."""
         command = control.recv_multipart()[0]
         if command in (transport.GET_STATE, transport.CLEANUP):
             if command == transport.CLEANUP:
@@ -302,10 +262,9 @@ class Worker:
         elif command == transport.GET_COUNTERS:
             control.send_multipart([transport.COUNTERS, *codec.encode(self.counter_snapshot())])
         elif command == transport.STOP:
-            return False
+            raise _Stop
         else:
             log.warning("ignored unknown control command %r", command[:32])
-        return True
 
     def run(
         self, control: zmq.Socket[Any] | None = None, done: Callable[[], bool] = _never
@@ -313,6 +272,7 @@ class Worker:
         """Process items until STOP arrives on ``control`` (orchestrated) or ``done()``
         turns true (standalone, where ``control`` is None)."""
         self._control, self._done = control, done
+        self._sender.wake_on = control
         poller = zmq.Poller()
         for monitor in self._input_events:
             poller.register(monitor, zmq.POLLIN)
@@ -320,31 +280,36 @@ class Worker:
             poller.register(control, zmq.POLLIN)
         for sock in self.inputs.sockets:
             poller.register(sock, zmq.POLLIN)
-        while not done():
-            if self.inputs.ordered:  # poll only the inputs without a waiting item
-                wanted = self.inputs.wanted()
-                for sock in self.inputs.sockets:
-                    poller.register(sock, zmq.POLLIN if sock in wanted else 0)
-            ready = dict(poller.poll(self.inputs.poll_ms(_POLL_MS)))
-            for monitor in self._input_events:
-                if monitor in ready:
-                    self._count_disconnects(monitor)
-            if control is not None and control in ready and not self.handle_control(control):
-                return
-            messages = self.inputs.take(ready)
-            if self.spec.drop_policy == transport.LATEST:
-                batch = list(messages)
-                if batch and not self._handle_newest(batch):
-                    return
-            else:
-                for frames in messages:
-                    if not self.handle_item(frames) or done():
-                        return
-                    if self.events is not None:  # a slow stage may not leave the burst for long
-                        self.events.flush_if_old()
-            if self.events is not None:
-                self.events.flush_if_old()
-                self._send_counters_if_due()
+        try:
+            while not done():
+                self._serve(poller, control)
+        except _Stop:
+            pass
+
+    def _serve(self, poller: zmq.Poller, control: zmq.Socket[Any] | None) -> None:
+        """One poll: count disconnects, answer control, handle the items that arrived."""
+        if self.inputs.ordered:  # poll only the inputs without a waiting item
+            wanted = self.inputs.wanted()
+            for sock in self.inputs.sockets:
+                poller.register(sock, zmq.POLLIN if sock in wanted else 0)
+        ready = dict(poller.poll(self.inputs.poll_ms(_POLL_MS)))
+        for monitor in self._input_events:
+            if monitor in ready:
+                self._count_disconnects(monitor)
+        if control is not None and control in ready:
+            self._handle_control(control)
+        messages = self.inputs.take(ready)
+        if self.spec.drop_policy == transport.LATEST:
+            self._handle_newest(list(messages))
+        else:
+            for frames in messages:
+                self._handle_item(frames)
+                self._stop_if_done()
+                if self.events is not None:  # a slow stage may not leave the burst for long
+                    self.events.flush_if_old()
+        if self.events is not None:
+            self.events.flush_if_old()
+            self._send_counters_if_due()
 
     def finish(self, control: zmq.Socket[Any]) -> None:
         """Flush profile events, then say goodbye; the orchestrator acknowledges both by
@@ -358,29 +323,8 @@ class Worker:
         control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
 
 
-def _passed_on(message: list[Any], received: list[zmq.Frame]) -> bool:
-    """Whether every out-of-band buffer of ``message`` is the whole of a frame received
-    with the item (a stage passed its array on, perhaps changed in place); if so, those
-    frames replace the buffers. ZeroMQ then shares each frame's memory with the next
-    process: no copy, and no wait for a release before the next item, which a buffer the
-    stage made itself needs, since the stage may write into it again."""
-    frames_at = {_address(frame.buffer): frame for frame in received[1:]}
-    passed = []
-    for buffer in message[1:]:
-        frame = frames_at.get(_address(buffer))
-        if frame is None or len(frame) != memoryview(buffer).nbytes:
-            return False
-        passed.append(frame)
-    message[1:] = passed
-    return True
-
-
-def _address(buffer: Any) -> int:
-    return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
-
-
 def _peek_kind(frames: Message) -> int | None:
     try:
         return transport.unpack_envelope(frames[0])[0]
     except DecodeError:
-        return None  # handle_item counts and logs it
+        return None  # _handle_item counts and logs it

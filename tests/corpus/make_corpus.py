@@ -24,7 +24,7 @@ import msgpack_numpy
 import numpy as np
 from msgpack import ExtType, packb
 
-from pystream_zmq.profiling import store as profiler
+from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.wire import codec, transport
 
 HERE = Path(__file__).resolve().parent
@@ -145,7 +145,7 @@ ENTRIES: dict[str, tuple[str, list[bytes], str]] = {
     ),
     "events_path_index": (
         "events",
-        [profiler.pack_events([("p", 1, 0.0, 0.0, 0.0)]).replace(b"\x91\xa1p", b"\x90")],
+        [pack_events([("p", 1, 0.0, 0.0, 0.0)]).replace(b"\x91\xa1p", b"\x90")],
         "path index out of range",
     ),
     "events_pickle": ("events", [pickle.dumps([("p", 1, 0.0, 0.0, 0.0)])], "a pickled batch"),
