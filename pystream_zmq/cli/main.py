@@ -1,4 +1,4 @@
-"""The ``pystream`` command: tools around pipelines (subcommands are added by later work)."""
+"""The ``pystream`` command: tools around pipelines (profiles, Procfiles, CURVE keys)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import click
 
 from pystream_zmq.cli.loader import LoadError, default_name, load, reference
 from pystream_zmq.pipeline import Pipeline
+from pystream_zmq.plan import Plan
 from pystream_zmq.stage import PATH_SEPARATOR
 
 _WORKER = "pystream-worker"
@@ -40,28 +41,23 @@ def procfile(
     if pipeline.input_generator is None:
         raise LoadError("the pipeline has no input_generator to run as the source")
     planned = pipeline.plan()
-    for unit in planned.units:
-        if len(unit.leaves) != 1 or unit.leaves[0][0] != unit.name or _depth(unit.name) > 1:
-            raise LoadError(
-                f"{_stage_name(unit.name)} is a sub-pipeline; those cannot be written to a "
-                "Procfile yet (run one by hand with `pystream-worker pipeline`)"
-            )
-    port = {
+    _refuse_sub_pipelines(planned)
+    profile_endpoint = f"tcp://{host}:{base_port}"
+    link_endpoint = {
         name: f"tcp://{host}:{base_port + 1 + i}" for i, name in enumerate(planned.link_names())
     }
 
-    def push(args: list[str], names: Sequence[str]) -> list[str]:
-        return args + [arg for name in names for arg in ("--push", port[name])]
+    def links(option: str, names: Sequence[str]) -> list[str]:
+        return [arg for name in names for arg in (option, link_endpoint[name])]
 
-    def pull(args: list[str], names: Sequence[str], ordered: bool) -> list[str]:
-        args = args + [arg for name in names for arg in ("--pull", port[name])]
-        return args if ordered or len(names) == 1 else [*args, "--unordered"]
+    def inputs(names: Sequence[str], ordered: bool) -> list[str]:
+        # --ordered is the default, and a single input has nothing to merge
+        return links("--pull", names) + ([] if ordered or len(names) == 1 else ["--unordered"])
 
-    profile_endpoint = f"tcp://{host}:{base_port}"
     profile = ["--profile", profile_endpoint] if pipeline.use_profiler else []
     ref, params = reference(pipeline.input_generator)
     source = ["source", ref, *_params(params), "--period", f"{period:g}"]
-    lines = [("source", push(source, planned.source_connects))]
+    lines = [("source", source + links("--push", planned.source_connects))]
     for process in planned.processes:
         unit = planned.units[process.unit]
         name, stage = _stage_name(unit.name), unit.leaves[0][1]
@@ -69,16 +65,14 @@ def procfile(
         args = ["stage", ref, *_params(params)]
         if name != default_name(stage, ref):
             args += ["--name", name]
-        upstream_ordered = process.unit == 0 or planned.units[process.unit - 1].ordered
-        mine = pull(args, process.binds, upstream_ordered)
-        mine = push(mine, process.connects) + profile
+        args += inputs(process.binds, process.ordered_input)
+        args += links("--push", process.connects) + profile
         entry = _process_name(name)
         if unit.replicas > 1:
-            mine += ["--replica", str(process.replica)]
+            args += ["--replica", str(process.replica)]
             entry += f"_{process.replica}"
-        lines.append((entry, mine))
-    last_ordered = not planned.units or planned.units[-1].ordered
-    sink = pull(["sink"], planned.sink_binds, last_ordered)
+        lines.append((entry, args))
+    sink = ["sink", *inputs(planned.sink_binds, planned.sink_ordered)]
     if pipeline.use_profiler:
         stages = ",".join(_stage_name(unit.name) for unit in planned.units)
         sink += ["--profile-pull", profile_endpoint, "--run-name", run_name, "--stages", stages]
@@ -88,6 +82,17 @@ def procfile(
     # exec: the shell honcho starts would otherwise die of SIGTERM before the worker drained
     body = [f"{name}: exec {shlex.join([_WORKER, *args])}" for name, args in lines]
     return "\n".join([f"# {header}", *body]) + "\n"
+
+
+def _refuse_sub_pipelines(planned: Plan) -> None:
+    """Each unit must be one stage at the top level (``pystream-worker stage``): one leaf,
+    the unit itself, right below MainPipeline."""
+    for unit in planned.units:
+        if len(unit.leaves) != 1 or unit.leaves[0][0] != unit.name or _depth(unit.name) > 1:
+            raise LoadError(
+                f"{_stage_name(unit.name)} is a sub-pipeline; those cannot be written to a "
+                "Procfile yet (run one by hand with `pystream-worker pipeline`)"
+            )
 
 
 def _stage_name(path: str) -> str:

@@ -10,31 +10,33 @@ orchestrator starts its workers from the last one to the first.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import zmq
 
-from pystream_zmq.wire import security, transport
+from pystream_zmq.wire import endpoints, security, transport
 
-_HOST = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)")
 _HINT = "pass curve=True (encrypted, authenticated links) or insecure=True"
 
 
 def check(endpoint: str | None, *, curve: bool = False, insecure: bool = False) -> str | None:
-    """The tcp host of ``parallelize(endpoint=...)``; None for ipc (``endpoint=None``).
-    SecurityError (a ValueError) for a host other machines can reach without ``curve`` or
-    ``insecure``."""
+    """The tcp host of ``parallelize(endpoint=...)`` (an IPv6 address in brackets); None for
+    ipc (``endpoint=None``). SecurityError (a ValueError) for a host other machines can
+    reach without ``curve`` or ``insecure``."""
     if endpoint is None:
         return None
-    match = _HOST.fullmatch(endpoint)
-    if match is None:
+    try:
+        parsed = endpoints.parse(endpoint)
+        host_alone = parsed.scheme == endpoints.TCP and parsed.port is None  # the OS's ports
+        if not host_alone or parsed.host == endpoints.ANY_HOST:  # workers connect to it
+            raise ValueError(endpoint)
+    except ValueError:
         raise ValueError(
             f"endpoint must be 'tcp://HOST', an address of this machine (the ports are chosen "
             f"by the OS), or None for ipc files; not {endpoint!r}"
-        )
+        ) from None
     security.check_bind(f"{endpoint}:*", secured=curve, insecure=insecure, hint=_HINT)
-    return match.group(1)
+    return parsed.url_host
 
 
 class Links:

@@ -30,6 +30,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from pystream_zmq.errors import SecurityError
+from pystream_zmq.wire import endpoints
 
 if TYPE_CHECKING:  # imports asyncio: only processes that use CURVE pay for it
     from zmq.auth.thread import ThreadAuthenticator
@@ -79,29 +80,22 @@ class Curve:
 
 
 # -- addresses -------------------------------------------------------------------------------
-def tcp_host(endpoint: str) -> str | None:
-    """The host of a ``tcp://`` endpoint, without IPv6 brackets; None for other transports."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    rest = endpoint[len("tcp://") :]
-    if rest.startswith("["):
-        return rest[1:].partition("]")[0]
-    return rest.rpartition(":")[0] if ":" in rest else rest
-
-
 def is_loopback(endpoint: str) -> bool:
     """Whether only this machine can reach an endpoint: ipc://, inproc://, or tcp on
     127.0.0.0/8, ::1 or localhost. Anything else (``*``, another address, an interface or
-    host name) counts as reachable from the network."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = tcp_host(endpoint)
-    if host is None:
+    host name, text that is not an endpoint) counts as reachable from the network."""
+    try:
+        parsed = endpoints.parse(endpoint)
+    except ValueError:
         return False
-    if host.lower() == "localhost":
+    if parsed.scheme in (endpoints.IPC, endpoints.INPROC):
+        return True
+    if parsed.scheme != endpoints.TCP or parsed.host is None:
+        return False
+    if parsed.host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(parsed.host).is_loopback
     except ValueError:
         return False
 
@@ -142,7 +136,11 @@ def connect(sock: zmq.Socket[Any], endpoint: str, curve: Curve | None) -> None:
 
 
 def _prepare(sock: zmq.Socket[Any], endpoint: str) -> None:
-    if ":" in (tcp_host(endpoint) or ""):  # an IPv6 address
+    try:
+        ipv6 = endpoints.parse(endpoint).is_ipv6
+    except ValueError:
+        return  # bind() or connect() refuses it, with ZeroMQ's own error
+    if ipv6:
         sock.setsockopt(zmq.IPV6, 1)
 
 
