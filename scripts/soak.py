@@ -78,16 +78,16 @@ def main() -> None:
                 latencies.append(time.time() - out["t0"])
             now = time.monotonic()
             if now >= next_kill:
-                victim = rng.choice(runner._procs)
+                victim = rng.choice(runner.launcher.procs)
                 os.kill(victim.pid, signal.SIGKILL)
                 kills += 1
                 next_kill = now + rng.uniform(5, 30)
             if now - interval_start >= 30:
-                delivered = runner._collector.delivered
+                delivered = runner.collector.delivered
                 rate = (delivered - interval_delivered) / (now - interval_start)
                 p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if latencies[100:] else 0
                 main_now = measure([me.pid])[me.pid]
-                workers = measure([p.pid for p in runner._procs]).values()
+                workers = measure([p.pid for p in runner.launcher.procs]).values()
                 baseline = baseline or main_now
                 print(
                     f"t={now - started:5.0f}s {rate:6.0f} items/s  p99 {p99:6.1f} ms"
@@ -99,13 +99,13 @@ def main() -> None:
                 latencies.clear()
                 interval_start, interval_delivered = now, delivered
         pipeline.stop_loop()
-        book = runner._collector.ledger
+        book = runner.collector.ledger
         final = measure([me.pid])
         print()
         print(
             f"forwarded {runner.forwarded}, delivered {book.delivered}, dropped {book.dropped}, "
             f"lost {book.lost} in {len(book.lost_ranges)} ranges, kills {kills}, "
-            f"restarts {sum(runner._supervisor.restarts)}"
+            f"restarts {sum(runner.supervisor.restarts)}"
         )
         unexplained = runner.forwarded - book.delivered - book.dropped - book.lost
         print(f"unexplained losses: {unexplained}")

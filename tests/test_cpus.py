@@ -34,6 +34,6 @@ def test_each_worker_runs_on_its_cpu_and_the_caller_stays_free() -> None:
         workers = sorted(psutil.Process().children(), key=lambda proc: proc.pid)
         # The workers' main threads (their pid): started in chain order, one per replica.
         assert [os.sched_getaffinity(proc.pid) for proc in workers] == [{c} for c in planned]
-        collector = pipeline._runner._collector  # type: ignore[union-attr]
+        collector = pipeline._runner.collector  # type: ignore[union-attr]
         assert os.sched_getaffinity(collector.native_id) == {ours}
         assert os.sched_getaffinity(0) == caller_cpus  # this thread: not pinned

@@ -338,7 +338,7 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
     with pipeline:
         pipeline.parallelize(endpoint=f"tcp://{HOST_A}", curve=True, block_output=True)
         runner: Any = pipeline._runner
-        bound = dict(runner._links._bound)
+        bound = runner.launcher.links.bound()
         assert set(bound) == {"control", "in0.0-0", "in1.0-0", "sink-0"}
         assert all(re.fullmatch(rf"tcp://{re.escape(HOST_A)}:\d+", e) for e in bound.values())
         outputs = []
@@ -350,7 +350,9 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
         stranger = tmp_path / "stranger"
         security.generate(stranger, ["s"])
         server = tmp_path / "server.key"
-        server.write_text(f'curve\n    public-key = "{runner._links.curve.public.decode()}"\n')
+        server.write_text(
+            f'curve\n    public-key = "{runner.launcher.links.curve.public.decode()}"\n'
+        )
         with curve_context(None) as ctx:
             kinds = {"in1.0-0": zmq.PUSH, "sink-0": zmq.PUSH, "control": zmq.DEALER}
             opened = []  # until ctx.destroy() closes them
@@ -376,11 +378,13 @@ def test_a_killed_worker_rejoins_on_its_tcp_port() -> None:
             endpoint=f"tcp://{HOST_A}", curve=True, block_output=True, output_timeout=2
         )
         runner: Any = pipeline._runner
-        endpoint = runner._links.endpoint("in0.0-0")
+        endpoint = runner.launcher.links.endpoint("in0.0-0")
         assert pipeline.forward({"x": 1}) and pipeline.get_results() == {"x": 4}
-        runner._procs[0].kill()
-        assert wait_until(lambda: runner._supervisor.restarts[0] == 1 and 0 in runner._alive())
-        assert runner._links.endpoint("in0.0-0") == endpoint
+        runner.launcher.procs[0].kill()
+        assert wait_until(
+            lambda: runner.supervisor.restarts[0] == 1 and 0 in runner.launcher.alive()
+        )
+        assert runner.launcher.links.endpoint("in0.0-0") == endpoint
 
         def flows() -> bool:  # an item sent into the dying connection may be lost: again
             return pipeline.forward({"x": 2}) and pipeline.get_results() == {"x": 6}

@@ -21,11 +21,11 @@ from pystream_zmq.errors import WorkerCrashedError
 
 
 def ledger(pipeline: Pipeline):  # type: ignore[no-untyped-def]
-    return pipeline._runner._collector.ledger  # type: ignore[union-attr]
+    return pipeline._runner.collector.ledger  # type: ignore[union-attr]
 
 
 def worker_pids(pipeline: Pipeline) -> list[int]:
-    return [proc.pid for proc in pipeline._runner._procs]  # type: ignore[union-attr]
+    return [proc.pid for proc in pipeline._runner.launcher.procs]  # type: ignore[union-attr]
 
 
 # -- stage errors ------------------------------------------------------------------------
@@ -112,9 +112,9 @@ def test_kill_9_of_a_middle_worker_is_recovered_and_every_item_accounted(
         pipeline.parallelize(input_timeout=30)
         victim = worker_pids(pipeline)[1]
         sender = _forward_in_background(pipeline, [dict(item) for _ in range(count)])
-        assert wait_until(lambda: pipeline._runner._collector.delivered > count // 5)  # type: ignore[union-attr]
+        assert wait_until(lambda: pipeline._runner.collector.delivered > count // 5)  # type: ignore[union-attr]
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: pipeline._runner._supervisor.restarts[1] == 1, timeout=1.5)  # type: ignore[union-attr]
+        assert wait_until(lambda: pipeline._runner.supervisor.restarts[1] == 1, timeout=1.5)  # type: ignore[union-attr]
         sender.join(timeout=60)
         assert not sender.is_alive()
         pipeline.stop_loop()
@@ -159,7 +159,7 @@ pipeline = Pipeline()
 pipeline.add(same)
 pipeline.add(same)
 pipeline.parallelize()
-print(pipeline._runner._dir, flush=True)
+print(pipeline._runner.launcher.socket_dir, flush=True)
 sys.stdin.read()
 """
 

@@ -34,7 +34,7 @@ from stages import add_one
 
 from pystream_zmq import Pipeline
 from pystream_zmq.errors import DecodeError
-from pystream_zmq.orchestrator.runner import Collector
+from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.profiling import store as profiler
 from pystream_zmq.wire import codec, transport
 from pystream_zmq.worker.loop import Worker
@@ -432,7 +432,7 @@ def test_garbage_replies_on_the_control_socket_do_not_break_the_orchestrator(
     runner = pipeline._runner
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        endpoint = runner._control.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
+        endpoint = runner.control.socket.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
         rogues = []
         for ident in (b"x", b"99", None):
             rogue = ctx.socket(zmq.DEALER)

@@ -255,10 +255,10 @@ def test_stage_state_comes_back_and_cleanup_runs_in_the_worker() -> None:
     pipeline.start_loop(0.001)
     assert wait_until(lambda: pipeline.get_results() is not None)
     pipeline.stop_loop()
-    delivered = pipeline._runner._collector.delivered  # type: ignore[union-attr]
+    delivered = pipeline._runner.collector.delivered  # type: ignore[union-attr]
     assert counter.count == delivered > 0
     np.testing.assert_array_equal(counter.kernel, np.arange(4))
-    runner_dir = pipeline._runner._dir  # type: ignore[union-attr]
+    runner_dir = pipeline._runner.launcher.socket_dir  # type: ignore[union-attr]
     started = time.monotonic()
     pipeline.cleanup()
     assert time.monotonic() - started < 5

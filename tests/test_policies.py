@@ -27,9 +27,9 @@ def test_latest_keeps_latency_near_the_stage_times_and_counts_every_drop() -> No
         pipeline.parallelize(drop_policy="latest")
         run = runner(pipeline)
         pipeline.start_loop(period)
-        assert wait_until(lambda: run._collector.delivered >= 25, timeout=20)
+        assert wait_until(lambda: run.collector.delivered >= 25, timeout=20)
         pipeline.stop_loop()
-        book = run._collector.ledger
+        book = run.collector.ledger
         assert book.lost == 0
         assert run.forwarded == book.delivered + book.dropped + book.lost
     result = pipeline.get_profile_report()
@@ -54,7 +54,7 @@ def test_drop_newest_refuses_at_once_when_the_first_stage_is_full() -> None:
         taken = [pipeline.forward({"x": x, "image": frame}) for x in range(40)]
         pipeline.stop_loop()
         run = runner(pipeline)
-        book = run._collector.ledger
+        book = run.collector.ledger
         assert taken.count(False) == run.refused > 0
         assert run.forwarded == taken.count(True) == book.delivered
         assert (book.dropped, book.lost) == (0, 0)
@@ -73,7 +73,7 @@ def test_items_older_than_max_age_are_dropped_where_they_arrive(
         for x in range(3):  # items 1 and 2 wait behind item 0 for 0.3 s and more
             assert pipeline.forward({"x": x})
         pipeline.stop_loop()
-        book = runner(pipeline)._collector.ledger
+        book = runner(pipeline).collector.ledger
         assert (book.delivered, book.dropped, book.lost) == (delivered, 3 - delivered, 0)
     result = pipeline.get_profile_report()
     assert result is not None
@@ -120,7 +120,7 @@ def test_a_latest_link_skips_to_the_newest_item_with_markers_in_order() -> None:
             assert pipeline.forward({"x": x})
         pipeline.stop_loop()
         run = runner(pipeline)
-        book = run._collector.ledger
+        book = run.collector.ledger
         assert pipeline.get_results() == {"x": 20}  # the newest always goes through
         assert run.forwarded == 20 == book.delivered + book.dropped and book.lost == 0
         assert book.dropped > 0

@@ -53,7 +53,7 @@ def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
         for x in range(ITEMS):
             assert pipeline.forward({"x": x})
         pipeline.stop_loop()
-        assert pipeline._runner._collector.delivered == ITEMS  # type: ignore[union-attr]
+        assert pipeline._runner.collector.delivered == ITEMS  # type: ignore[union-attr]
         started = time.monotonic()
         pipeline.cleanup()  # the writer process gives up on the lock within stop_timeout
         assert time.monotonic() - started < 2.0 + 1.5

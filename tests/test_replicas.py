@@ -32,7 +32,7 @@ def test_two_replicas_share_the_work_and_the_next_stage_sees_input_order() -> No
         pipeline.stop_loop()  # drains, then brings the recorder's state back
         assert recorder.seen == list(range(300))
         assert len(set(recorder.pids)) == 2  # both replicas worked
-        book = runner(pipeline)._collector.ledger
+        book = runner(pipeline).collector.ledger
         assert (book.delivered, book.dropped, book.lost) == (300, 0, 0)
 
 
@@ -60,7 +60,7 @@ def test_replicas_of_the_last_stage_are_merged_in_order_at_the_output() -> None:
         forward_all(pipeline, [{"x": x} for x in range(200)])
         pipeline.stop_loop()
         # The output ledger counts an item that comes out of order as not delivered.
-        book = runner(pipeline)._collector.ledger
+        book = runner(pipeline).collector.ledger
         assert (book.delivered, book.lost) == (200, 0)
         assert pipeline.get_results()["x"] == 200  # the last one is the newest
     report = pipeline.get_profile_report()
@@ -82,7 +82,7 @@ def test_unordered_replicas_deliver_every_item_once() -> None:
         forward_all(pipeline, [{"x": x} for x in range(300)])
         pipeline.stop_loop()
         assert sorted(recorder.seen) == list(range(300))
-        book = runner(pipeline)._collector.ledger
+        book = runner(pipeline).collector.ledger
         assert (book.delivered, book.lost) == (300, 0)
 
 
@@ -93,18 +93,18 @@ def test_a_killed_replica_neither_blocks_the_order_nor_goes_uncounted() -> None:
         pipeline.add(stages.jitter, "Jitter", replicas=2)
         pipeline.add(recorder)
         pipeline.parallelize(input_timeout=30)
-        victim = runner(pipeline)._procs[0].pid
+        victim = runner(pipeline).launcher.procs[0].pid
         sender = threading.Thread(
             target=forward_all, args=(pipeline, [{"x": x} for x in range(count)]), daemon=True
         )
         sender.start()
-        assert wait_until(lambda: runner(pipeline)._collector.delivered > 100)
+        assert wait_until(lambda: runner(pipeline).collector.delivered > 100)
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: runner(pipeline)._supervisor.restarts[0] == 1, timeout=1.5)
+        assert wait_until(lambda: runner(pipeline).supervisor.restarts[0] == 1, timeout=1.5)
         sender.join(timeout=60)
         assert not sender.is_alive()
         pipeline.stop_loop()
-        book = runner(pipeline)._collector.ledger
+        book = runner(pipeline).collector.ledger
         assert book.delivered + book.dropped + book.lost == count
         assert book.delivered > 100
         # Whatever came through came in order, each once; the missing ones are counted lost.
