@@ -57,8 +57,6 @@ def main() -> None:
         pipeline.add(touch, f"Stage{i + 1}", replicas=args.replicas if i == 1 else 1)
     # Enough restarts for a kill every 5 s for the whole run.
     pipeline.parallelize(input_timeout=30, max_restarts=int(args.minutes * 12) + 1)
-    runner = pipeline._runner
-    assert runner is not None
     me = psutil.Process()
     started = time.monotonic()
     end = started + args.minutes * 60
@@ -78,16 +76,17 @@ def main() -> None:
                 latencies.append(time.time() - out["t0"])
             now = time.monotonic()
             if now >= next_kill:
-                victim = rng.choice(runner._procs)
+                victim = rng.choice(pipeline.stats().workers)
                 os.kill(victim.pid, signal.SIGKILL)
                 kills += 1
                 next_kill = now + rng.uniform(5, 30)
             if now - interval_start >= 30:
-                delivered = runner._collector.delivered
+                stats = pipeline.stats()
+                delivered = stats.delivered
                 rate = (delivered - interval_delivered) / (now - interval_start)
                 p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if latencies[100:] else 0
                 main_now = measure([me.pid])[me.pid]
-                workers = measure([p.pid for p in runner._procs]).values()
+                workers = measure([w.pid for w in stats.workers]).values()
                 baseline = baseline or main_now
                 print(
                     f"t={now - started:5.0f}s {rate:6.0f} items/s  p99 {p99:6.1f} ms"
@@ -99,15 +98,15 @@ def main() -> None:
                 latencies.clear()
                 interval_start, interval_delivered = now, delivered
         pipeline.stop_loop()
-        book = runner._collector.ledger
+        book = pipeline.stats()
         final = measure([me.pid])
         print()
         print(
-            f"forwarded {runner.forwarded}, delivered {book.delivered}, dropped {book.dropped}, "
+            f"forwarded {book.forwarded}, delivered {book.delivered}, dropped {book.dropped}, "
             f"lost {book.lost} in {len(book.lost_ranges)} ranges, kills {kills}, "
-            f"restarts {sum(runner._supervisor.restarts)}"
+            f"restarts {sum(w.restarts for w in book.workers)}"
         )
-        unexplained = runner.forwarded - book.delivered - book.dropped - book.lost
+        unexplained = book.forwarded - book.delivered - book.dropped - book.lost
         print(f"unexplained losses: {unexplained}")
         if baseline:
             (rss0, fds0), (rss1, fds1) = baseline, final[me.pid]

@@ -1,12 +1,13 @@
 """The profile writer in a process of its own, so that unpacking event batches and storing
-rows in SQLite do not take CPU time and the GIL from the orchestrator (issue 3).
+rows in SQLite do not take CPU time and the GIL from the orchestrator.
 
 The process binds one PULL socket. The workers' profile sockets connect to it, and so does
 the orchestrator's ProfileProcess, which sends its own MainPipeline events and counters the
 same way ([EVENTS, packed], [COUNTERS, codec frames]), followed, when asked, by a flush
 request [FLUSH, msgpack [token, ends, events, timeout, what]]. Messages from one sender
 arrive in order, so a request follows everything the orchestrator sent before it. The
-process waits until it has seen ``ends`` PROFILE_END markers and ``events`` events in all
+process reads them with a receiver.ProfileReceiver, and keeps the flush requests to
+itself: it waits until it has seen ``ends`` PROFILE_END markers and ``events`` events in all
 (the workers report with their state how many they sent), or the timeout; then, as ``what``
 says, flushes or closes its ProfileWriter, and answers [FLUSHED, msgpack [token, written,
 dropped, ends]] on a PUSH socket of its own that connects back to the orchestrator.
@@ -26,16 +27,17 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import msgpack
 import zmq
 
 from pystream_zmq import child
-from pystream_zmq.errors import DecodeError, WorkerStartupError
+from pystream_zmq.errors import WorkerStartupError
 from pystream_zmq.profiling import store
-from pystream_zmq.profiling.events import pack_events, unpack_events
-from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event
+from pystream_zmq.profiling.events import pack_events
+from pystream_zmq.profiling.receiver import ProfileReceiver
+from pystream_zmq.stage import Event
 from pystream_zmq.wire import codec, transport
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,6 @@ FLUSHED = b"flushed"
 _RECEIVE, _FLUSH, _CLOSE = 0, 1, 2  # what a flush request waits for: ends, + stored, + closed
 _HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
 _EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
-
-
-def is_counters(value: object) -> TypeGuard[dict[str, dict[str, int]]]:
-    """Whether a decoded message is {path: {name: int}} (it came from another process)."""
-    return isinstance(value, dict) and all(
-        isinstance(path, str)
-        and isinstance(counters, dict)
-        and all(isinstance(k, str) and type(v) is int for k, v in counters.items())
-        for path, counters in value.items()
-    )
 
 
 class ProfileProcess:
@@ -93,7 +85,9 @@ class ProfileProcess:
 
     @property
     def dropped_events(self) -> int:
-        return self._local_dropped + self._remote[1]
+        """Events that did not fit in the queue to the process. The process adds its own
+        store's drops to MainPipeline's counters (see receiver.ProfileReceiver)."""
+        return self._local_dropped
 
     @property
     def written_events(self) -> int:
@@ -113,7 +107,8 @@ class ProfileProcess:
             return False
 
     def counters(self, counters: store.Counters) -> bool:
-        """Send a snapshot; MainPipeline's dropped_events gets the process's drops added."""
+        """Send a snapshot; the process adds its store's drops to MainPipeline's
+        dropped_events."""
         message = [transport.COUNTERS, *codec.encode(dict(counters))]
         with self._lock:
             if self._closed:
@@ -145,10 +140,9 @@ class ProfileProcess:
         child.stop([self._proc], max(0.0, deadline - time.monotonic()))
         self._push.close(linger=0)
         self._reply.close(linger=0)
-        if self.dropped_events:
-            log.warning(
-                "%d profile events were dropped (the database was too slow)", self.dropped_events
-            )
+        dropped = self._local_dropped + self._remote[1]
+        if dropped:
+            log.warning("%d profile events were dropped (the database was too slow)", dropped)
 
     def kill(self) -> None:
         with self._lock:
@@ -187,40 +181,15 @@ class ProfileProcess:
 
 
 # -- the process -----------------------------------------------------------------------------
-class _Server:
-    def __init__(self, writer: store.ProfileWriter, run_id: int) -> None:
-        self.writer = writer
-        self.run_id = run_id
-        self.ends = 0
-        self.received = 0  # events, from anyone
-        self.errors = 0
+_Request = tuple[int, int, int, float, int]  # token, ends, events, timeout, what
 
-    def on_message(self, message: list[bytes]) -> tuple[int, int, int, float, int] | None:
-        """Store what a message carries; a flush request is returned, not handled."""
-        kind = message[0]
-        try:
-            if kind == transport.EVENTS and len(message) == 2:
-                events = unpack_events(message[1])
-                self.received += len(events)
-                self.writer.submit(self.run_id, events)
-            elif kind == transport.COUNTERS:
-                counters = codec.decode(message[1:])
-                if not is_counters(counters):
-                    raise DecodeError("counters that are not {path: {name: int}}")
-                main = counters.get(MAIN_PIPELINE_NAME, {})
-                if "dropped_events" in main:
-                    main["dropped_events"] += self.writer.dropped_events
-                self.writer.submit_counters(self.run_id, counters)
-            elif kind == transport.PROFILE_END:
-                self.ends += 1
-            elif kind == FLUSH and len(message) == 2:
-                token, ends, events, timeout, what = msgpack.unpackb(message[1])
-                return int(token), int(ends), int(events), float(timeout), int(what)
-            else:
-                raise DecodeError(f"{kind[:32]!r}, {len(message)} frames")
-        except (DecodeError, ValueError, TypeError, msgpack.UnpackException) as e:
-            self.errors += 1
-            log.warning("dropped a profile message: %s", e)
+
+def _flush_request(packed: bytes) -> _Request | None:
+    try:
+        token, ends, events, timeout, what = msgpack.unpackb(packed)
+        return int(token), int(ends), int(events), float(timeout), int(what)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        log.warning("dropped a malformed flush request: %s", e)
         return None
 
 
@@ -236,19 +205,23 @@ def serve(
         reply = transport.make_socket(ctx, zmq.PUSH, 10)
         reply.connect(reply_endpoint)
         writer.start()
-        server = _Server(writer, run_id)
-        request: tuple[int, int, int, float, int] | None = None
+        receiver = ProfileReceiver(store.RunRecorder(writer, run_id))
+        request: _Request | None = None
         deadline = 0.0
         while True:
             wait = 1000 if request is None else max(0, int((deadline - time.monotonic()) * 1000))
             if pull.poll(wait):
-                asked = server.on_message(pull.recv_multipart())
-                if asked is not None:
-                    request, deadline = asked, time.monotonic() + asked[3]
+                message = pull.recv_multipart()
+                if message[0] == FLUSH and len(message) == 2:
+                    asked = _flush_request(message[1])
+                    if asked is not None:
+                        request, deadline = asked, time.monotonic() + asked[3]
+                else:
+                    receiver.take(message)
             if request is None:
                 continue
             token, ends, events, _, what = request
-            if (server.ends < ends or server.received < events) and time.monotonic() < deadline:
+            if (receiver.ends < ends or receiver.events < events) and time.monotonic() < deadline:
                 continue
             close = what == _CLOSE
             left = max(0.0, deadline - time.monotonic())
@@ -256,7 +229,7 @@ def serve(
                 writer.close(left)
             elif what == _FLUSH:
                 writer.flush(left)
-            answer = [token, writer.written_events, writer.dropped_events, server.ends]
+            answer = [token, writer.written_events, writer.dropped_events, receiver.ends]
             if close:
                 finished.set()  # before the answer: the orchestrator closes stdin on it
             reply.send_multipart([FLUSHED, msgpack.packb(answer)])

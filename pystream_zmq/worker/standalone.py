@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pystream_zmq.orchestrator.runner import Collector
+from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
@@ -253,7 +253,7 @@ def run_sink(
 
         def sink_counters() -> dict[str, int]:
             assert collector is not None
-            counters = {"delivered": collector.delivered, "decode_errors": collector.decode_errors}
+            counters = collector.counters()
             if writer is not None:
                 counters["dropped_events"] = writer.dropped_events
             return counters
