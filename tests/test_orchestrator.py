@@ -14,8 +14,8 @@ from stages import Unloadable, add_one
 
 from pystream_zmq import Pipeline
 from pystream_zmq.errors import WorkerStartupError
+from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.profiling.receiver import ProfileReceiver
-from pystream_zmq.profiling.store import pack_events
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.wire import codec, transport
 
