@@ -8,22 +8,18 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
-from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.pacing import InputLoop
-from pystream_zmq.plan import Plan, Unit, build_plan
+from pystream_zmq.plan import Entry, Plan, layout, leaves, plan_of, raising_paths
 from pystream_zmq.profiling import report, store, summary
 from pystream_zmq.serial import SerialRunner
 from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
     ON_ERROR_POLICIES,
-    PATH_SEPARATOR,
-    Leaf,
     Stage,
     StageChain,
     check_stage_name,
@@ -54,17 +50,13 @@ class Pipeline:
         self.input_generator = input_generator
         self.use_profiler = use_profiler
         self.on_error = _check_policy(on_error)
-        self._entries: list[tuple[str, Callable[[Any], Any]]] = []
-        self._stage_on_error: dict[str, str] = {}
-        self._stage_drop_policy: dict[str, str] = {}
-        self._stage_replicas: dict[str, tuple[int, bool]] = {}  # name -> (replicas, ordered)
+        self._entries: list[Entry] = []
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
         self._loop: InputLoop | None = None
         self._drain_timeout = 10.0
-        self._writer: store.ProfileWriter | None = None
-        self._profile_run: tuple[Path, int] | None = None
+        self._profile_run: store.ProfileRun | None = None
         self._at_exit: Callable[[], None] | None = None
 
     # -- building ------------------------------------------------------------------------
@@ -94,7 +86,7 @@ class Pipeline:
             raise TypeError(f"a stage must be callable, not {type(stage).__name__}")
         if name is None and isinstance(stage, Stage):
             name = getattr(stage, "name", None)
-        taken = {existing for existing, _ in self._entries}
+        taken = {entry.name for entry in self._entries}
         if name is None:
             while name is None or name in taken:
                 self._unnamed += 1
@@ -103,14 +95,24 @@ class Pipeline:
         if name in taken:
             raise StageNameError(f"a stage named {name!r} is already in this pipeline")
         if on_error is not None:
-            self._stage_on_error[name] = _check_policy(on_error)
+            _check_policy(on_error)
         if drop_policy is not None:
-            self._stage_drop_policy[name] = _check_drop_policy(drop_policy, transport.LINK_POLICIES)
+            _check_drop_policy(drop_policy, transport.LINK_POLICIES)
         if type(replicas) is not int or replicas < 1:
             raise ValueError(f"replicas must be a whole number of at least 1, not {replicas!r}")
-        if replicas > 1:
-            self._stage_replicas[name] = (replicas, ordered)
-        self._entries.append((name, stage))
+        child = stage.pipeline if isinstance(stage, PipelineStage) else None
+        self._entries.append(Entry(name, stage, child, on_error, drop_policy, replicas, ordered))
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        """The stages added so far, in order (see ``pystream_zmq.plan.Entry``)."""
+        return tuple(self._entries)
+
+    @property
+    def mode(self) -> str | None:
+        """ "serial" or "parallel" while running (or while a parent runs its stages), else
+        None."""
+        return self._mode
 
     def as_stage(self) -> PipelineStage:
         """This pipeline as one stage of another. Serialized, it runs as one worker that
@@ -123,11 +125,7 @@ class Pipeline:
         the profile paths. A parallelized child pipeline's stages join this plan as units of
         their own; a serialized one is one unit."""
         _check_drop_policy(drop_policy, transport.DROP_POLICIES)
-        raising = self._raising_paths(root, self.on_error)
-        link_policy = transport.LATEST if drop_policy == transport.LATEST else transport.BLOCK
-        units = list(self._units(root, raising, link_policy))
-        layout = [(root, "pipeline"), *((path, kind) for path, kind, _ in self._layout(root))]
-        return build_plan(units, layout)
+        return plan_of(self, drop_policy=drop_policy, root=root)
 
     # -- starting ------------------------------------------------------------------------
     def serialize(self) -> Pipeline:
@@ -177,15 +175,7 @@ class Pipeline:
         and collector threads on another, round-robin over the CPUs this process may use
         (your own threads stay free). Worth it when the pipeline is the machine's main load
         and there are about as many CPUs as workers; otherwise leave it off."""
-        if hwm < 1:
-            raise ValueError("hwm must be at least 1")
-        _check_drop_policy(drop_policy, transport.DROP_POLICIES)
-        if max_age is not None and not max_age > 0:
-            raise ValueError(f"max_age must be a positive number of seconds, not {max_age!r}")
-        links.check(endpoint, curve=curve, insecure=insecure)
-        if pin_cpus and not hasattr(os, "sched_setaffinity"):
-            raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")
-        settings = ParallelSettings(
+        settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
             block_output=block_output,
@@ -213,11 +203,11 @@ class Pipeline:
         for child in self._children():
             child._release()  # its stages now run under this pipeline
         self._mode = mode
-        record = self._open_profile_run(mode)
+        record = self._start_profile_run(mode)
         try:
             if settings is None:
-                raising = self._raising_paths(MAIN_PIPELINE_NAME, self.on_error)
-                self._runner = SerialRunner(self._leaves(MAIN_PIPELINE_NAME), record, raising)
+                raising = raising_paths(self, MAIN_PIPELINE_NAME, self.on_error)
+                self._runner = SerialRunner(leaves(self, MAIN_PIPELINE_NAME), record, raising)
             else:
                 self._runner = ParallelRunner(
                     self.plan(drop_policy=settings.drop_policy), settings, record
@@ -226,7 +216,7 @@ class Pipeline:
                 # workers) must run after this one, and atexit runs the last one first.
                 self._stop_at_exit()
         except BaseException:
-            self._close_profile()
+            self._profile_run = None
             raise
 
     # -- running -------------------------------------------------------------------------
@@ -286,15 +276,14 @@ class Pipeline:
         if self._at_exit is not None:
             atexit.unregister(self._at_exit)
             self._at_exit = None
-        try:
-            if isinstance(runner, ParallelRunner):
+        if isinstance(runner, ParallelRunner):
+            try:
                 self._drain(runner)
                 self._apply_state(runner.collect_state(transport.CLEANUP))
+            finally:
                 runner.close()
-            elif runner is not None:
-                runner.close()
-        finally:
-            self._close_profile()
+        elif runner is not None:
+            runner.close()
 
     def _stop_at_exit(self) -> None:
         """If the program ends without cleanup(), deliver what is in flight (within
@@ -320,7 +309,6 @@ class Pipeline:
         runner, self._runner = self._runner, None
         if isinstance(runner, ParallelRunner):
             runner.close()
-        self._close_profile()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -334,7 +322,7 @@ class Pipeline:
         if self._profile_run is None:
             return {}, {}
         self._flush_profile()
-        return summary.read_profiles(*self._profile_run)
+        return summary.read_profiles(self._profile_run.db_path, self._profile_run.run_id)
 
     def get_profile_report(self) -> report.ProfileReport | None:
         """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,
@@ -343,89 +331,31 @@ class Pipeline:
         if self._profile_run is None:
             return None
         self._flush_profile()
-        return report.build_report(*self._profile_run)
+        return report.build_report(self._profile_run.db_path, self._profile_run.run_id)
 
     def _flush_profile(self) -> None:
-        if isinstance(self._runner, SerialRunner):
-            self._runner.flush_events()
-        elif isinstance(self._runner, ParallelRunner):
+        if self._runner is not None:
             self._runner.flush_profile()
-        if self._writer is not None:
-            self._writer.flush()
 
-    def _open_profile_run(self, mode: str) -> store.RunRecorder | None:
+    def _start_profile_run(self, mode: str) -> store.ProfileRun | None:
+        """Register the run; the runner stores its records."""
         if not self.use_profiler:
+            self._profile_run = None
             return None
         db_path = store.profiler_db_path()
-        writer = store.ProfileWriter(db_path)
-        layout = [(MAIN_PIPELINE_NAME, "pipeline")]
-        layout += [(path, kind) for path, kind, _ in self._layout(MAIN_PIPELINE_NAME)]
-        run_id = writer.start_run(MAIN_PIPELINE_NAME, mode, layout)
-        self._writer, self._profile_run = writer, (db_path, run_id)
-        return store.RunRecorder(writer, run_id)
-
-    def _close_profile(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            if writer.dropped_events:
-                log.warning(
-                    "%d profile events were dropped (the database was too slow)",
-                    writer.dropped_events,
-                )
+        paths = [(MAIN_PIPELINE_NAME, "pipeline")]
+        paths += [(path, kind) for path, kind, _ in layout(self, MAIN_PIPELINE_NAME)]
+        run_id = store.start_run(db_path, MAIN_PIPELINE_NAME, mode, paths)
+        self._profile_run = store.ProfileRun(db_path, run_id)
+        return self._profile_run
 
     # -- structure -----------------------------------------------------------------------
-    def _layout(self, prefix: str) -> Iterator[tuple[str, str, Callable[[Any], Any]]]:
-        """(path, 'stage' | 'pipeline', stage) for every level, in display order."""
-        for name, stage in self._entries:
-            path = prefix + PATH_SEPARATOR + name
-            if isinstance(stage, PipelineStage):
-                yield path, "pipeline", stage
-                yield from stage.pipeline._layout(path)
-            else:
-                yield path, "stage", stage
-
-    def _leaves(self, prefix: str) -> list[Leaf]:
-        return [(path, stage) for path, kind, stage in self._layout(prefix) if kind == "stage"]
-
-    def _units(self, prefix: str, raising: frozenset[str], policy: str) -> Iterator[Unit]:
-        """One unit per worker; ``policy`` is the drop policy of links not set per stage."""
-        for name, stage in self._entries:
-            path = prefix + PATH_SEPARATOR + name
-            mine = self._stage_drop_policy.get(name, policy)
-            replicas, ordered = self._stage_replicas.get(name, (1, True))
-            if not isinstance(stage, PipelineStage):
-                yield Unit(path, ((path, stage),), raising & {path}, mine, replicas, ordered)
-            elif stage.pipeline._mode == "parallel":
-                if replicas > 1:
-                    raise ValueError(
-                        f"{path}: replicas apply to a stage or a serialized sub-pipeline; "
-                        "give them to the parallel sub-pipeline's stages instead"
-                    )
-                yield from stage.pipeline._units(path, raising, mine)
-            else:
-                leaves = tuple(stage.pipeline._leaves(path))
-                raise_on = raising & {leaf_path for leaf_path, _ in leaves}
-                yield Unit(path, leaves, raise_on, mine, replicas, ordered)
-
-    def _raising_paths(self, prefix: str, default: str) -> frozenset[str]:
-        """Leaf paths whose errors are raised to the user (on_error="raise")."""
-        paths: set[str] = set()
-        for name, stage in self._entries:
-            path = prefix + PATH_SEPARATOR + name
-            policy = self._stage_on_error.get(name, default)
-            if isinstance(stage, PipelineStage):
-                paths |= stage.pipeline._raising_paths(path, policy)
-            elif policy == "raise":
-                paths.add(path)
-        return frozenset(paths)
-
     def _children(self) -> list[Pipeline]:
-        return [stage.pipeline for _, stage in self._entries if isinstance(stage, PipelineStage)]
+        return [e.stage.pipeline for e in self._entries if isinstance(e.stage, PipelineStage)]
 
     def _apply_state(self, states: dict[str, dict[str, Any]]) -> None:
         """Copy attributes sent back by workers onto the user's own stage objects."""
-        stages = {path: stage for path, kind, stage in self._layout(MAIN_PIPELINE_NAME)}
+        stages = {path: stage for path, _, stage in layout(self, MAIN_PIPELINE_NAME)}
         for path, attributes in states.items():
             stage = stages.get(path)
             for key, value in attributes.items() if stage is not None else ():
@@ -466,8 +396,8 @@ class PipelineStage(Stage):
         self.pipeline = pipeline
 
     def __call__(self, data: Any) -> Any:
-        ok, out = StageChain(self.pipeline._leaves(""), None).run(data, 0, time.time())
+        ok, out = StageChain(leaves(self.pipeline, ""), None).run(data, 0, time.time())
         return out if ok else None
 
     def cleanup(self) -> None:
-        StageChain(self.pipeline._leaves(""), None).cleanup()
+        StageChain(leaves(self.pipeline, ""), None).cleanup()

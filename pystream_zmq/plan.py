@@ -13,13 +13,39 @@ into endpoints: ipc files, OS-chosen tcp ports, or the consecutive ports of a Pr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from pystream_zmq.stage import REPLICA_MARK, Leaf
+from pystream_zmq.stage import PATH_SEPARATOR, REPLICA_MARK, Leaf
 from pystream_zmq.wire import transport
 
 SOURCE = -1  # the unit index of the source, before the first unit
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stage of a pipeline, as ``Pipeline.add`` recorded it."""
+
+    name: str
+    stage: Callable[[Any], Any]
+    child: Tree | None = None  # the pipeline, when the stage is another's as_stage()
+    on_error: str | None = None  # None: the pipeline's own
+    drop_policy: str | None = None  # of the link into it; None: the pipeline-wide policy
+    replicas: int = 1
+    ordered: bool = True
+
+
+class Tree(Protocol):
+    """What a plan is built from: a pipeline's entries (``Pipeline`` is one)."""
+
+    on_error: str
+
+    @property
+    def entries(self) -> Sequence[Entry]: ...
+
+    @property
+    def mode(self) -> str | None: ...  # "serial", "parallel", or None: not started
 
 
 @dataclass(frozen=True)
@@ -137,3 +163,63 @@ def check_order(units: Sequence[Unit]) -> None:
                 f"front of a single worker only; set ordered=False on {unit.name}, or put a "
                 f"stage with one worker between them"
             )
+
+
+# -- from a pipeline's entries ---------------------------------------------------------------
+def plan_of(tree: Tree, *, drop_policy: str, root: str) -> Plan:
+    """The plan of running ``tree`` under ``parallelize(drop_policy=...)``."""
+    raising = raising_paths(tree, root, tree.on_error)
+    link_policy = transport.LATEST if drop_policy == transport.LATEST else transport.BLOCK
+    found = list(units(tree, root, raising, link_policy))
+    return build_plan(found, [(root, "pipeline"), *((p, k) for p, k, _ in layout(tree, root))])
+
+
+def layout(tree: Tree, prefix: str) -> Iterator[tuple[str, str, Callable[[Any], Any]]]:
+    """(path, "stage" | "pipeline", stage) for every level below ``prefix``, in order."""
+    for entry in tree.entries:
+        path = prefix + PATH_SEPARATOR + entry.name
+        if entry.child is not None:
+            yield path, "pipeline", entry.stage
+            yield from layout(entry.child, path)
+        else:
+            yield path, "stage", entry.stage
+
+
+def leaves(tree: Tree, prefix: str) -> list[Leaf]:
+    """Every stage below ``prefix``, children's included, in chain order."""
+    return [(path, stage) for path, kind, stage in layout(tree, prefix) if kind == "stage"]
+
+
+def raising_paths(tree: Tree, prefix: str, default: str) -> frozenset[str]:
+    """Leaf paths whose errors are raised to the user (on_error="raise")."""
+    paths: set[str] = set()
+    for entry in tree.entries:
+        path = prefix + PATH_SEPARATOR + entry.name
+        policy = entry.on_error or default
+        if entry.child is not None:
+            paths |= raising_paths(entry.child, path, policy)
+        elif policy == "raise":
+            paths.add(path)
+    return frozenset(paths)
+
+
+def units(tree: Tree, prefix: str, raising: frozenset[str], policy: str) -> Iterator[Unit]:
+    """One unit per worker: a stage, a serialized child's stages together, or a
+    parallelized child's units; ``policy`` is the drop policy of links not set per stage."""
+    for entry in tree.entries:
+        path = prefix + PATH_SEPARATOR + entry.name
+        mine = entry.drop_policy or policy
+        if entry.child is None:
+            own = ((path, entry.stage),)
+            yield Unit(path, own, raising & {path}, mine, entry.replicas, entry.ordered)
+        elif entry.child.mode == "parallel":
+            if entry.replicas > 1:
+                raise ValueError(
+                    f"{path}: replicas apply to a stage or a serialized sub-pipeline; "
+                    "give them to the parallel sub-pipeline's stages instead"
+                )
+            yield from units(entry.child, path, raising, mine)
+        else:
+            inline = tuple(leaves(entry.child, path))
+            raise_on = raising & {leaf_path for leaf_path, _ in inline}
+            yield Unit(path, inline, raise_on, mine, entry.replicas, entry.ordered)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pystream_zmq.errors import StageError
-from pystream_zmq.profiling.store import RunRecorder
+from pystream_zmq.profiling.store import ProfileRun
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
 from pystream_zmq.stats import PipelineStats
 
@@ -17,8 +17,9 @@ _COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a count
 
 class SerialRunner:
     def __init__(
-        self, leaves: Sequence[Leaf], recorder: RunRecorder | None, raising: frozenset[str]
+        self, leaves: Sequence[Leaf], profile: ProfileRun | None, raising: frozenset[str]
     ) -> None:
+        recorder = profile.open_recorder() if profile is not None else None
         self._recorder = recorder
         self._raising = raising
         self._events = EventBuffer(self._record) if recorder is not None else None
@@ -68,17 +69,21 @@ class SerialRunner:
                 stages=errors,
             )
 
-    def flush_events(self) -> None:
+    def flush_profile(self) -> None:
+        """Store the profile records so far."""
         with self._run_lock:
-            if self._events is not None:
+            if self._events is not None and self._recorder is not None:
                 self._events.flush()
                 self._record_counters()
+                self._recorder.writer.flush()
 
     def close(self) -> None:
         """Run every stage's cleanup() and hand on the last profile events and counters."""
-        self.flush_events()
+        self.flush_profile()
         with self._run_lock:
             self._chain.cleanup()
+        if self._recorder is not None:
+            self._recorder.close()
 
     def _record(self, events: list[Event]) -> None:
         assert self._recorder is not None

@@ -32,7 +32,7 @@ from pystream_zmq.orchestrator.launcher import Launcher
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.plan import Plan
-from pystream_zmq.profiling.store import Recorder, RunRecorder
+from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_process import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats, WorkerStats
@@ -42,20 +42,20 @@ __all__ = ["ParallelRunner", "ParallelSettings"]
 
 log = logging.getLogger(__name__)
 
-_STATS_TIMEOUT = 1.0  # how long stats() waits for each worker's counters
+_STATS_TIMEOUT = 1.0  # how long stats() waits for the workers' counters
 
 
 class ParallelRunner:
     """Runs ``plan`` in worker processes until ``close()``; see the module docstring."""
 
-    def __init__(
-        self, plan: Plan, settings: ParallelSettings, recorder: RunRecorder | None
-    ) -> None:
+    def __init__(self, plan: Plan, settings: ParallelSettings, profile: ProfileRun | None) -> None:
         if not plan.units:
             raise PipelineStateError("a parallel pipeline needs at least one stage")
         self.plan = plan
         self.settings = settings
-        self._recorder = recorder
+        self._profile = profile
+        # Over tcp, profile records come to the collector, and a writer thread stores them.
+        self._recorder: RunRecorder | None = None
         self._closed = False
         self.worker_counters: dict[str, dict[str, int]] = {}  # {path: {name: value}} from BYE
         self._events_sent = 0  # profile events the workers reported sending (collect_state)
@@ -63,7 +63,7 @@ class ParallelRunner:
         cpu, worker_cpus = cpus.plan(count) if settings.pin_cpus else (None, [None] * count)
         with contextlib.ExitStack() as undo:  # what to undo if the start fails
             self.launcher = Launcher(
-                plan, settings, profile=recorder is not None, worker_cpus=worker_cpus
+                plan, settings, profile=profile is not None, worker_cpus=worker_cpus
             )
             undo.callback(self.launcher.close)
             self._open_channels(undo, cpu)
@@ -90,6 +90,9 @@ class ParallelRunner:
         self._profile_proc = self._start_profile_process()
         if self._profile_proc is not None:
             undo.callback(self._profile_proc.kill)
+        elif self._profile is not None:
+            self._recorder = self._profile.open_recorder()
+            undo.callback(self._recorder.close, 1.0)
         self._sink_recorder: Recorder | None = self._profile_proc or self._recorder
         self.collector = self._open_sink(cpu)
         undo.callback(self.collector.stop)
@@ -120,18 +123,18 @@ class ParallelRunner:
     def _start_profile_process(self) -> ProfileProcess | None:
         """Over ipc, with profiling: the writer process, started now to overlap the workers'
         start-up (its readiness is checked once they are ready)."""
-        if self._recorder is None or self.launcher.links.host is not None:
+        if self._profile is None or self.launcher.links.host is not None:
             return None
         links = self.launcher.links
         return ProfileProcess(
-            self._ctx, self._recorder.writer.db_path, self._recorder.run_id,
+            self._ctx, self._profile.db_path, self._profile.run_id,
             links.endpoint("profile"), links.endpoint("profile-reply"),
         )  # fmt: skip
 
     def _open_sink(self, cpu: int | None) -> Collector:
         """The orchestrator's end of the chain and, over tcp, of the profile link, bound."""
         links = self.launcher.links
-        profile = self._recorder is not None and self._profile_proc is None
+        profile = self._recorder is not None
         collector = Collector(
             self._ctx,
             [links.endpoint(name) for name in self.plan.sink_binds],
@@ -267,11 +270,15 @@ class ParallelRunner:
     def flush_profile(self, timeout: float = 5.0) -> None:
         """Wait until the profile records sent so far are stored: the collector's, and the
         workers' as of the last collect_state() (the writer process's)."""
-        if self._profile_proc is None:
+        if self._profile is None:
             return
         deadline = Deadline(timeout)
         self.collector.flush_events(deadline.left())
-        if self._profile_proc.flush(deadline.left(), self._events_sent) is None:
+        if self._recorder is not None:
+            self._recorder.writer.flush(deadline.left())
+        elif self._profile_proc is not None and (
+            self._profile_proc.flush(deadline.left(), self._events_sent) is None
+        ):
             log.warning("the profile writer did not flush in %.1f s", timeout)
 
     # -- shutdown ------------------------------------------------------------------------
@@ -299,6 +306,8 @@ class ParallelRunner:
             )
         if self._profile_proc is not None:
             self._profile_proc.close(max(deadline.left(), 1.0))
+        if self._recorder is not None:
+            self._recorder.close(max(deadline.left(), 1.0))
         security.stop_authenticator(self._auth)
         self._ctx.destroy(linger=0)
 

@@ -3,8 +3,10 @@ runner and the launcher both read."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from pystream_zmq.orchestrator import links
 from pystream_zmq.wire import transport
 
 
@@ -24,3 +26,17 @@ class ParallelSettings:
     curve: bool = False  # CURVE on every link, with a key pair made for the run
     insecure: bool = False  # bind a non-loopback HOST without CURVE
     pin_cpus: bool = False  # a CPU per worker, one for our helper threads (cpus.py)
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot work before anything starts."""
+        if self.hwm < 1:
+            raise ValueError("hwm must be at least 1")
+        if self.drop_policy not in transport.DROP_POLICIES:
+            raise ValueError(
+                f"drop_policy must be one of {transport.DROP_POLICIES}, not {self.drop_policy!r}"
+            )
+        if self.max_age is not None and not self.max_age > 0:
+            raise ValueError(f"max_age must be a positive number of seconds, not {self.max_age!r}")
+        links.check(self.endpoint, curve=self.curve, insecure=self.insecure)
+        if self.pin_cpus and not hasattr(os, "sched_setaffinity"):
+            raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -114,22 +115,10 @@ class ProfileWriter:
         return self._dropped
 
     def start_run(self, pipeline: str, mode: str, stages: Sequence[tuple[str, str]]) -> int:
-        """Record a new run and its stages (display order; the first is the main pipeline),
-        creating or migrating the schema if needed, delete the oldest runs beyond
-        ``keep_runs``, and return the new run_id."""
-        if mode not in ("serial", "parallel"):
-            raise ValueError(f"mode must be 'serial' or 'parallel', not {mode!r}")
-        if not stages or tuple(stages[0]) != (MAIN_PIPELINE_NAME, "pipeline"):
-            raise ValueError(f"the first stage must be ({MAIN_PIPELINE_NAME!r}, 'pipeline')")
-        if len({path for path, _ in stages}) != len(stages):
-            raise ValueError("stage paths must be unique")
+        """``start_run`` in this writer's database, then start the writer thread."""
         if self._closed:
             raise RuntimeError("this ProfileWriter is closed")
-        keep = self._keep_runs if self._keep_runs is not None else keep_runs()
-        if keep < 1:
-            raise ValueError("keep_runs must be at least 1")
-        self._db_path.parent.mkdir(parents=True, exist_ok=True)
-        run_id = schema.create_run(self._db_path, pipeline, mode, stages, keep)
+        run_id = start_run(self._db_path, pipeline, mode, stages, keep=self._keep_runs)
         self.start()
         return run_id
 
@@ -258,6 +247,45 @@ class ProfileWriter:
             self._cond.notify_all()
 
 
+def start_run(
+    db_path: Path,
+    pipeline: str,
+    mode: str,
+    stages: Sequence[tuple[str, str]],
+    *,
+    keep: int | None = None,
+) -> int:
+    """Record a new run and its stages (display order; the first is the main pipeline),
+    creating or migrating the schema if needed, delete the oldest runs beyond ``keep``
+    (default: keep_runs()), and return the new run_id. Starts no writer: whoever runs the
+    stages stores the records (a writer thread, or the writer process)."""
+    if mode not in ("serial", "parallel"):
+        raise ValueError(f"mode must be 'serial' or 'parallel', not {mode!r}")
+    if not stages or tuple(stages[0]) != (MAIN_PIPELINE_NAME, "pipeline"):
+        raise ValueError(f"the first stage must be ({MAIN_PIPELINE_NAME!r}, 'pipeline')")
+    if len({path for path, _ in stages}) != len(stages):
+        raise ValueError("stage paths must be unique")
+    keep = keep if keep is not None else keep_runs()
+    if keep < 1:
+        raise ValueError("keep_runs must be at least 1")
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    return schema.create_run(db_path, pipeline, mode, stages, keep)
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    """A run registered in a profile database (``start_run``)."""
+
+    db_path: Path
+    run_id: int
+
+    def open_recorder(self) -> RunRecorder:
+        """A writer thread of this process's own, for this run's records."""
+        writer = ProfileWriter(self.db_path)
+        writer.start()
+        return RunRecorder(writer, self.run_id)
+
+
 class Recorder(Protocol):
     """Where a runner's profile records go: a RunRecorder, or a writer process."""
 
@@ -285,3 +313,12 @@ class RunRecorder:
     @property
     def dropped_events(self) -> int:
         return self.writer.dropped_events
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Store what is queued (within ``timeout``) and stop the writer thread."""
+        self.writer.close(timeout)
+        if self.writer.dropped_events:
+            log.warning(
+                "%d profile events were dropped (the database was too slow)",
+                self.writer.dropped_events,
+            )
