@@ -1,4 +1,4 @@
-"""The profile writer process (issue 3): it stores everything, never stalls the data path
+"""The profile writer process: it stores everything, never stalls the data path
 on a locked database, and leaves no process behind."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from pystream_zmq import child
-from pystream_zmq.worker.standalone import Stopping
+from pystream_zmq.cli.roles import Stopping
 
 log = logging.getLogger(__name__)
 

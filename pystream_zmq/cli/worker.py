@@ -20,12 +20,11 @@ from typing import Any
 import click
 import zmq
 
-from pystream_zmq.cli import curve_options, options, process
+from pystream_zmq.cli import curve_options, options, process, roles
 from pystream_zmq.cli.loader import LoadError, build, default_name, load, parse_params
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
-from pystream_zmq.worker import standalone
 from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -144,13 +143,13 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
         params = _params(opts)
         items = _guard(verbose, ref, lambda: obj(**params))
     else:
-        items = standalone.iterate(_build(verbose, ref, opts, obj))
+        items = roles.iterate(_build(verbose, ref, opts, obj))
     curve = curve_options.settings(opts, [], opts["push"])
     # The source drains nothing itself: it waits for the next process as a stage would.
     stopping = process.start("source", verbose, options.DRAIN_TIMEOUT)
     return _run(
         verbose,
-        lambda: standalone.run_source(
+        lambda: roles.run_source(
             items,
             list(opts["push"]),
             stopping,
@@ -190,16 +189,16 @@ def sink(verbose: bool, **opts: Any) -> int:
             for level in name.split(PATH_SEPARATOR):
                 _check_name(level, " (in --stages)")
         folder = opts["profile_dir"] or store.get_profiler_db_folder()
-        profile = standalone.ProfileTarget(
+        profile = roles.ProfileTarget(
             Path(folder) / store.DB_FILENAME, opts["run_name"], names
         )
     on_latest = None
     if opts["save_latest"]:
-        on_latest = standalone.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        on_latest = roles.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
     stopping = process.start("sink", verbose, opts["drain_timeout"])
     return _run(
         verbose,
-        lambda: standalone.run_sink(
+        lambda: roles.run_sink(
             pulls,
             stopping,
             ordered=opts["ordered"],
@@ -284,7 +283,7 @@ def _serve_worker(
         curve=curve,
     )
     stopping = process.start(name, verbose, opts["drain_timeout"])
-    return _run(verbose, lambda: standalone.run_worker(spec, leaves, stopping))
+    return _run(verbose, lambda: roles.run_worker(spec, leaves, stopping))
 
 
 def _run(verbose: bool, role: Callable[[], object]) -> int:

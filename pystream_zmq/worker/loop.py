@@ -1,6 +1,6 @@
 """The worker loop: runs one unit of stages between its input (PULL) and output (PUSH)
 sockets, answering the control channel when orchestrated (``worker.main``) or until told to
-stop when standalone (``worker.standalone``, for ``pystream-worker``).
+stop when standalone (``cli.roles``, for ``pystream-worker``).
 
 A stop is seen deep down (STOP on the control channel, or ``done()`` turning true while a
 send waits for room or for a release): it raises _Stop there, which ``run`` catches."""
