@@ -465,3 +465,43 @@ def test_honcho_runs_a_generated_procfile_with_replicas_in_order(
     assert all(int(share.group(1)) > 0 for share in shares if share)
     assert sum(int(share.group(1)) for share in shares if share) == int(sent.group(1))
     assert not [proc for proc in honcho.seen.values() if proc.is_running()]
+
+
+def test_modules_are_imported_from_the_working_directory(tmp_path: Path) -> None:
+    """As `python -m` does: `pystream procfile mystages:build` and `pystream-worker stage
+    mystages:double` find mystages.py in the folder they are started from."""
+    (tmp_path / "mystages.py").write_text(
+        "from pystream_zmq import Pipeline\n"
+        "def double(data): return data\n"
+        "def source(): return {'x': 1}\n"
+        "def build():\n"
+        "    pipeline = Pipeline(input_generator=source)\n"
+        "    pipeline.add(double)\n"
+        "    return pipeline\n"
+    )
+    env = dict(os.environ)
+    made = subprocess.run(
+        [str(BIN / "pystream"), "procfile", "mystages:build"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "pystream-worker stage mystages:double" in made.stdout
+    port = free_port()
+    worker = subprocess.Popen(
+        [str(BIN / "pystream-worker"), "stage", "mystages:double", "--pull",
+         f"tcp://127.0.0.1:{port}", "--push", f"tcp://127.0.0.1:{free_port()}"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stderr is not None
+        assert "ready: input" in worker.stderr.readline()
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=10)
+
+
+def test_help_shows_defaults_and_an_example_for_each_role() -> None:
+    for role in ("stage", "pipeline", "source", "sink"):
+        out = CliRunner().invoke(worker_cli.main, [role, "--help"])
+        assert out.exit_code == 0, out.output
+        assert "default:" in out.output and f"Example: pystream-worker {role} " in out.output

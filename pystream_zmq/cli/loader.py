@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import sys
 from typing import Any
 
 from pystream_zmq.errors import PyStreamError
@@ -123,3 +125,11 @@ def default_name(obj: Any, ref: str) -> str:
     ATTR in ``MODULE:ATTR``."""
     own = getattr(obj, "name", None)
     return own if isinstance(own, str) else ref.rpartition(":")[2].rpartition(".")[2]
+
+
+def import_from_working_directory() -> None:
+    """Let ``MODULE`` be found in the working directory, as ``python -m`` does: a console
+    script starts with its own folder first on sys.path instead."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)

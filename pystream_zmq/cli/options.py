@@ -54,7 +54,7 @@ def stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
 
 
 def _option(*decls: str, envvar: str, **kwargs: Any) -> Callable[[_F], _F]:
-    return click.option(*decls, envvar=envvar, show_envvar=True, **kwargs)
+    return click.option(*decls, envvar=envvar, show_envvar=True, show_default=True, **kwargs)
 
 
 verbose = click.option(
@@ -109,8 +109,8 @@ def drain_timeout(default: float) -> Callable[[_F], _F]:
         envvar="PYSTREAM_DRAIN_TIMEOUT",
         type=click.FloatRange(min=0),
         default=default,
-        help="On a stop signal, how long to wait for the items in flight (default: "
-        f"{default:g} s; honcho kills after 5 s).",
+        help="On a stop signal, how long to wait for the items in flight, in seconds "
+        "(honcho kills after 5 s).",
     )
 
 

@@ -19,7 +19,13 @@ from typing import Any
 
 import click
 
-from pystream_zmq.cli.loader import LoadError, default_name, load, reference
+from pystream_zmq.cli.loader import (
+    LoadError,
+    default_name,
+    import_from_working_directory,
+    load,
+    reference,
+)
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.plan import Plan
 from pystream_zmq.stage import PATH_SEPARATOR
@@ -149,6 +155,7 @@ def procfile_command(
     command = ["pystream", "procfile", ref, "--period", f"{period:g}"]
     command += ["--base-port", str(base_port)]
     command += ["--save-latest", save_latest] if save_latest else []
+    import_from_working_directory()
     try:
         define: Callable[[], Any] = load(ref)
         pipeline = define()

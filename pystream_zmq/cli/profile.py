@@ -18,6 +18,7 @@ import click
 from pystream_zmq.profiling import report
 from pystream_zmq.profiling.report import ProfileNotFoundError, ProfileReport, StageReport
 from pystream_zmq.profiling.store import DB_FILENAME, get_profiler_db_folder
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 
 PLOT_HINT = "--plot needs matplotlib: pip install 'pystream-zmq[plot]'"
 _CSV_FIELDS = [f.name for f in dataclasses.fields(StageReport) if f.name != "counters"]
@@ -123,23 +124,24 @@ def _header(result: ProfileReport) -> str:
 
 
 def format_table(stages: Sequence[StageReport], window: float | None = None) -> str:
-    """Stages as an aligned text table; times in ms. With ``window`` (top): items/s is the
-    number of items in the window divided by its length."""
+    """Stages as an aligned text table that fits 100 columns; times in ms, stage paths below
+    MainPipeline without its prefix. With ``window`` (top): items/s is the number of items
+    in the window divided by its length."""
     if window is None:
-        head = ["stage", "items", "mean ms", "p50 ms", "p95 ms", "p99 ms", "wait ms", "wait p95",
-                "compute ms", "compute p95", "items/s", "dropped", "errors"]  # fmt: skip
+        head = ["stage", "items", "mean", "p50", "p95", "p99", "wait", "wait95", "comp",
+                "comp95", "items/s", "drop", "err"]  # fmt: skip
     else:
-        head = ["stage", "items/s", "p95 ms", "wait ms", "wait p95", "compute ms", "dropped",
-                "errors"]  # fmt: skip
+        head = ["stage", "items/s", "p95", "wait", "wait95", "comp", "drop", "err"]
     rows = [head]
     for s in stages:
+        name = _short(s.path)
         if window is None:
-            rows.append([s.path, str(s.items), *_ms(s.latency_mean, s.latency_p50,
+            rows.append([name, str(s.items), *_ms(s.latency_mean, s.latency_p50,
                          s.latency_p95, s.latency_p99, s.queue_wait_mean, s.queue_wait_p95,
                          s.compute_mean, s.compute_p95), _num(s.throughput, 1),
                          str(s.dropped), str(s.errors)])  # fmt: skip
         else:
-            rows.append([s.path, _num(s.items / window, 1), *_ms(s.latency_p95,
+            rows.append([name, _num(s.items / window, 1), *_ms(s.latency_p95,
                          s.queue_wait_mean, s.queue_wait_p95, s.compute_mean), str(s.dropped),
                          str(s.errors)])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -149,11 +151,24 @@ def format_table(stages: Sequence[StageReport], window: float | None = None) -> 
         for row in rows
     ]  # fmt: skip
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "times in ms (wait: queue wait, comp: compute)\n" + "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """A stage path without the common MainPipeline__ prefix (MainPipeline itself stays)."""
+    prefix = MAIN_PIPELINE_NAME + PATH_SEPARATOR
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def _ms(*seconds: float) -> list[str]:
-    return [_num(s * 1000, 2) for s in seconds]
+    """Milliseconds with three significant figures or so: 0.123, 1.23, 12.3, 123."""
+    out = []
+    for value in (s * 1000 for s in seconds):
+        digits = (
+            0 if math.isnan(value) or value >= 100 else 1 if value >= 10 else 2 if value >= 1 else 3
+        )
+        out.append(_num(value, digits))
+    return out
 
 
 def _num(value: float, digits: int) -> str:

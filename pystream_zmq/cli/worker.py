@@ -21,7 +21,14 @@ import click
 import zmq
 
 from pystream_zmq.cli import curve_options, options, process, roles
-from pystream_zmq.cli.loader import LoadError, build, default_name, load, parse_params
+from pystream_zmq.cli.loader import (
+    LoadError,
+    build,
+    default_name,
+    import_from_working_directory,
+    load,
+    parse_params,
+)
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
@@ -67,6 +74,7 @@ class _WorkerGroup(click.Group):
 def main(ctx: click.Context, verbose: bool) -> None:
     """Run one role of a pipeline in this process."""
     ctx.obj = verbose
+    import_from_working_directory()
 
 
 _input_options = options.stack(options.pull, options.ordered, options.port)
@@ -92,7 +100,10 @@ _stage_options = options.stack(
 
 
 # -- the roles -------------------------------------------------------------------------------
-@main.command()
+@main.command(
+    epilog="Example: pystream-worker stage services.demo:DummyStage --param name=Stage1 "
+    "--pull tcp://127.0.0.1:5701 --push tcp://127.0.0.1:5702"
+)
 @click.argument("ref", metavar="MODULE:ATTR")
 @_stage_options
 @click.pass_obj
@@ -104,7 +115,11 @@ def stage(verbose: bool, ref: str, **opts: Any) -> int:
     return _serve_worker(verbose, name, [(path, obj)], opts)
 
 
-@main.command("pipeline")
+@main.command(
+    "pipeline",
+    epilog="Example: pystream-worker pipeline services.vision:vision_pipeline "
+    "--pull tcp://127.0.0.1:5701 --push tcp://127.0.0.1:5702",
+)
 @click.argument("ref", metavar="MODULE:ATTR")
 @_stage_options
 @click.pass_obj
@@ -121,7 +136,10 @@ def pipeline_(verbose: bool, ref: str, **opts: Any) -> int:
     return _serve_worker(verbose, name, leaves, opts)
 
 
-@main.command()
+@main.command(
+    epilog="Example: pystream-worker source services.demo:generate_data --period 0.2 "
+    "--push tcp://127.0.0.1:5701"
+)
 @click.argument("ref", metavar="MODULE:ATTR")
 @options.stack(
     options.push,
@@ -161,7 +179,9 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
     )
 
 
-@main.command()
+@main.command(
+    epilog="Example: pystream-worker sink --pull tcp://127.0.0.1:5706 --save-latest latest.png"
+)
 @options.stack(
     _input_options,
     options.profile_pull,
@@ -189,9 +209,7 @@ def sink(verbose: bool, **opts: Any) -> int:
             for level in name.split(PATH_SEPARATOR):
                 _check_name(level, " (in --stages)")
         folder = opts["profile_dir"] or store.get_profiler_db_folder()
-        profile = roles.ProfileTarget(
-            Path(folder) / store.DB_FILENAME, opts["run_name"], names
-        )
+        profile = roles.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
     on_latest = None
     if opts["save_latest"]:
         on_latest = roles.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
