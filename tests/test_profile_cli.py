@@ -87,7 +87,7 @@ def test_top_once_shows_the_live_stages(profiled_run: tuple[Path, Any]) -> None:
     live = profiled_run[1][1]
     assert live.exit_code == 0, live.output
     shown = [line.split()[0] for line in live.output.splitlines() if line.strip()]
-    assert [MAIN, "Sleep5", "Sleep10", "Fail"] == shown[-4:]  # the prefix is left out
+    assert shown[-4:] == [MAIN, "Sleep5", "Sleep10", "Fail"]  # the prefix is left out
     assert "items/s" in live.output
 
 
