@@ -3,7 +3,9 @@ how it notices that its parent has gone, how it leaves, and how it is stopped.
 
 A child reads what it needs from its stdin and keeps stdin open for its whole life: EOF
 means the orchestrator is done with it -- or dead, even by ``kill -9`` -- so no child
-outlives the process that started it.
+outlives the process that started it. A process the orchestrator forks (``os.fork``,
+multiprocessing) gets those pipes pointed at /dev/null at once, so that it cannot hold
+them open.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -44,9 +47,34 @@ def command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
+_started: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+
+
 def start(module: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``module``'s ``main()`` as a child with a pipe on its stdin."""
-    return subprocess.Popen(command(module, *args), stdin=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(command(module, *args), stdin=subprocess.PIPE, env=env)
+    _started.add(proc)
+    return proc
+
+
+def _release_pipes_after_fork() -> None:
+    """In a forked process: our children's stdin pipes now lead to /dev/null (the file
+    objects stay valid), so that our children see EOF when we, their parent, close them or
+    die, not only once every forked copy has gone too."""
+    pipes = [p.stdin for p in list(_started) if p.stdin is not None and not p.stdin.closed]
+    if not pipes:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for pipe in pipes:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, pipe.fileno())
+    finally:
+        os.close(devnull)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_release_pipes_after_fork)
 
 
 class ParentWatch:

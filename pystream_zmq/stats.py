@@ -18,7 +18,8 @@ class WorkerStats:
 
 @dataclass(frozen=True)
 class PipelineStats:
-    """Counters by sequence number: after a drain, forwarded = delivered + dropped + lost."""
+    """Counters by sequence number: after a drain, and once a worker has died past its
+    restarts (what was in flight then is lost), forwarded = delivered + dropped + lost."""
 
     mode: str  # "serial" or "parallel"
     forwarded: int = 0  # items that entered the first stage
@@ -27,6 +28,10 @@ class PipelineStats:
     delivered: int = 0  # outputs that came out
     dropped: int = 0  # dropped by a stage, a drop policy or max_age (a marker came out)
     lost: int = 0  # never came out: lost with a worker that died
+    # Not ours, ignored: outputs with a sequence number never sent (someone else sent them
+    # to the sink), and control messages from peers that are not this pipeline's workers.
+    rogue: int = 0
+    rogue_control: int = 0
     lost_ranges: tuple[tuple[int, int], ...] = ()  # (first, last) sequence numbers, inclusive
     out: int = 0  # every item below this sequence number has come out (or is lost)
     decode_errors: int = 0  # malformed outputs or profile messages received, dropped

@@ -210,3 +210,22 @@ def counting() -> Iterator[dict[str, Any]]:
     while True:
         yield {"x": x}
         x += 1
+
+
+class SlowCount(Stage):
+    """Counts its items (``n``); each takes ``seconds`` (sleeping is its work, not
+    synchronisation), and creates the file ``started`` as it begins."""
+
+    def __init__(self, seconds: float, started: str) -> None:
+        self.seconds = seconds
+        self.started = started
+        self.n = 0
+
+    def __call__(self, data: Any) -> Any:
+        open(self.started, "a").close()
+        time.sleep(self.seconds)
+        self.n += 1
+        return data
+
+    def cleanup(self) -> None:
+        pass

@@ -344,10 +344,10 @@ def test_unknown_and_malformed_control_commands_do_not_stop_a_worker(
         with caplog.at_level(logging.WARNING, "pystream_zmq.worker"):
             for command in ([b""], [os.urandom(2000)], [b"stop\x00"], [b"\xff", b"", b"x"]):
                 router.send_multipart([b"0", *command])
-            router.send_multipart([b"0", transport.GET_STATE, b"extra", b"frames"])
+            router.send_multipart([b"0", transport.GET_STATE, b"request", b"extra"])
             assert router.poll(TIMEOUT_MS)
-            ident, kind, sent, *state = router.recv_multipart()
-        assert (ident, kind, sent) == (b"0", transport.STATE, bytes(8))
+            ident, kind, request, sent, *state = router.recv_multipart()
+        assert (ident, kind, request, sent) == (b"0", transport.STATE, b"request", bytes(8))
         assert codec.decode(state) == {}
         assert caplog.text.count("ignored unknown control command") == 4
         upstream.send_multipart(good_message(5))

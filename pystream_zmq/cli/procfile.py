@@ -7,14 +7,20 @@ profiled); from B+1 on, each stage binds its input, then the sink its own: witho
 stage i binds B+1+i and the sink B+1+n. A stage with replicas is one entry per replica,
 and each receiver binds one input per replica before it. Each process connects its output
 to the next ones' inputs (see README "Pipelines as services").
+
+With ``--curve DIR`` every link is under CURVE: each entry gets a key pair of its own in
+DIR (mode 0700; secret keys 0600), and every process that binds accepts exactly the keys
+of this Procfile's entries (DIR/allowed).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -29,8 +35,11 @@ from pystream_zmq.cli.loader import (
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.plan import Plan
 from pystream_zmq.stage import PATH_SEPARATOR
+from pystream_zmq.wire import security
 
 _WORKER = "pystream-worker"
+_ALLOWED = "allowed"  # in the --curve folder: the public keys every binding process accepts
+_SOURCE, _SINK = "source", "sink"
 
 
 def procfile(
@@ -42,8 +51,11 @@ def procfile(
     base_port: int,
     host: str = "127.0.0.1",
     save_latest: str | None = None,
+    curve_dir: str | None = None,
 ) -> str:
-    """The Procfile text; raises LoadError for what cannot be imported by name."""
+    """The Procfile text; raises LoadError for what cannot be imported by name.
+    ``curve_dir``: every entry gets CURVE options naming the key files there (which
+    ``write_curve_keys`` makes)."""
     if pipeline.input_generator is None:
         raise LoadError("the pipeline has no input_generator to run as the source")
     planned = pipeline.plan()
@@ -63,7 +75,7 @@ def procfile(
     profile = ["--profile", profile_endpoint] if pipeline.use_profiler else []
     ref, params = reference(pipeline.input_generator)
     source = ["source", ref, *_params(params), "--period", f"{period:g}"]
-    lines = [("source", source + links("--push", planned.source_connects))]
+    lines = [(_SOURCE, source + links("--push", planned.source_connects))]
     for process in planned.processes:
         unit = planned.units[process.unit]
         name, stage = _stage_name(unit.name), unit.leaves[0][1]
@@ -73,21 +85,76 @@ def procfile(
             args += ["--name", name]
         args += inputs(process.binds, process.ordered_input)
         args += links("--push", process.connects) + profile
-        entry = _process_name(name)
         if unit.replicas > 1:
             args += ["--replica", str(process.replica)]
-            entry += f"_{process.replica}"
-        lines.append((entry, args))
-    sink = ["sink", *inputs(planned.sink_binds, planned.sink_ordered)]
+        lines.append((_entry_name(planned, process.index), args))
+    sink = [_SINK, *inputs(planned.sink_binds, planned.sink_ordered)]
     if pipeline.use_profiler:
         stages = ",".join(_stage_name(unit.name) for unit in planned.units)
         sink += ["--profile-pull", profile_endpoint, "--run-name", run_name, "--stages", stages]
     if save_latest:
         sink += ["--save-latest", save_latest]
-    lines.append(("sink", sink))
+    lines.append((_SINK, sink))
+    if curve_dir is not None:
+        lines = _with_curve(lines, planned, os.path.abspath(curve_dir), pipeline.use_profiler)
     # exec: the shell honcho starts would otherwise die of SIGTERM before the worker drained
     body = [f"{name}: exec {shlex.join([_WORKER, *args])}" for name, args in lines]
     return "\n".join([f"# {header}", *body]) + "\n"
+
+
+def entry_names(pipeline: Pipeline) -> list[str]:
+    """The Procfile's entries, in order: source, one per stage process, sink."""
+    planned = pipeline.plan()
+    return [_SOURCE, *(_entry_name(planned, p.index) for p in planned.processes), _SINK]
+
+
+def write_curve_keys(directory: str, entries: Sequence[str]) -> None:
+    """A key pair per entry in ``directory`` (kept when there already), and in its
+    ``allowed`` folder the public keys of exactly these entries."""
+    folder = Path(directory)
+    missing = [e for e in entries if not (folder / f"{e}{security.SECRET_SUFFIX}").exists()]
+    security.generate(folder, missing, force=True)  # force: a public key without its secret
+    allowed = folder / _ALLOWED
+    allowed.mkdir(mode=0o700, exist_ok=True)
+    for stale in allowed.glob(f"*{security.PUBLIC_SUFFIX}"):
+        stale.unlink()
+    for entry in entries:
+        public = (folder / f"{entry}{security.PUBLIC_SUFFIX}").read_text()
+        security.write_key_file(allowed / f"{entry}{security.PUBLIC_SUFFIX}", public, 0o644)
+
+
+def _with_curve(
+    lines: list[tuple[str, list[str]]], planned: Plan, folder: str, profiled: bool
+) -> list[tuple[str, list[str]]]:
+    """Each entry's arguments with its CURVE options: its own key pair; where it binds,
+    the allowed keys; where it connects, the key of the entry bound there (per --push)."""
+    binder = {name: _SINK for name in planned.sink_binds}
+    for process in planned.processes:
+        binder.update(dict.fromkeys(process.binds, _entry_name(planned, process.index)))
+    pushes = {_SOURCE: list(planned.source_connects), _SINK: []}
+    pushes.update({_entry_name(planned, p.index): list(p.connects) for p in planned.processes})
+
+    def key(entry: str, suffix: str = security.PUBLIC_SUFFIX) -> str:
+        return os.path.join(folder, f"{entry}{suffix}")
+
+    out = []
+    for entry, args in lines:
+        extra = ["--curve-secret", key(entry, security.SECRET_SUFFIX)]
+        if entry != _SOURCE:  # every other entry binds its inputs
+            extra += ["--curve-allow", os.path.join(folder, _ALLOWED)]
+        for link in pushes[entry]:
+            extra += ["--curve-server-key", key(binder[link])]
+        if profiled and entry not in (_SOURCE, _SINK):
+            extra += ["--curve-profile-key", key(_SINK)]
+        out.append((entry, args + extra))
+    return out
+
+
+def _entry_name(planned: Plan, index: int) -> str:
+    process = planned.processes[index]
+    unit = planned.units[process.unit]
+    entry = _process_name(_stage_name(unit.name))
+    return f"{entry}_{process.replica}" if unit.replicas > 1 else entry
 
 
 def _refuse_sub_pipelines(planned: Plan) -> None:
@@ -147,14 +214,28 @@ def _process_name(stage_name: str) -> str:
     help="First of the tcp ports the processes bind.",
 )
 @click.option("--save-latest", metavar="FILE", help="Have the sink write the latest image here.")
+@click.option(
+    "--curve",
+    "curve_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Put every link under CURVE: a key pair per entry in DIR (made mode 0700; keys "
+    "already there are kept), each process accepting only this Procfile's keys.",
+)
 @click.option("-o", "--output", type=click.File("w"), default="-", help="Default: stdout.")
 def procfile_command(
-    ref: str, period: float, base_port: int, save_latest: str | None, output: Any
+    ref: str,
+    period: float,
+    base_port: int,
+    save_latest: str | None,
+    curve_dir: str | None,
+    output: Any,
 ) -> None:
     """Write the pipeline that MODULE:ATTR returns as a Procfile for honcho."""
     command = ["pystream", "procfile", ref, "--period", f"{period:g}"]
     command += ["--base-port", str(base_port)]
     command += ["--save-latest", save_latest] if save_latest else []
+    command += ["--curve", curve_dir] if curve_dir else []
     import_from_working_directory()
     try:
         define: Callable[[], Any] = load(ref)
@@ -168,7 +249,10 @@ def procfile_command(
             period=period,
             base_port=base_port,
             save_latest=save_latest,
+            curve_dir=curve_dir,
         )
-    except (LoadError, ValueError) as e:
+        if curve_dir is not None:  # once the Procfile can be written: it names these keys
+            write_curve_keys(curve_dir, entry_names(pipeline))
+    except (LoadError, ValueError) as e:  # SecurityError is a ValueError
         raise click.ClickException(f"{ref}: {e}") from e
     output.write(text)

@@ -61,11 +61,13 @@ class Collector(threading.Thread):
         in_order: bool = True,
         curve: security.Curve | None = None,
         cpu: int | None = None,
+        sent_below: Callable[[], int] | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
         sequence order; ``in_order``: whether outputs arrive in input order at all;
         ``curve``: bind as CURVE servers (the context's authenticator checks the clients);
-        ``cpu``: the CPU to run on (pin_cpus)."""
+        ``cpu``: the CPU to run on (pin_cpus); ``sent_below()``: no sequence number at or
+        above it was sent (an output with one is a rogue, see Ledger)."""
         super().__init__(name="pystream-collector", daemon=True)
         self._cpu = cpu
         sinks = []
@@ -97,7 +99,7 @@ class Collector(threading.Thread):
         self._eos_seen = 0
         self._ended = False  # an end-of-stream marker arrived, and no data after it
         self.delivered = 0
-        self.ledger = Ledger(in_order=in_order)
+        self.ledger = Ledger(in_order=in_order, sent_below=sent_below)
         self._failure: StageError | None = None
         self._output_errors = 0  # malformed outputs (malformed profile messages: receiver)
 
@@ -118,6 +120,7 @@ class Collector(threading.Thread):
                 "delivered": self.delivered,
                 "dropped": self.ledger.dropped,
                 "lost": self.ledger.lost,
+                "rogue": self.ledger.rogue,
                 "decode_errors": self.decode_errors,
             }
 
@@ -241,12 +244,12 @@ class Collector(threading.Thread):
                 if kind == transport.KIND_EOS:
                     self._eos_seen = max(self._eos_seen, seq)
                 elif kind == transport.KIND_DATA:
-                    self.ledger.arrived(seq)
-                    self._latest, self._has_new = data, True
-                    self.delivered += 1
+                    if self.ledger.arrived(seq):  # not a rogue's, nor one seen already
+                        self._latest, self._has_new = data, True
+                        self.delivered += 1
                 else:
-                    self.ledger.arrived(seq, dropped=True)
-                    if kind == transport.KIND_FAILED and self._failure is None:
+                    counted = self.ledger.arrived(seq, dropped=True)
+                    if counted and kind == transport.KIND_FAILED and self._failure is None:
                         self._failure = _stage_error(seq, data)
             self._cond.notify_all()
 

@@ -1,7 +1,8 @@
 """Starting a plan's worker processes and stopping them: each process gets its
 ``WorkerSpec`` and stages on stdin and says READY on the control channel; the supervisor
 has a dead one started again; at the end, every process is stopped and the private socket
-folder removed -- even if the orchestrator is never closed (a weakref finalizer).
+folder removed -- even if the orchestrator is never closed (a weakref finalizer), but
+never by a child this process forked: the workers and the folder are not the child's.
 
 Every process is started before any is told what to run, so that their imports overlap.
 Over ipc every process gets its spec at once. Over tcp a port is known only once bound
@@ -63,8 +64,11 @@ class Launcher:
         self.procs: list[subprocess.Popen[bytes]] = []  # the supervisor watches this list
         self.ready: set[int] = set()  # the processes that said READY: they answer commands
         self._blobs: list[bytes] = []  # each unit's stages, cloudpickled once
+        self._control: Control | None = None  # admits each process started (start())
         self.socket_dir = tempfile.mkdtemp(prefix="pystream-")
-        self._finalizer = weakref.finalize(self, _teardown, self.procs, self.socket_dir)
+        self._finalizer = weakref.finalize(
+            self, _teardown, self.procs, self.socket_dir, owner=os.getpid()
+        )
         try:
             self.links = links.Links(self.socket_dir, host, settings.curve)
         except BaseException:
@@ -78,6 +82,7 @@ class Launcher:
     def start(self, control: Control) -> None:
         """Start every process and wait, up to ``startup_timeout``, until all are ready;
         WorkerStartupError names the stage that could not start."""
+        self._control = control
         for unit in self._plan.units:
             try:
                 self._blobs.append(cloudpickle.dumps(unit.leaves))
@@ -115,6 +120,8 @@ class Launcher:
     def _send_spec(self, index: int, restarted: bool = False) -> None:
         process = self._plan.processes[index]
         unit = self._plan.units[process.unit]
+        assert self._control is not None
+        token = self._control.admit(index)
         pulls = [self.links.endpoint(name) for name in process.binds]
         pushes = [self.links.endpoint(name) for name in process.connects]
         spec = WorkerSpec(
@@ -128,8 +135,10 @@ class Launcher:
             replica=process.replica if unit.replicas > 1 else None,
             profile=self.links.endpoint("profile") if self._profile else None,
             hwm=self._settings.hwm,
-            control=self.links.endpoint("control"),
+            control=self.links.endpoint(links.CONTROL),
             ident=str(index).encode(),
+            token=token,
+            control_curve=self.links.control_curve,
             sys_path=list(sys.path),
             log_level=logging.getLogger("pystream_zmq").getEffectiveLevel(),
             raise_on=unit.raise_on,
@@ -179,7 +188,12 @@ def _start_process() -> subprocess.Popen[bytes]:
     return child.start("pystream_zmq.worker.main", env={**_MALLOC_KEEP_FREED, **os.environ})
 
 
-def _teardown(procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0) -> None:
-    """Let workers exit, stop those that do not; remove the socket files."""
+def _teardown(
+    procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0, owner: int = 0
+) -> None:
+    """Let workers exit, stop those that do not; remove the socket files. Only in the
+    ``owner`` process (when given): a child forked from it that exits must leave them."""
+    if owner and os.getpid() != owner:
+        return
     child.stop(procs, grace)
     shutil.rmtree(directory, ignore_errors=True)

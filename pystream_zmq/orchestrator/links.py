@@ -2,6 +2,11 @@
 directory (the default), or ``tcp://`` on one host of this machine with ports the OS chooses
 (``parallelize(endpoint="tcp://HOST")``), under CURVE with ``curve=True``.
 
+The control channel is under CURVE over tcp whatever ``curve`` says: any local user can
+connect to a tcp port, and its commands reach the stage objects. A key pair of its own,
+made for the run, which the workers get over their private stdin pipe: they alone can
+connect. Over ipc the socket folder (mode 0700) keeps everyone else out.
+
 A tcp port is known only once its socket has bound ``tcp://HOST:*`` (it reads LAST_ENDPOINT):
 ``record`` notes it, and a process can connect only to what is bound already, so the
 orchestrator starts its workers from the last one to the first.
@@ -16,6 +21,7 @@ import zmq
 
 from pystream_zmq.wire import endpoints, security, transport
 
+CONTROL = "control"  # the control channel's link name
 _HINT = "pass curve=True (encrypted, authenticated links) or insecure=True"
 
 
@@ -47,6 +53,9 @@ class Links:
         self.host = host
         self._bound: dict[str, str] = {}
         self.curve = security.run_keys(os.path.join(directory, "curve")) if curve else None
+        self.control_curve = self.curve  # the control channel's; see the module docstring
+        if self.curve is None and host is not None:
+            self.control_curve = security.run_keys(os.path.join(directory, "control-curve"))
 
     @property
     def bind_first(self) -> bool:
@@ -61,8 +70,9 @@ class Links:
             return transport.ipc_endpoint(self._dir, name)
         return f"tcp://{self.host}:*"
 
-    def bind(self, sock: zmq.Socket[Any], name: str) -> None:
-        self.record(name, security.bind(sock, self.endpoint(name), self.curve))
+    def bind_control(self, sock: zmq.Socket[Any]) -> None:
+        """Bind the control channel's ROUTER, under ``control_curve``."""
+        self.record(CONTROL, security.bind(sock, self.endpoint(CONTROL), self.control_curve))
 
     def record(self, name: str, endpoint: str) -> None:
         """Note where ``name`` was bound (a worker reports it with READY)."""

@@ -83,10 +83,11 @@ class ParallelRunner:
         if cpu is not None:
             self._ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before its I/O thread
         links = self.launcher.links
-        self._auth = security.start_authenticator(self._ctx, links.curve)
+        # The control channel's allow-list: the data links' too, when they are under CURVE.
+        self._auth = security.start_authenticator(self._ctx, links.control_curve)
         undo.callback(security.stop_authenticator, self._auth)
         self.control = Control(self._ctx, self.launcher.names, self.launcher.alive)
-        links.bind(self.control.socket, "control")  # over tcp: may not be this machine's
+        links.bind_control(self.control.socket)
         self._profile_proc = self._start_profile_process()
         if self._profile_proc is not None:
             undo.callback(self._profile_proc.kill)
@@ -102,7 +103,11 @@ class ParallelRunner:
         the collector and supervisor threads."""
         links = self.launcher.links
         self.supervisor = Supervisor(
-            self.launcher.procs, self.launcher.names, self._relaunch, self.settings.max_restarts
+            self.launcher.procs,
+            self.launcher.names,
+            self._relaunch,
+            self.settings.max_restarts,
+            on_give_up=self._count_the_rest_lost,
         )
         endpoints = [links.endpoint(name) for name in self.plan.source_connects]
         first = ingress.FirstStage(self._ctx, endpoints, self.settings.hwm, links.curve)
@@ -146,12 +151,29 @@ class ParallelRunner:
             in_order=self.plan.in_order,
             curve=links.curve,
             cpu=cpu,
+            sent_below=self._sent_below,
         )
         for name, bound in zip(self.plan.sink_binds, collector.sink_endpoints, strict=True):
             links.record(name, bound)
         if collector.profile_endpoint is not None:
             links.record("profile", collector.profile_endpoint)
         return collector
+
+    def _sent_below(self) -> int:
+        """For the collector's ledger: no item at or above this sequence number was sent.
+        The lock is read first: while it is held a send may be under way with next_seq;
+        once it is free, whatever was sent before has been counted in next_seq."""
+        first = self._ingress.first
+        sending = first.lock.locked()
+        return first.next_seq + int(sending)
+
+    def _count_the_rest_lost(self) -> None:
+        """Called by the supervisor once the pipeline cannot go on: what is still in
+        flight will never come out (a send under way ends within a slice, on failed)."""
+        first = self._ingress.first
+        with first.lock:
+            forwarded = first.next_seq
+        self.collector.settle(forwarded)
 
     def _relaunch(self, index: int) -> None:
         """Called by the supervisor: the same stage, from its original definition."""
@@ -245,6 +267,8 @@ class ParallelRunner:
             delivered=counters["delivered"],
             dropped=counters["dropped"],
             lost=counters["lost"],
+            rogue=counters["rogue"],
+            rogue_control=counters["rogue_control"],
             lost_ranges=lost_ranges,
             out=out,
             decode_errors=counters["decode_errors"],
@@ -262,6 +286,7 @@ class ParallelRunner:
             "refused": self.refused,
             "replaced": self.replaced,
             **self.collector.counters(),
+            "rogue_control": self.control.rogue,
         }
         if self._sink_recorder is not None:
             counters["dropped_events"] = self._sink_recorder.dropped_events

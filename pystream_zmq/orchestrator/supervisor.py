@@ -18,7 +18,8 @@ MAX_BACKOFF = 2.0
 class Supervisor(threading.Thread):
     """Polls every worker; one that exited is started again from its original definition
     (``relaunch(index)``) after a backoff of 0.1 s, 0.2 s, 0.4 s ... up to ``max_restarts``
-    times. Past that, ``failed`` names the stage and the pipeline refuses to go on."""
+    times. Past that, ``failed`` names the stage, the pipeline refuses to go on, and
+    ``on_give_up()`` is called once (what is still in flight will never come out)."""
 
     def __init__(
         self,
@@ -26,12 +27,14 @@ class Supervisor(threading.Thread):
         names: Sequence[str],
         relaunch: Callable[[int], None],
         max_restarts: int,
+        on_give_up: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="pystream-supervisor", daemon=True)
         self._procs = procs
         self._names = list(names)
         self._relaunch = relaunch
         self._max_restarts = max_restarts
+        self._on_give_up = on_give_up
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
         self.failed: WorkerCrashedError | None = None
@@ -48,7 +51,7 @@ class Supervisor(threading.Thread):
         if self.restarts[index] >= self._max_restarts:
             detail = f"its worker died (exit code {code}) after {self._max_restarts} restarts"
             log.error("stage %s: %s; the pipeline cannot go on", name, detail)
-            self.failed = WorkerCrashedError(name, detail)
+            self._give_up(WorkerCrashedError(name, detail))
             return
         backoff = min(0.1 * 2 ** self.restarts[index], MAX_BACKOFF)
         self.restarts[index] += 1
@@ -62,7 +65,14 @@ class Supervisor(threading.Thread):
             self._relaunch(index)
         except Exception as e:  # e.g. the stage no longer loads: count it as another death
             log.exception("could not restart stage %s", name)
-            self.failed = WorkerCrashedError(name, f"it could not be restarted ({e!r})")
+            self._give_up(WorkerCrashedError(name, f"it could not be restarted ({e!r})"))
+
+    def _give_up(self, error: WorkerCrashedError) -> None:
+        self.failed = error
+        try:
+            self._on_give_up()
+        except Exception:  # the thread must not die of it: failed already says enough
+            log.exception("after stage %s failed for good", error.stage)
 
     def stop(self) -> None:
         self._stopping.set()

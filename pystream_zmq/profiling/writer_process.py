@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,12 @@ _HWM = 1000  # messages queued towards the process; beyond it batches are droppe
 _EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
 
 
+def _stop_if_mine(proc: subprocess.Popen[bytes], owner: int) -> None:
+    """The finalizer: stop the process, unless this is a child forked from its owner."""
+    if os.getpid() == owner:
+        child.stop([proc], 1.0)
+
+
 class ProfileProcess:
     """The orchestrator's side: starts the process, hands it events and counters without
     ever blocking (what does not fit is dropped and counted), flushes and closes it.
@@ -74,7 +81,7 @@ class ProfileProcess:
         args = [str(db_path), str(run_id), endpoint, reply_endpoint]
         level = str(logging.getLogger("pystream_zmq").getEffectiveLevel())
         self._proc = child.start(__name__, *args, level)
-        self._finalizer = weakref.finalize(self, child.stop, [self._proc], 1.0)
+        self._finalizer = weakref.finalize(self, _stop_if_mine, self._proc, os.getpid())
 
     def wait_ready(self, timeout: float) -> None:
         """The readiness handshake (a flush), separate so that it overlaps the workers'

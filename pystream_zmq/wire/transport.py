@@ -60,13 +60,16 @@ def payload(message: Sequence[Any]) -> list[Any]:
     return [memoryview(message[0])[_ENVELOPE.size :], *message[1:]]
 
 
-# Control channel: the orchestrator's ROUTER talks to each worker's DEALER.
-# worker -> orchestrator
-READY = b"ready"
+# Control channel: the orchestrator's ROUTER talks to each worker's DEALER. A command is
+# [command, request id]; its reply is [kind, the same request id, ...], so that a late
+# reply is never taken for the answer to a later command.
+# worker -> orchestrator, unasked: [kind, token, ...], the token from the worker's spec
+READY = b"ready"  # + the endpoints it bound
 FAILED = b"failed"  # + traceback text
+# worker -> orchestrator, replies: [kind, request id, ...]
 STATE = b"state"  # + 8-byte LE count of profile events sent + codec frames of {path: {attr: value}}
 BYE = b"bye"  # + codec frames of the worker's counters
-# orchestrator -> worker
+# orchestrator -> worker: [command, request id]
 GET_STATE = b"get-state"
 GET_COUNTERS = b"get-counters"  # reply COUNTERS + codec frames of the worker's counters
 CLEANUP = b"cleanup"  # run every stage's cleanup(), then reply STATE

@@ -75,6 +75,7 @@ class Worker:
         }
         self.events_sent = 0  # profile events handed to the profile socket
         self._control: zmq.Socket[Any] | None = None
+        self._stop_request = b""  # the request id of the STOP that finish() answers
         self._done: Callable[[], bool] = _never
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
@@ -250,18 +251,23 @@ class Worker:
         return states
 
     def _handle_control(self, control: zmq.Socket[Any]) -> None:
-        """Answer one command; raises _Stop on STOP."""
-        command = control.recv_multipart()[0]
+        """Answer one command, echoing its request id; raises _Stop on STOP (finish() says
+        BYE to it)."""
+        command, *rest = control.recv_multipart()
+        request = rest[0] if rest else b""
         if command in (transport.GET_STATE, transport.CLEANUP):
             if command == transport.CLEANUP:
                 self.chain.cleanup()
             if self.events is not None:  # so that the profiles read next include them
                 self.events.flush()
             sent = self.events_sent.to_bytes(8, "little")  # for the flush barrier
-            control.send_multipart([transport.STATE, sent, *codec.encode(self.state())])
+            state = codec.encode(self.state())
+            control.send_multipart([transport.STATE, request, sent, *state])
         elif command == transport.GET_COUNTERS:
-            control.send_multipart([transport.COUNTERS, *codec.encode(self.counter_snapshot())])
+            counters = codec.encode(self.counter_snapshot())
+            control.send_multipart([transport.COUNTERS, request, *counters])
         elif command == transport.STOP:
+            self._stop_request = request
             raise _Stop
         else:
             log.warning("ignored unknown control command %r", command[:32])
@@ -320,7 +326,8 @@ class Worker:
             self.profile.send_multipart(
                 [transport.PROFILE_END, self.spec.ident], flags=0, copy=True
             )
-        control.send_multipart([transport.BYE, *codec.encode(self.counter_snapshot())])
+        counters = codec.encode(self.counter_snapshot())
+        control.send_multipart([transport.BYE, self._stop_request, *counters])
 
 
 def _peek_kind(frames: Message) -> int | None:

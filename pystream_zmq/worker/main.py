@@ -35,8 +35,8 @@ def serve(
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, spec.curve)
     control = transport.make_socket(ctx, zmq.DEALER, 1000)
-    control.setsockopt(zmq.ROUTING_ID, spec.ident)
-    security.connect(control, spec.control, spec.curve)
+    # No routing id of our own: ZeroMQ gives the connection one, and the token says who we are.
+    security.connect(control, spec.control, spec.control_curve)
     try:
         try:
             leaves = cloudpickle.loads(stages_blob)
@@ -44,10 +44,11 @@ def serve(
         except Exception:
             log.exception("could not start")
             finished.set()
-            control.send_multipart([transport.FAILED, traceback.format_exc().encode()])
+            failure = traceback.format_exc().encode()
+            control.send_multipart([transport.FAILED, spec.token, failure])
             stdin_closed.wait(_EXIT_GRACE)
             return 1
-        control.send_multipart([transport.READY, *(e.encode() for e in worker.bound)])
+        control.send_multipart([transport.READY, spec.token, *(e.encode() for e in worker.bound)])
         worker.run(control)
         finished.set()
         worker.finish(control)

@@ -23,10 +23,15 @@ class WorkerSpec:
     push: str  # endpoint it connects to for its output
     profile: str | None  # where profile events go; None when profiling is off
     hwm: int = transport.DEFAULT_HWM
-    # Orchestrated workers only: the orchestrator's control endpoint, this worker's routing
-    # id on it, and the orchestrator's sys.path. control is None for a standalone worker.
+    # Orchestrated workers only: the orchestrator's control endpoint, this worker's id (its
+    # profile records name it), the token its READY shows (fresh for every process: the
+    # orchestrator trusts a control connection only once it has shown it), CURVE for the
+    # control channel (always over tcp), and the orchestrator's sys.path. control is None
+    # for a standalone worker.
     control: str | None = None
     ident: bytes = b""
+    token: bytes = b""
+    control_curve: security.Curve | None = None
     sys_path: list[str] = field(default_factory=list)
     log_level: int = logging.INFO
     raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
