@@ -18,7 +18,9 @@ MAX_BACKOFF = 2.0
 class Supervisor(threading.Thread):
     """Polls every worker; one that exited is started again from its original definition
     (``relaunch(index)``) after a backoff of 0.1 s, 0.2 s, 0.4 s ... up to ``max_restarts``
-    times. Past that, ``failed`` names the stage and the pipeline refuses to go on."""
+    times. Past that, ``failed`` names the stage and the pipeline refuses to go on.
+    ``watch``: other children's checks, called at every poll (the profile writer's, which
+    restarts its process itself)."""
 
     def __init__(
         self,
@@ -26,12 +28,15 @@ class Supervisor(threading.Thread):
         names: Sequence[str],
         relaunch: Callable[[int], None],
         max_restarts: int,
+        *,
+        watch: Sequence[Callable[[], object]] = (),
     ) -> None:
         super().__init__(name="pystream-supervisor", daemon=True)
         self._procs = procs
         self._names = list(names)
         self._relaunch = relaunch
         self._max_restarts = max_restarts
+        self._watch = list(watch)
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
         self.failed: WorkerCrashedError | None = None
@@ -42,6 +47,8 @@ class Supervisor(threading.Thread):
                 code = proc.poll()
                 if code is not None and self.failed is None:
                     self._restart(index, code)
+            for check in self._watch:
+                check()
 
     def _restart(self, index: int, code: int) -> None:
         name = self._names[index]
