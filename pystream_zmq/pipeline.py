@@ -327,7 +327,8 @@ class Pipeline:
     def get_profile_report(self) -> report.ProfileReport | None:
         """Per stage path: item count, latency mean/p50/p95/p99, queue wait versus compute,
         throughput, drops and errors (see ``pystream_zmq.report``). None without profiling.
-        While running, counters may be up to a second old; after cleanup() they are final."""
+        While running, counters may be up to a second old; after cleanup() they are final.
+        ``complete`` is False when records are missing (``missing``, ``warning()``)."""
         if self._profile_run is None:
             return None
         self._flush_profile()

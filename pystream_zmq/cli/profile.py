@@ -61,8 +61,10 @@ def profile(
     except ProfileNotFoundError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))  # with complete and missing
     elif as_csv:
+        if (warning := result.warning()) is not None:
+            click.echo(warning, err=True)  # stdout stays one CSV table
         writer = csv.DictWriter(sys.stdout, _CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(stage.to_dict() for stage in result.stages)
@@ -106,7 +108,8 @@ def top(db: Path | None, run_id: int | None, interval: float, window: float, onc
                 frame = report.build_report(db, run_id, since=now - window)
             except ProfileNotFoundError as e:
                 raise click.ClickException(str(e)) from None
-            text = _header(frame) + f", last {window:g} s\n" + format_table(frame.stages, window)
+            header = _header(frame, f", last {window:g} s")
+            text = header + "\n" + format_table(frame.stages, window)
             click.echo((_CLEAR if clear else "") + text)
             if once:
                 return
@@ -115,12 +118,15 @@ def top(db: Path | None, run_id: int | None, interval: float, window: float, onc
         return
 
 
-def _header(result: ProfileReport) -> str:
+def _header(result: ProfileReport, suffix: str = "") -> str:
+    """The run's line, and under it the warning when records are missing."""
     started = datetime.datetime.fromtimestamp(result.started).strftime("%Y-%m-%d %H:%M:%S")
-    return (
+    header = (
         f"run {result.run_id} of {result.pipeline} ({result.mode}), started {started}, "
-        f"{result.db_path}"
+        f"{result.db_path}{suffix}"
     )
+    warning = result.warning()
+    return header if warning is None else f"{header}\n{warning}"
 
 
 def format_table(stages: Sequence[StageReport], window: float | None = None) -> str:

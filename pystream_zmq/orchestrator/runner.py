@@ -33,7 +33,7 @@ from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.plan import Plan
 from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
-from pystream_zmq.profiling.writer_process import ProfileProcess
+from pystream_zmq.profiling.writer_handle import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats, WorkerStats
 from pystream_zmq.wire import codec, security, transport
@@ -108,6 +108,7 @@ class ParallelRunner:
             self._relaunch,
             self.settings.max_restarts,
             on_give_up=self._count_the_rest_lost,
+            watch=[self._profile_proc.check] if self._profile_proc is not None else [],
         )
         endpoints = [links.endpoint(name) for name in self.plan.source_connects]
         first = ingress.FirstStage(self._ctx, endpoints, self.settings.hwm, links.curve)
@@ -127,13 +128,15 @@ class ParallelRunner:
 
     def _start_profile_process(self) -> ProfileProcess | None:
         """Over ipc, with profiling: the writer process, started now to overlap the workers'
-        start-up (its readiness is checked once they are ready)."""
+        start-up (its readiness is checked once they are ready). The supervisor restarts it
+        as it does a worker."""
         if self._profile is None or self.launcher.links.host is not None:
             return None
         links = self.launcher.links
         return ProfileProcess(
             self._ctx, self._profile.db_path, self._profile.run_id,
             links.endpoint("profile"), links.endpoint("profile-reply"),
+            senders=len(self.plan.processes) + 1, max_restarts=self.settings.max_restarts,
         )  # fmt: skip
 
     def _open_sink(self, cpu: int | None) -> Collector:
@@ -303,6 +306,7 @@ class ParallelRunner:
             self._recorder.writer.flush(deadline.left())
         elif self._profile_proc is not None and (
             self._profile_proc.flush(deadline.left(), self._events_sent) is None
+            and not self._profile_proc.failed  # then it said so once, when it gave up
         ):
             log.warning("the profile writer did not flush in %.1f s", timeout)
 
@@ -330,7 +334,7 @@ class ParallelRunner:
                 {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
             )
         if self._profile_proc is not None:
-            self._profile_proc.close(max(deadline.left(), 1.0))
+            self._profile_proc.close(max(deadline.left(), 1.0), self._events_sent)
         if self._recorder is not None:
             self._recorder.close(max(deadline.left(), 1.0))
         security.stop_authenticator(self._auth)

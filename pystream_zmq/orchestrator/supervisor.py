@@ -19,7 +19,9 @@ class Supervisor(threading.Thread):
     """Polls every worker; one that exited is started again from its original definition
     (``relaunch(index)``) after a backoff of 0.1 s, 0.2 s, 0.4 s ... up to ``max_restarts``
     times. Past that, ``failed`` names the stage, the pipeline refuses to go on, and
-    ``on_give_up()`` is called once (what is still in flight will never come out)."""
+    ``on_give_up()`` is called once (what is still in flight will never come out).
+    ``watch``: other children's checks, called at every poll (the profile writer's, which
+    restarts its process itself)."""
 
     def __init__(
         self,
@@ -28,6 +30,8 @@ class Supervisor(threading.Thread):
         relaunch: Callable[[int], None],
         max_restarts: int,
         on_give_up: Callable[[], None] = lambda: None,
+        *,
+        watch: Sequence[Callable[[], object]] = (),
     ) -> None:
         super().__init__(name="pystream-supervisor", daemon=True)
         self._procs = procs
@@ -35,6 +39,7 @@ class Supervisor(threading.Thread):
         self._relaunch = relaunch
         self._max_restarts = max_restarts
         self._on_give_up = on_give_up
+        self._watch = list(watch)
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
         self.failed: WorkerCrashedError | None = None
@@ -45,6 +50,8 @@ class Supervisor(threading.Thread):
                 code = proc.poll()
                 if code is not None and self.failed is None:
                     self._restart(index, code)
+            for check in self._watch:
+                check()
 
     def _restart(self, index: int, code: int) -> None:
         name = self._names[index]

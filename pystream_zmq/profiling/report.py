@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pystream_zmq.errors import PyStreamError
+from pystream_zmq.profiling.store import EVENTS_LOST, WRITER_FAILED, WRITER_RESTARTS
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
 
 _Array = npt.NDArray[np.float64]
@@ -77,16 +78,47 @@ class StageReport:
 
 @dataclasses.dataclass(frozen=True)
 class ProfileReport:
+    """A run's report. ``complete`` is False when records of the run are missing:
+    ``missing`` counts those known (dropped because the writer could not keep up, and lost
+    with a profile writer that died); ``writer_restarts``: how many times the profile writer
+    died and was restarted; ``writer_failed``: the last one died and was not restarted, so
+    what came after is missing too."""
+
     db_path: str
     run_id: int
     pipeline: str
     mode: str
     started: float  # Unix time
     stages: list[StageReport]  # display order; MainPipeline first
+    complete: bool = True
+    missing: int = 0
+    writer_restarts: int = 0
+    writer_failed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**fields, "stages": [stage.to_dict() for stage in self.stages]}
+
+    def warning(self) -> str | None:
+        """One line saying which records are missing; None when the report is complete."""
+        if self.complete:
+            return None
+        main = self.stages[0].counters if self.stages else {}
+        lost = main.get(EVENTS_LOST, 0)
+        dropped = self.missing - lost
+        reasons = []
+        if self.writer_restarts:
+            times = "time" if self.writer_restarts == 1 else "times"
+            reasons.append(f"the profile writer died and was restarted {self.writer_restarts} "
+                           f"{times}, losing {lost} events")  # fmt: skip
+        elif lost:
+            reasons.append(f"{lost} events never reached the profile writer")
+        if self.writer_failed:
+            reasons.append("the last profile writer died and was not restarted: later "
+                           "records are missing")  # fmt: skip
+        if dropped:
+            reasons.append(f"{dropped} events were dropped (the profile writer fell behind)")
+        return f"warning: this profile is incomplete: {'; '.join(reasons)}"
 
 
 @dataclasses.dataclass
@@ -166,7 +198,17 @@ def build_report(
     """The report of ``run_id`` (default: the latest run); see load_run."""
     run = load_run(db_path, run_id, since=since)
     stages = [_stage_report(p, kind, run.timings[p], run.counters) for p, kind in run.layout]
-    return ProfileReport(run.db_path, run.run_id, run.pipeline, run.mode, run.started, stages)
+    main = run.counters.get(MAIN_PIPELINE_NAME, {})
+    # every path's dropped_events count toward MainPipeline's
+    dropped = stages[0].dropped_events if stages else 0
+    missing = dropped + main.get(EVENTS_LOST, 0)
+    restarts = main.get(WRITER_RESTARTS, 0)
+    failed = bool(main.get(WRITER_FAILED, 0))
+    return ProfileReport(
+        run.db_path, run.run_id, run.pipeline, run.mode, run.started, stages,
+        complete=not (missing or restarts or failed), missing=missing,
+        writer_restarts=restarts, writer_failed=failed,
+    )  # fmt: skip
 
 
 def _read_events(

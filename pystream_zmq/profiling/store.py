@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,11 @@ KEEP_RUNS_ENV = "PYSTREAM_PROFILE_KEEP_RUNS"
 DEFAULT_KEEP_RUNS = 100
 
 Counters = Mapping[str, Mapping[str, int]]  # {path: {name: value}}
+
+# MainPipeline counters that say a run's records are incomplete (profiles.md, "Schema")
+WRITER_RESTARTS = "profile_writer_restarts"  # profile writer processes that died, restarted
+EVENTS_LOST = "profile_events_lost"  # events sent to the writer that it never accounted for
+WRITER_FAILED = "profile_writer_failed"  # 1: the last writer died and was not restarted
 
 _db_folder: str | None = None  # PyStream's API is a module-level setting
 
@@ -272,6 +278,26 @@ def start_run(
     return schema.create_run(db_path, pipeline, mode, stages, keep)
 
 
+def count_events(db_path: Path, run_id: int) -> int:
+    """How many events of the run the database holds (committed ones only)."""
+    with closing(schema.connect(db_path, schema.BUSY_TIMEOUT)) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE run_id = ?", (run_id,)).fetchone()
+    return int(row[0])
+
+
+def record_counters(db_path: Path, run_id: int, counters: Counters) -> None:
+    """Set counters of a run in one transaction of its own, for a process that has no
+    writer thread (an orchestrator whose writer process is gone); raises sqlite3.Error."""
+    now = time.time()
+    rows = [
+        (run_id, path, name, value, now)
+        for path, values in counters.items()
+        for name, value in values.items()
+    ]
+    with closing(schema.connect(db_path, schema.BUSY_TIMEOUT)) as conn:
+        schema.write(conn, [], rows)
+
+
 @dataclass(frozen=True)
 class ProfileRun:
     """A run registered in a profile database (``start_run``)."""
@@ -298,11 +324,14 @@ class Recorder(Protocol):
 
 
 class RunRecorder:
-    """What a runner records for one run: event batches and counter snapshots."""
+    """What a runner records for one run: event batches and counter snapshots.
+    ``dropped_before``: events of the run dropped by writers before this one (a profile
+    writer process that replaced one that died)."""
 
-    def __init__(self, writer: ProfileWriter, run_id: int) -> None:
+    def __init__(self, writer: ProfileWriter, run_id: int, *, dropped_before: int = 0) -> None:
         self.writer = writer
         self.run_id = run_id
+        self._dropped_before = dropped_before
 
     def events(self, events: list[Event]) -> bool:
         return self.writer.submit(self.run_id, events)
@@ -312,7 +341,7 @@ class RunRecorder:
 
     @property
     def dropped_events(self) -> int:
-        return self.writer.dropped_events
+        return self._dropped_before + self.writer.dropped_events
 
     def close(self, timeout: float = 5.0) -> None:
         """Store what is queued (within ``timeout``) and stop the writer thread."""

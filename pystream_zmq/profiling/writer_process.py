@@ -2,15 +2,22 @@
 rows in SQLite do not take CPU time and the GIL from the orchestrator.
 
 The process binds one PULL socket. The workers' profile sockets connect to it, and so does
-the orchestrator's ProfileProcess, which sends its own MainPipeline events and counters the
-same way ([EVENTS, packed], [COUNTERS, codec frames]), followed, when asked, by a flush
-request [FLUSH, msgpack [token, ends, events, timeout, what]]. Messages from one sender
-arrive in order, so a request follows everything the orchestrator sent before it. The
-process reads them with a receiver.ProfileReceiver, and keeps the flush requests to
-itself: it waits until it has seen ``ends`` PROFILE_END markers and ``events`` events in all
-(the workers report with their state how many they sent), or the timeout; then, as ``what``
-says, flushes or closes its ProfileWriter, and answers [FLUSHED, msgpack [token, written,
-dropped, ends]] on a PUSH socket of its own that connects back to the orchestrator.
+the orchestrator's handle (``writer_handle.ProfileProcess``), which sends its own
+MainPipeline events and counters the same way ([EVENTS, packed], [COUNTERS, codec frames]),
+followed, when asked, by a request [FLUSH, msgpack [token, what, ends, events, timeout]].
+Messages from one sender arrive in order, so a request follows everything the orchestrator
+sent before it. The process reads them with a receiver.ProfileReceiver and keeps the
+requests to itself: it waits until it has seen ``ends`` PROFILE_END markers and accounted
+for ``events`` events in all (the senders report how many they sent), or the timeout; then,
+as ``what`` says, flushes or closes its ProfileWriter, and answers [FLUSHED, msgpack [token,
+written, dropped, ends, lost]] on a PUSH socket of its own that connects back to the
+orchestrator.
+
+A writer that replaces one that died (``WriterSpec.restarts`` > 0) counts what its
+predecessors stored as accounted for; what they had received but not stored is lost, and
+the counts cannot tell it from what is still on its way. So a restarted writer also answers
+once every sender has connected and nothing has arrived for ``SETTLE`` seconds, and records
+the difference as ``profile_events_lost`` (and its restart count) under MainPipeline.
 
 Like a worker, the process exits when its stdin reaches EOF before it was told to close (the
 orchestrator has gone away), and after a close it waits for stdin to close before exiting so
@@ -19,237 +26,211 @@ the answer is not lost with its socket.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pystream_zmq import child
-from pystream_zmq.errors import WorkerStartupError
 from pystream_zmq.profiling import store
-from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.profiling.receiver import ProfileReceiver
-from pystream_zmq.stage import Event
-from pystream_zmq.wire import codec, transport
+from pystream_zmq.stage import MAIN_PIPELINE_NAME
+from pystream_zmq.wire import transport
 
 log = logging.getLogger(__name__)
 
 FLUSH = b"flush"
 FLUSHED = b"flushed"
-_RECEIVE, _FLUSH, _CLOSE = 0, 1, 2  # what a flush request waits for: ends, + stored, + closed
-_HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
+RECEIVE, STORE, CLOSE = 0, 1, 2  # what a request waits for: ends, + stored, + closed
+HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
+SETTLE = 0.1  # a restarted writer: this long without a message means nothing more is coming
 _EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
+_IDLE_POLL_MS = 1000
+
+Request = tuple[int, int, int, int, float]  # token, what, ends, events, timeout
 
 
-def _stop_if_mine(proc: subprocess.Popen[bytes], owner: int) -> None:
-    """The finalizer: stop the process, unless this is a child forked from its owner."""
-    if os.getpid() == owner:
-        child.stop([proc], 1.0)
+@dataclasses.dataclass(frozen=True)
+class WriterSpec:
+    """What one writer process is given on its command line."""
+
+    db_path: Path
+    run_id: int
+    endpoint: str  # where it binds its PULL socket
+    reply_endpoint: str  # where it connects its answers
+    senders: int  # processes whose profile sockets connect: the workers and the orchestrator
+    restarts: int = 0  # writers of this run that died before this one
+    dropped_before: int = 0  # events those writers dropped, as of their last answer
+    log_level: int = logging.WARNING
+
+    def to_args(self) -> list[str]:
+        return [str(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> WriterSpec:
+        db_path, run_id, endpoint, reply, senders, restarts, dropped, level = args
+        return cls(
+            Path(db_path), int(run_id), endpoint, reply, int(senders), int(restarts),
+            int(dropped), int(level),
+        )  # fmt: skip
 
 
-class ProfileProcess:
-    """The orchestrator's side: starts the process, hands it events and counters without
-    ever blocking (what does not fit is dropped and counted), flushes and closes it.
-    ``events`` and ``counters`` may be called from one thread (the collector) while another
-    calls ``flush``; ``close`` and ``kill`` are idempotent."""
-
-    def __init__(
-        self, ctx: zmq.Context[Any], db_path: Path, run_id: int, endpoint: str,
-        reply_endpoint: str,
-    ) -> None:  # fmt: skip
-        self.endpoint = endpoint
-        self._reply = transport.make_socket(ctx, zmq.PULL, 10)
-        self._reply.bind(reply_endpoint)
-        self._push = transport.make_socket(ctx, zmq.PUSH, _HWM)
-        self._push.connect(endpoint)
-        self._lock = threading.Lock()  # the PUSH socket
-        self._flush_lock = threading.Lock()  # the reply socket and the token
-        self._token = 0
-        self._sent = 0  # events handed to the PUSH socket
-        self._local_dropped = 0  # events that did not fit in the queue to the process
-        self._remote: tuple[int, int] = (0, 0)  # written, dropped, as of the last answer
-        self._closed = False
-        args = [str(db_path), str(run_id), endpoint, reply_endpoint]
-        level = str(logging.getLogger("pystream_zmq").getEffectiveLevel())
-        self._proc = child.start(__name__, *args, level)
-        self._finalizer = weakref.finalize(self, _stop_if_mine, self._proc, os.getpid())
-
-    def wait_ready(self, timeout: float) -> None:
-        """The readiness handshake (a flush), separate so that it overlaps the workers'
-        start-up; WorkerStartupError if the process does not answer in time."""
-        if self.flush(timeout) is None:
-            self.kill()
-            raise WorkerStartupError("profile writer", "did not answer in time")
-
-    @property
-    def dropped_events(self) -> int:
-        """Events that did not fit in the queue to the process. The process adds its own
-        store's drops to MainPipeline's counters (see receiver.ProfileReceiver)."""
-        return self._local_dropped
-
-    @property
-    def written_events(self) -> int:
-        return self._remote[0]
-
-    def events(self, events: list[Event]) -> bool:
-        message = [transport.EVENTS, pack_events(events)]
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._push.send_multipart(message, zmq.NOBLOCK)
-                    self._sent += len(events)
-                    return True
-                except zmq.Again:
-                    pass
-            self._local_dropped += len(events)
-            return False
-
-    def counters(self, counters: store.Counters) -> bool:
-        """Send a snapshot; the process adds its store's drops to MainPipeline's
-        dropped_events."""
-        message = [transport.COUNTERS, *codec.encode(dict(counters))]
-        with self._lock:
-            if self._closed:
-                return False
-            try:
-                self._push.send_multipart(message, zmq.NOBLOCK)
-                return True
-            except zmq.Again:
-                return False
-
-    def flush(self, timeout: float = 5.0, worker_events: int = 0) -> int | None:
-        """Wait until everything sent so far, and ``worker_events`` events from workers, are
-        stored (or dropped); the number of PROFILE_END markers seen, None on timeout."""
-        return self._ask(timeout, 0, _FLUSH, self._sent + worker_events)
-
-    def wait_for_ends(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` PROFILE_END markers arrived (those workers' events too)."""
-        return self._ask(timeout, count, _RECEIVE) is not None
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Flush, then let the process exit; kill it if it does not within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        if not self._closed:
-            if self._ask(timeout, 0, _CLOSE) is None:
-                log.warning("the profile writer did not finish in %.1f s", timeout)
-            with self._lock:
-                self._closed = True
-        self._finalizer.detach()
-        child.stop([self._proc], max(0.0, deadline - time.monotonic()))
-        self._push.close(linger=0)
-        self._reply.close(linger=0)
-        dropped = self._local_dropped + self._remote[1]
-        if dropped:
-            log.warning("%d profile events were dropped (the database was too slow)", dropped)
-
-    def kill(self) -> None:
-        with self._lock:
-            self._closed = True
-        self._finalizer.detach()
-        child.stop([self._proc], 0.0)
-        self._push.close(linger=0)
-        self._reply.close(linger=0)
-
-    def _ask(self, timeout: float, ends: int, what: int, events: int = 0) -> int | None:
-        deadline = time.monotonic() + timeout
-        with self._flush_lock:
-            self._token += 1
-            # the process gets 90 % of the time, so that its answer arrives in time
-            request = [FLUSH, msgpack.packb([self._token, ends, events, timeout * 0.9, what])]
-            with self._lock:
-                if self._closed:
-                    return None
-                # blocks only while the process is behind by _HWM messages
-                self._push.setsockopt(zmq.SNDTIMEO, max(0, int(timeout * 1000)))
-                try:
-                    self._push.send_multipart(request)
-                except zmq.Again:
-                    return None
-            while (left := deadline - time.monotonic()) > 0:
-                if not self._reply.poll(int(left * 1000) + 1):
-                    break
-                try:
-                    token, written, dropped, seen = msgpack.unpackb(self._reply.recv_multipart()[1])
-                except (ValueError, IndexError, msgpack.UnpackException):
-                    continue
-                if token == self._token:
-                    self._remote = (written, dropped)
-                    return int(seen)
-            return None
-
-
-# -- the process -----------------------------------------------------------------------------
-_Request = tuple[int, int, int, float, int]  # token, ends, events, timeout, what
-
-
-def _flush_request(packed: bytes) -> _Request | None:
+def parse_request(packed: bytes) -> Request | None:
     try:
-        token, ends, events, timeout, what = msgpack.unpackb(packed)
-        return int(token), int(ends), int(events), float(timeout), int(what)
+        token, what, ends, events, timeout = msgpack.unpackb(packed)
+        return int(token), int(what), int(ends), int(events), float(timeout)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         log.warning("dropped a malformed flush request: %s", e)
         return None
 
 
-def serve(
-    db_path: Path, run_id: int, endpoint: str, reply_endpoint: str, finished: threading.Event
-) -> None:
-    """Store what arrives until a flush request asks to close (then set ``finished``)."""
-    ctx: zmq.Context[Any] = zmq.Context()
-    writer = store.ProfileWriter(db_path)
-    try:
-        pull = transport.make_socket(ctx, zmq.PULL, _HWM)
-        pull.bind(endpoint)
-        reply = transport.make_socket(ctx, zmq.PUSH, 10)
-        reply.connect(reply_endpoint)
-        writer.start()
-        receiver = ProfileReceiver(store.RunRecorder(writer, run_id))
-        request: _Request | None = None
-        deadline = 0.0
+class _Server:
+    """One writer process's sockets, its receiver and the request it is working on."""
+
+    def __init__(self, ctx: zmq.Context[Any], spec: WriterSpec, writer: store.ProfileWriter):
+        self._spec = spec
+        self._writer = writer
+        # What the writers before this one stored is accounted for; counted before this one
+        # stores anything.
+        self._stored_before = store.count_events(spec.db_path, spec.run_id) if spec.restarts else 0
+        self._pull = transport.make_socket(ctx, zmq.PULL, HWM)
+        self._poller = zmq.Poller()
+        self._poller.register(self._pull, zmq.POLLIN)
+        self._monitor: zmq.Socket[Any] | None = None
+        if spec.restarts:  # set up before binding, so that no connection goes uncounted
+            self._monitor = self._pull.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+            )
+            self._poller.register(self._monitor, zmq.POLLIN)
+        self._pull.bind(spec.endpoint)
+        self._reply = transport.make_socket(ctx, zmq.PUSH, 10)
+        self._reply.connect(spec.reply_endpoint)
+        self._recorder = store.RunRecorder(writer, spec.run_id, dropped_before=spec.dropped_before)
+        self._receiver = ProfileReceiver(self._recorder)
+        self._connected = 0  # senders connected now (counted only by a restarted writer)
+        self._lost = 0  # events found lost when this writer last settled
+        self._last_message = time.monotonic()
+        self._request: Request | None = None
+        self._deadline = 0.0
+
+    def run(self, finished: threading.Event) -> None:
+        """Store what arrives until a request asks to close (then set ``finished``)."""
+        self._writer.start()
+        if self._spec.restarts:  # the run is marked as soon as this writer can store it
+            restarts = {store.WRITER_RESTARTS: self._spec.restarts}
+            self._recorder.counters({MAIN_PIPELINE_NAME: restarts})
         while True:
-            wait = 1000 if request is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if pull.poll(wait):
-                message = pull.recv_multipart()
-                if message[0] == FLUSH and len(message) == 2:
-                    asked = _flush_request(message[1])
-                    if asked is not None:
-                        request, deadline = asked, time.monotonic() + asked[3]
+            for sock, _ in self._poller.poll(self._wait_ms()):
+                if sock is self._pull:
+                    self._take(self._pull.recv_multipart())
                 else:
-                    receiver.take(message)
-            if request is None:
-                continue
-            token, ends, events, _, what = request
-            if (receiver.ends < ends or receiver.events < events) and time.monotonic() < deadline:
-                continue
-            close = what == _CLOSE
-            left = max(0.0, deadline - time.monotonic())
-            if close:
-                writer.close(left)
-            elif what == _FLUSH:
-                writer.flush(left)
-            answer = [token, writer.written_events, writer.dropped_events, receiver.ends]
-            if close:
-                finished.set()  # before the answer: the orchestrator closes stdin on it
-            reply.send_multipart([FLUSHED, msgpack.packb(answer)])
-            request = None
-            if close:
+                    self._count_connection(sock)
+            if self._request is not None and self._answerable() and self._answer(finished):
                 return
+
+    @property
+    def _accounted(self) -> int:
+        """Events this run's writers received: stored or dropped by those before this one,
+        and every one this one received."""
+        return self._stored_before + self._spec.dropped_before + self._receiver.events
+
+    def _take(self, message: list[bytes]) -> None:
+        self._last_message = time.monotonic()
+        if message[0] == FLUSH and len(message) == 2:
+            asked = parse_request(message[1])
+            if asked is not None:  # a newer request replaces one its sender gave up on
+                self._request, self._deadline = asked, time.monotonic() + asked[4]
+        else:
+            self._receiver.take(message)
+
+    def _count_connection(self, monitor: zmq.Socket[Any]) -> None:
+        event = recv_monitor_message(monitor)["event"]
+        self._connected += 1 if event == zmq.EVENT_ACCEPTED else -1
+
+    def _count_met(self) -> bool:
+        """Whether the request's counts arrived; what was found lost counts as arrived, so
+        that a restarted writer settles once for each loss, not at every request."""
+        assert self._request is not None
+        _, _, ends, events, _ = self._request
+        return self._receiver.ends >= ends and self._accounted + self._lost >= events
+
+    def _settle_at(self) -> float | None:
+        """When a restarted writer may take everything to have arrived: SETTLE after the
+        last message, once every sender is connected; None if not yet known."""
+        if not self._spec.restarts or self._connected < self._spec.senders:
+            return None
+        return self._last_message + SETTLE
+
+    def _wait_ms(self) -> int:
+        if self._request is None:
+            return _IDLE_POLL_MS
+        until = self._deadline
+        settle = self._settle_at()
+        if settle is not None:
+            until = min(until, settle)
+        return max(0, int((until - time.monotonic()) * 1000) + 1)
+
+    def _answerable(self) -> bool:
+        assert self._request is not None
+        now = time.monotonic()
+        if now >= self._deadline or self._request[1] == CLOSE or self._count_met():
+            return True
+        settle = self._settle_at()
+        return settle is not None and now >= settle
+
+    def _answer(self, finished: threading.Event) -> bool:
+        """Flush or close as asked, then answer; whether the writer closed."""
+        assert self._request is not None
+        token, what, _, events, _ = self._request
+        # Only then is a shortfall known to be lost rather than still on its way: at a close,
+        # and when a restarted writer settled.
+        settled = what == CLOSE or (self._spec.restarts > 0 and not self._count_met())
+        if settled and events:
+            self._lost = max(0, events - self._accounted)
+            if self._lost or self._spec.restarts:
+                self._recorder.counters({MAIN_PIPELINE_NAME: {store.EVENTS_LOST: self._lost}})
+        left = max(0.0, self._deadline - time.monotonic())
+        if what == CLOSE:
+            self._writer.close(left)
+        elif what == STORE:
+            self._writer.flush(left)
+        answer = [
+            token,
+            self._stored_before + self._writer.written_events,
+            self._spec.dropped_before + self._writer.dropped_events,
+            self._receiver.ends,
+            self._lost,
+        ]
+        if what == CLOSE:
+            finished.set()  # before the answer: the orchestrator closes stdin on it
+        self._reply.send_multipart([FLUSHED, msgpack.packb(answer)])
+        self._request = None
+        return what == CLOSE
+
+
+def serve(spec: WriterSpec, finished: threading.Event) -> None:
+    """Run one writer until a request asks it to close. Its sockets stay open until the
+    process exits: closing them could lose the last answer."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    writer = store.ProfileWriter(spec.db_path)
+    try:
+        _Server(ctx, spec, writer).run(finished)
     finally:
         writer.close(1.0)
 
 
 def main() -> None:
-    db_path, run_id, endpoint, reply_endpoint, level = sys.argv[1:]
-    logging.basicConfig(level=int(level), format=child.log_format("profile writer"))
+    spec = WriterSpec.from_args(sys.argv[1:])
+    logging.basicConfig(level=spec.log_level, format=child.log_format("profile writer"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator decides, as for workers
     # The lowest CPU priority: on a busy machine storing rows waits for idle time instead of
     # taking it from the pipeline; its queues are bounded (see ProfileWriter and the
@@ -258,7 +239,7 @@ def main() -> None:
     parent = child.ParentWatch()
     code = 0
     try:
-        serve(Path(db_path), int(run_id), endpoint, reply_endpoint, parent.finished)
+        serve(spec, parent.finished)
         parent.stdin_closed.wait(_EXIT_GRACE)
     except Exception:
         log.exception("the profile writer failed")
