@@ -325,6 +325,71 @@ def test_deep_tuples_decode_on_a_small_thread_stack() -> None:
     assert isinstance(results[1], DecodeError)
 
 
+def on_a_thread(stack_size: int, run: Callable[[], object]) -> object:
+    """What ``run()`` returns, run on a new thread with a stack of ``stack_size`` bytes."""
+    results: list[object] = []
+    old = threading.stack_size(stack_size)
+    try:
+        worker = threading.Thread(target=lambda: results.append(run()))
+        worker.start()
+    finally:
+        threading.stack_size(old)
+    worker.join(timeout=30)
+    assert len(results) == 1
+    return results[0]
+
+
+def tuples_around(inner: object, levels: int) -> bytes:
+    """A header of ``levels`` tuples, each the one item of the next, around ``inner``; unlike
+    encode, it goes deeper than MAX_DEPTH when asked to."""
+    for _ in range(levels):
+        inner = ExtType(EXT_TUPLE, packb([inner]))
+    return packb(inner)
+
+
+# Any decode holds two msgpack parse contexts of ~40 KB each on the C stack (an inline array's
+# payload is unpacked inside the header's unpack), so below ~96 KB even a flat message with a
+# small array overflows. What must not add to that is the depth of the message.
+SMALL_STACK = 128 * 1024
+
+
+def test_a_deeper_message_needs_no_more_stack() -> None:
+    """Tuple payloads are unpacked one after another, never one inside another, so the deepest
+    messages decode, or are refused, on the stack that a flat one needs."""
+    flat = {"a": np.eye(2), "t": (1, 2)}
+    deepest: object = np.arange(3)
+    for level in range(MAX_DEPTH // 3):  # encode counts every container towards MAX_DEPTH
+        deepest = ({"level": [level, deepest]},)
+    frames = [encode(flat), encode(deepest)]
+    lists = b"\x91" * 1000 + b"\xc0"  # lists nested nearly as deep as msgpack's own limit
+    deepest_allowed: object = 0
+    for _ in range(MAX_DEPTH):
+        deepest_allowed = (deepest_allowed,)
+    too_deep = [tuples_around(0, levels) for levels in (MAX_DEPTH + 1, 50 * MAX_DEPTH)]
+
+    def run() -> list[object]:
+        got = [decode(frames[0]), decode(frames[1]), decode([lists])]
+        got.append(decode([tuples_around(0, MAX_DEPTH)]))
+        for header in too_deep:
+            try:
+                decode([header])
+            except DecodeError as e:
+                got.append(e)
+        return got
+
+    got = on_a_thread(SMALL_STACK, run)
+    assert isinstance(got, list) and len(got) == 6
+    assert_same(got[0], flat)
+    assert_same(got[1], deepest)
+    node, levels = got[2], 0
+    while type(node) is list and len(node) == 1:  # too deep for a recursive comparison
+        node, levels = node[0], levels + 1
+    assert (node, levels) == (None, 1000)
+    assert_same(got[3], deepest_allowed)
+    for error in got[4:]:
+        assert f"tuples nested deeper than {MAX_DEPTH} levels" in str(error)
+
+
 # -- refusals on encode ----------------------------------------------------------------
 
 

@@ -469,7 +469,7 @@ def test_a_chain_of_workers_across_hosts_under_curve(
     sent = re.search(r"stopped after (\d+) items", source_log.read_text())
     got = re.search(r"stopped after (\d+) items", sink_log.read_text())
     assert sent and got and int(got.group(1)) == int(sent.group(1)) >= 20
-    with sqlite3.connect(profiles / DB_FILENAME) as db:
+    with contextlib.closing(sqlite3.connect(profiles / DB_FILENAME)) as db:
         (events,) = db.execute(
             "SELECT count(*) FROM events WHERE path = 'MainPipeline__One'"
         ).fetchone()

@@ -289,7 +289,7 @@ def stopped_after(output: str, process: str) -> re.Match[str] | None:
 def event_counts(db: Path) -> dict[str, int]:
     if not db.exists():
         return {}
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         return dict(conn.execute("SELECT path, count(*) FROM events GROUP BY path").fetchall())
 
 

@@ -22,7 +22,7 @@ import functools
 import math
 import re
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -183,6 +183,8 @@ def decode(
             raise DecodeError(f"message of {size} bytes is over the {max_message_bytes} limit")
         decoder = _Decoder(views, max_container_len, max_message_bytes, adopt)
         obj = decoder.unpack(views[0], decoder.ext_hook)
+        if decoder.made:
+            obj = decoder.expand(obj)
         unused = decoder.used.count(False) - 1  # the header is never referenced
         if unused:
             raise DecodeError(f"{unused} frame(s) not referenced by the header")
@@ -200,8 +202,18 @@ def _frame_view(frame: object) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+class _Tuple:
+    """A tuple's payload, unpacked later: an unpack inside ext_hook would nest one C-level
+    unpack per tuple level, and a few dozen levels overflow a small thread stack."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
 class _Decoder:
-    __slots__ = ("adopt", "budget", "count", "depth", "frames", "length", "used")
+    __slots__ = ("adopt", "budget", "count", "frames", "length", "made", "used")
 
     def __init__(
         self, frames: list[memoryview], max_container_len: int, budget: int, adopt: bool
@@ -209,7 +221,7 @@ class _Decoder:
         self.frames = frames
         self.adopt = adopt
         self.used = [False] * len(frames)
-        self.depth = 0
+        self.made = 0  # _Tuples handed out so far
         # Ext payloads are copied once per nesting level; the budget bounds that amplification.
         self.budget = budget
         self.length = frames[0].nbytes  # nothing inside the header can be longer than it
@@ -236,7 +248,8 @@ class _Decoder:
         if self.budget < 0:
             raise DecodeError("ext payloads too large")
         if code == EXT_TUPLE:
-            return self.unpack_tuple(data)
+            self.made += 1
+            return _Tuple(data)
         # Array and scalar payloads hold no ext, so this unpackb never recurses.
         fields = self.unpack(data, _no_ext)
         if type(fields) is not list:
@@ -250,39 +263,60 @@ class _Decoder:
             return _array_from(fields[0], [], fields[1])[()]
         raise DecodeError(f"unknown ext code {code} or bad payload")
 
-    def unpack_tuple(self, data: bytes) -> tuple[object, ...]:
-        # unpackb keeps a ~40 KB parse stack on the C stack, so nesting it per tuple level
-        # segfaults a thread within a few dozen levels; an Unpacker keeps it on the heap.
-        if self.depth >= MAX_DEPTH:
-            raise DecodeError(f"tuples nested deeper than {MAX_DEPTH} levels")
-        unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            timestamp=1,
-            ext_hook=self.ext_hook,
-            max_buffer_size=max(len(data), 1),
-            max_str_len=self.length,
-            max_bin_len=self.length,
-            max_ext_len=self.length,
-            max_array_len=self.count,
-            max_map_len=self.count,
-        )
-        unpacker.feed(data)
-        self.depth += 1
+    def expand(self, root: object) -> object:
+        """``root`` with a tuple in place of each _Tuple, using the heap, not the C stack, for
+        nesting: every payload is unpacked into a list, one flat unpack after another, whose
+        own _Tuples are queued; then the lists become tuples, last found first, so that each
+        tuple is built after the tuples inside it."""
+        top = [root]
+        trees: list[tuple[list[Any], int, int]] = [(top, self.made, 0)]  # (tree, _Tuples, depth)
+        found: list[tuple[Any, Any, list[Any]]] = []  # (container, key, items)
+        while trees:
+            tree, count, depth = trees.pop()
+            for container, key, placeholder in _tuples_in(tree, count):
+                if depth >= MAX_DEPTH:
+                    raise DecodeError(f"tuples nested deeper than {MAX_DEPTH} levels")
+                before = self.made
+                items = self.unpack_tuple(placeholder.payload)
+                found.append((container, key, items))
+                if self.made > before:
+                    trees.append((items, self.made - before, depth + 1))
+        for container, key, items in reversed(found):
+            container[key] = tuple(items)
+        return top[0]
+
+    def unpack_tuple(self, payload: bytes) -> list[Any]:
         try:
-            items = unpacker.unpack()
-        finally:
-            self.depth -= 1
-        if type(items) is not list or unpacker.tell() != len(data):
+            items = self.unpack(payload, self.ext_hook)
+        except msgpack.ExtraData:
+            items = None
+        if type(items) is not list:
             raise DecodeError("tuple payload is not exactly one list")
-        return tuple(items)
+        return items
 
     def take(self, index: object) -> memoryview:
         if type(index) is not int or not 0 < index < len(self.frames) or self.used[index]:
             raise DecodeError("bad or repeated out-of-band frame index")
         self.used[index] = True
         return self.frames[index]
+
+
+def _tuples_in(tree: list[Any], count: int) -> Iterator[tuple[Any, Any, _Tuple]]:
+    """(container, key, _Tuple) for the ``count`` _Tuples among the lists and dicts of
+    ``tree``, walked with a list for a stack since one unpack may nest them 1024 deep."""
+    containers: list[Any] = [tree]
+    while count:
+        container = containers.pop()
+        slots = container.items() if type(container) is dict else enumerate(container)
+        for key, value in slots:
+            kind = type(value)
+            if kind is _Tuple:
+                yield container, key, value
+                count -= 1
+                if not count:
+                    return
+            elif kind is list or kind is dict:
+                containers.append(value)
 
 
 def _no_ext(code: int, data: bytes) -> object:
