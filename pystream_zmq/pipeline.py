@@ -14,7 +14,7 @@ from typing import Any
 from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.pacing import InputLoop
-from pystream_zmq.plan import Entry, Plan, layout, leaves, plan_of, raising_paths
+from pystream_zmq.plan import Entry, Limits, Plan, layout, leaves, plan_of, raising_paths
 from pystream_zmq.profiling import report, store, summary
 from pystream_zmq.serial import SerialRunner
 from pystream_zmq.stage import (
@@ -69,6 +69,9 @@ class Pipeline:
         drop_policy: str | None = None,
         replicas: int = 1,
         ordered: bool = True,
+        stall_after: float | None = None,
+        deadline: float | None = None,
+        max_attribute_bytes: int | None = None,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
@@ -79,7 +82,13 @@ class Pipeline:
         ``replicas``: under ``parallelize()``, this many worker processes share the stage's
         input, each with its own copy of the stage. With ``ordered`` (the default) their
         outputs are put back in input order in front of the next stage; ``ordered=False``
-        passes them on as they come."""
+        passes them on as they come.
+
+        Under ``parallelize()``, per call of the stage (of each of a child's stages): after
+        ``stall_after`` seconds on one item (default 10) a WARNING names it, repeated while
+        it runs; past ``deadline`` seconds (default none) its worker is restarted and the
+        item counted lost. An attribute over ``max_attribute_bytes`` (default 64 MiB) is not
+        copied back. None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -100,8 +109,11 @@ class Pipeline:
             _check_drop_policy(drop_policy, transport.LINK_POLICIES)
         if type(replicas) is not int or replicas < 1:
             raise ValueError(f"replicas must be a whole number of at least 1, not {replicas!r}")
+        limits = Limits(stall_after, deadline, max_attribute_bytes)  # checks them
         child = stage.pipeline if isinstance(stage, PipelineStage) else None
-        self._entries.append(Entry(name, stage, child, on_error, drop_policy, replicas, ordered))
+        self._entries.append(
+            Entry(name, stage, child, on_error, drop_policy, replicas, ordered, limits)
+        )
 
     @property
     def entries(self) -> tuple[Entry, ...]:

@@ -13,14 +13,56 @@ into endpoints: ipc files, OS-chosen tcp ports, or the consecutive ports of a Pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pystream_zmq.stage import PATH_SEPARATOR, REPLICA_MARK, Leaf
 from pystream_zmq.wire import transport
 
 SOURCE = -1  # the unit index of the source, before the first unit
+DEFAULT_STALL_AFTER = 10.0  # seconds one stage call may take before a WARNING says so
+DEFAULT_MAX_ATTRIBUTE_BYTES = 64 * 2**20  # a stage attribute larger stays in its worker
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a stage call may take and how large a stage attribute may be to be copied
+    back (``add(stall_after=, deadline=, max_attribute_bytes=)``). None: as the enclosing
+    entry's (a child pipeline's), else the default. ``math.inf``: no limit."""
+
+    stall_after: float | None = None  # seconds on one item, then a WARNING (repeated)
+    deadline: float | None = None  # seconds on one item, then its worker is restarted
+    max_attribute_bytes: float | None = None  # encoded bytes; larger stays in the worker
+
+    def __post_init__(self) -> None:
+        for name in ("stall_after", "deadline", "max_attribute_bytes"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            ):
+                raise ValueError(f"{name} must be a positive number (or math.inf), not {value!r}")
+
+    def under(self, outer: Limits) -> Limits:
+        """These limits, with what is not set taken from ``outer``."""
+        return Limits(
+            outer.stall_after if self.stall_after is None else self.stall_after,
+            outer.deadline if self.deadline is None else self.deadline,
+            outer.max_attribute_bytes
+            if self.max_attribute_bytes is None
+            else self.max_attribute_bytes,
+        )
+
+    def resolved(self) -> tuple[float, float, float]:
+        """(stall_after, deadline, max_attribute_bytes), the defaults for what is not set."""
+        full = self.under(DEFAULT_LIMITS)
+        assert full.stall_after and full.deadline and full.max_attribute_bytes  # set, > 0
+        return full.stall_after, full.deadline, full.max_attribute_bytes
+
+
+# What a stage runs under when nothing is set: a stall WARNING after 10 s, no deadline.
+DEFAULT_LIMITS = Limits(DEFAULT_STALL_AFTER, math.inf, DEFAULT_MAX_ATTRIBUTE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -34,6 +76,7 @@ class Entry:
     drop_policy: str | None = None  # of the link into it; None: the pipeline-wide policy
     replicas: int = 1
     ordered: bool = True
+    limits: Limits = Limits()  # what is not set: the enclosing entry's, else the default
 
 
 class Tree(Protocol):
@@ -58,6 +101,13 @@ class Unit:
     drop_policy: str = transport.BLOCK  # of the link into this unit's processes
     replicas: int = 1  # processes sharing the unit's input
     ordered: bool = True  # the replicas' outputs are put back in input order
+    # Each leaf's limits, in the order of ``leaves``, every field set; () for the defaults.
+    limits: tuple[Limits, ...] = field(default=())
+
+    def limits_by_path(self) -> dict[str, Limits]:
+        """{leaf path: its limits}, DEFAULT_LIMITS for a leaf with none recorded."""
+        given = dict(zip((path for path, _ in self.leaves), self.limits, strict=False))
+        return {path: given.get(path, DEFAULT_LIMITS) for path, _ in self.leaves}
 
 
 @dataclass(frozen=True)
@@ -203,23 +253,42 @@ def raising_paths(tree: Tree, prefix: str, default: str) -> frozenset[str]:
     return frozenset(paths)
 
 
-def units(tree: Tree, prefix: str, raising: frozenset[str], policy: str) -> Iterator[Unit]:
+def units(
+    tree: Tree,
+    prefix: str,
+    raising: frozenset[str],
+    policy: str,
+    outer: Limits = DEFAULT_LIMITS,
+) -> Iterator[Unit]:
     """One unit per worker: a stage, a serialized child's stages together, or a
-    parallelized child's units; ``policy`` is the drop policy of links not set per stage."""
+    parallelized child's units; ``policy`` is the drop policy of links not set per stage,
+    ``outer`` the limits of stages that set none."""
     for entry in tree.entries:
         path = prefix + PATH_SEPARATOR + entry.name
         mine = entry.drop_policy or policy
+        limits = entry.limits.under(outer)
         if entry.child is None:
             own = ((path, entry.stage),)
-            yield Unit(path, own, raising & {path}, mine, entry.replicas, entry.ordered)
+            yield Unit(path, own, raising & {path}, mine, entry.replicas, entry.ordered, (limits,))
         elif entry.child.mode == "parallel":
             if entry.replicas > 1:
                 raise ValueError(
                     f"{path}: replicas apply to a stage or a serialized sub-pipeline; "
                     "give them to the parallel sub-pipeline's stages instead"
                 )
-            yield from units(entry.child, path, raising, mine)
+            yield from units(entry.child, path, raising, mine, limits)
         else:
             inline = tuple(leaves(entry.child, path))
             raise_on = raising & {leaf_path for leaf_path, _ in inline}
-            yield Unit(path, inline, raise_on, mine, entry.replicas, entry.ordered)
+            inline_limits = tuple(leaf_limits(entry.child, limits))
+            yield Unit(path, inline, raise_on, mine, entry.replicas, entry.ordered, inline_limits)
+
+
+def leaf_limits(tree: Tree, outer: Limits) -> Iterator[Limits]:
+    """The limits of every stage below ``tree``, in the order of ``leaves``."""
+    for entry in tree.entries:
+        limits = entry.limits.under(outer)
+        if entry.child is None:
+            yield limits
+        else:
+            yield from leaf_limits(entry.child, limits)

@@ -81,14 +81,19 @@ class StageChain:
         self.leaves = list(leaves)
         self._record = record
         self.errors = {path: 0 for path, _ in self.leaves}  # items each stage dropped by raising
+        # (path, seq, time.time() at start) of the stage call under way, None between calls:
+        # a worker's watchdog thread reads it while the stage runs (worker/watchdog.py).
+        self.current: tuple[str, int, float] | None = None
 
     def run(self, data: Any, seq: int, arrive: float) -> tuple[bool, Any]:
         """(True, output), or (False, StageFailure) when a stage raised."""
         for path, stage in self.leaves:
             start = time.time()
+            self.current = (path, seq, start)
             try:
                 data = stage(data)
             except Exception as e:
+                self.current = None
                 self.errors[path] += 1
                 log.exception("stage %s raised on item %d; the item is dropped", path, seq)
                 return False, StageFailure(
@@ -98,6 +103,7 @@ class StageChain:
             if self._record is not None:
                 self._record((path, seq, arrive, start, end))
             arrive = end
+        self.current = None
         return True, data
 
     def cleanup(self) -> None:

@@ -339,7 +339,7 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
     with pipeline:
         pipeline.parallelize(endpoint=f"tcp://{HOST_A}", curve=True, block_output=True)
         bound = pipeline.stats().endpoints
-        assert set(bound) == {"control", "in0.0-0", "in1.0-0", "sink-0"}
+        assert set(bound) == {"control", "status", "in0.0-0", "in1.0-0", "sink-0"}
         assert all(re.fullmatch(rf"tcp://{re.escape(HOST_A)}:\d+", e) for e in bound.values())
         outputs = []
         for x in range(5):
@@ -354,7 +354,10 @@ def test_python_api_over_tcp_with_curve(tmp_path: Path) -> None:
         assert run_key is not None
         server.write_text(f'curve\n    public-key = "{run_key.decode()}"\n')
         with curve_context(None) as ctx:
-            kinds = {"in1.0-0": zmq.PUSH, "sink-0": zmq.PUSH, "control": zmq.DEALER}
+            kinds = {
+                "in1.0-0": zmq.PUSH, "sink-0": zmq.PUSH, "control": zmq.DEALER,
+                "status": zmq.PUSH,
+            }  # fmt: skip
             opened = []  # until ctx.destroy() closes them
             for name, kind in kinds.items():
                 opened.append(client(ctx, bound[name], kind=kind))

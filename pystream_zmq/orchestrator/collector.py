@@ -21,7 +21,7 @@ from pystream_zmq.orchestrator.ledger import Ledger
 from pystream_zmq.profiling.receiver import ProfileReceiver
 from pystream_zmq.profiling.store import Recorder
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, EventBuffer
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, security, status, transport
 from pystream_zmq.wire.inputs import Inputs
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,15 @@ class Collector(threading.Thread):
         curve: security.Curve | None = None,
         cpu: int | None = None,
         sent_below: Callable[[], int] | None = None,
+        status_link: tuple[str, Callable[[list[bytes]], None]] | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
         sequence order; ``in_order``: whether outputs arrive in input order at all;
         ``curve``: bind as CURVE servers (the context's authenticator checks the clients);
         ``cpu``: the CPU to run on (pin_cpus); ``sent_below()``: no sequence number at or
-        above it was sent (an output with one is a rogue, see Ledger)."""
+        above it was sent (an output with one is a rogue, see Ledger); ``status_link``: where
+        to bind the workers' status link, and what takes each message from it
+        (``StallBoard.take``)."""
         super().__init__(name="pystream-collector", daemon=True)
         self._cpu = cpu
         sinks = []
@@ -81,6 +84,14 @@ class Collector(threading.Thread):
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
             self.profile_endpoint = security.bind(self._profile, profile_endpoint, curve)
+        self._status: zmq.Socket[Any] | None = None
+        self.status_endpoint: str | None = None
+        self._on_status: Callable[[list[bytes]], None] = lambda message: None
+        if status_link is not None:
+            self._status = transport.make_socket(ctx, zmq.PULL, 1000)
+            self._status.setsockopt(zmq.MAXMSGSIZE, status.MAX_BYTES)
+            self.status_endpoint = security.bind(self._status, status_link[0], curve)
+            self._on_status = status_link[1]
         self._recorder = recorder
         self._receiver = ProfileReceiver(recorder)  # worker batches go straight on
         self._events = EventBuffer(recorder.events) if recorder is not None else None  # ours
@@ -189,8 +200,9 @@ class Collector(threading.Thread):
             cpus.pin_this_thread(self._cpu)
         poller = zmq.Poller()
         poller.register(self._wake_rx, zmq.POLLIN)
-        if self._profile is not None:
-            poller.register(self._profile, zmq.POLLIN)
+        for sock in (self._profile, self._status):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         for sink in self._inputs.sockets:
             poller.register(sink, zmq.POLLIN)
         try:
@@ -214,6 +226,8 @@ class Collector(threading.Thread):
                 self._on_outputs(self._inputs.take(ready))
                 if self._profile is not None and self._profile in ready:
                     self._on_profile(self._profile.recv_multipart())
+                if self._status is not None and self._status in ready:
+                    self._on_status(self._status.recv_multipart())
         finally:
             if self._events is not None:
                 self._events.flush()
@@ -266,6 +280,7 @@ class Collector(threading.Thread):
             self._recorder.counters({MAIN_PIPELINE_NAME: self._main_counters()})
 
     def _close_sockets(self) -> None:
-        for sock in (*self._inputs.sockets, self._profile, self._wake_rx, self._wake_tx):
+        socks = (*self._inputs.sockets, self._profile, self._status, self._wake_rx, self._wake_tx)
+        for sock in socks:
             if sock is not None:
                 sock.close(linger=0)

@@ -75,9 +75,12 @@ class Launcher:
             self._finalizer()
             raise
 
-    def alive(self) -> list[int]:
-        """The processes that said READY and still run."""
-        return [i for i in sorted(self.ready) if self.procs[i].poll() is None]
+    def alive(self, but: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """The processes that said READY and still run (``but`` those)."""
+        return [i for i in sorted(self.ready - but) if self.procs[i].poll() is None]
+
+    def pid_of(self, index: int) -> int | None:
+        return self.procs[index].pid if 0 <= index < len(self.procs) else None
 
     def start(self, control: Control) -> None:
         """Start every process and wait, up to ``startup_timeout``, until all are ready;
@@ -111,11 +114,22 @@ class Launcher:
         self.procs[index] = _start_process()
         self._send_spec(index, restarted=True)
 
+    def kill(self, index: int, pid: int | None = None) -> None:
+        """Kill process ``index`` now (only if it is still ``pid``): it is stuck in a stage
+        call, and would answer nothing."""
+        proc = self.procs[index]
+        if (pid is None or proc.pid == pid) and proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)  # so that it no longer counts as alive
+
     def close(self, grace: float = 1.0) -> None:
         """Let every process exit within ``grace`` (terminate, then kill, what does not);
-        remove the socket folder."""
+        remove the socket folder. Each exit code is logged (DEBUG)."""
         self._finalizer.detach()
         _teardown(self.procs, self.socket_dir, grace)
+        for name, proc in zip(self.names, self.procs, strict=False):
+            log.debug("worker %s (pid %d) exited with code %s", name, proc.pid, proc.returncode)
 
     def _send_spec(self, index: int, restarted: bool = False) -> None:
         process = self._plan.processes[index]
@@ -147,6 +161,9 @@ class Launcher:
             max_age=self._settings.max_age,
             curve=self.links.curve,
             cpu=self._worker_cpus[index],
+            status=self.links.endpoint("status"),
+            process=index,
+            limits=unit.limits_by_path(),
         )
         stdin = self.procs[index].stdin
         assert stdin is not None

@@ -6,7 +6,10 @@
 - ``ingress``: how ``forward()`` enters the first stage, per drop policy;
 - ``drain``: the end-of-stream marker that delivers everything in flight;
 - ``collector``: the thread at the end of the chain (outputs, ledger, profile records);
-- ``supervisor``: the thread that restarts a worker that died.
+- ``supervisor``: the thread that restarts a worker that died;
+- ``stalls``: what the workers' watchdogs report about stage calls that run long, read by
+  the collector from the "status" link: a worker stuck in one is passed by, then killed;
+- ``copyback``: the stages' state brought back from the workers.
 
 Profile records go, over ipc, to a writer process of their own (ProfileProcess), so that
 storing them takes no CPU time from this process; over tcp, to the collector.
@@ -22,14 +25,16 @@ from typing import Any
 import zmq
 
 from pystream_zmq import cpus
-from pystream_zmq.errors import DecodeError, PipelineStateError
+from pystream_zmq.errors import PipelineStateError
 from pystream_zmq.orchestrator import ingress
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.orchestrator.control import Control, decode_counters
+from pystream_zmq.orchestrator.copyback import CopyBack
 from pystream_zmq.orchestrator.deadline import Deadline
 from pystream_zmq.orchestrator.drain import Drain
 from pystream_zmq.orchestrator.launcher import Launcher
 from pystream_zmq.orchestrator.settings import ParallelSettings
+from pystream_zmq.orchestrator.stalls import StallBoard
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.plan import Plan
 from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
@@ -43,6 +48,7 @@ __all__ = ["ParallelRunner", "ParallelSettings"]
 log = logging.getLogger(__name__)
 
 _STATS_TIMEOUT = 1.0  # how long stats() waits for the workers' counters
+_EXIT_GRACE = 1.0  # at close, at least this long for workers that said BYE to exit
 
 
 class ParallelRunner:
@@ -86,8 +92,12 @@ class ParallelRunner:
         # The control channel's allow-list: the data links' too, when they are under CURVE.
         self._auth = security.start_authenticator(self._ctx, links.control_curve)
         undo.callback(security.stop_authenticator, self._auth)
-        self.control = Control(self._ctx, self.launcher.names, self.launcher.alive)
+        self.stalls = StallBoard(self.launcher.names, self.launcher.pid_of, self._past_deadline)
+        self.control = Control(self._ctx, self.launcher.names, self._answering)
         links.bind_control(self.control.socket)
+        self._copy_back = CopyBack(
+            self.plan, self.control, self.stalls, self._answering, self.launcher.alive
+        )
         self._profile_proc = self._start_profile_process()
         if self._profile_proc is not None:
             undo.callback(self._profile_proc.kill)
@@ -155,7 +165,10 @@ class ParallelRunner:
             curve=links.curve,
             cpu=cpu,
             sent_below=self._sent_below,
+            status_link=(links.endpoint("status"), self.stalls.take),
         )
+        assert collector.status_endpoint is not None
+        links.record("status", collector.status_endpoint)
         for name, bound in zip(self.plan.sink_binds, collector.sink_endpoints, strict=True):
             links.record(name, bound)
         if collector.profile_endpoint is not None:
@@ -180,8 +193,22 @@ class ParallelRunner:
 
     def _relaunch(self, index: int) -> None:
         """Called by the supervisor: the same stage, from its original definition."""
+        self.stalls.forget(index)
         self.launcher.relaunch(index)
         self._drain.resend()  # a drain's marker may have died with the old worker
+
+    # -- stalls --------------------------------------------------------------------------
+    def _answering(self) -> list[int]:
+        """The workers the control channel asks: alive, and not stuck in a stage call."""
+        return self.launcher.alive(but=self.stalls.stuck())
+
+    def _past_deadline(self, index: int, pid: int, reason: str) -> None:
+        """A stage call ran past its deadline (the collector's thread): restart its worker;
+        what it held never comes out, and the ledger counts it lost."""
+        if self._closed:
+            return
+        self.supervisor.expect_exit(index, pid, reason)
+        self.launcher.kill(index, pid)
 
     # -- data ----------------------------------------------------------------------------
     @property
@@ -220,24 +247,17 @@ class ParallelRunner:
     def drain(self, timeout: float) -> bool:
         """Deliver everything forwarded so far (see drain.py)."""
         deadline = Deadline(timeout)
-        return self._ingress.wait_sent(deadline) and self._drain.run(deadline)
+        drained = self._ingress.wait_sent(deadline) and self._drain.run(deadline)
+        if not drained:
+            for line in self.stalls.lines():  # what the drain waited for, if it is known
+                log.warning("the drain did not finish: %s", line)
+        return drained
 
     # -- control -------------------------------------------------------------------------
     def collect_state(self, command: bytes = transport.GET_STATE) -> dict[str, dict[str, Any]]:
-        """Each worker's stage attributes ({path: {name: value}}), after ``command``."""
-        states: dict[str, dict[str, Any]] = {}
-        sent = 0
-        for index, reply in self.control.ask_all(command, self.settings.stop_timeout).items():
-            if reply[0] != transport.STATE or len(reply) < 2 or len(reply[1]) != 8:
-                continue
-            sent += int.from_bytes(reply[1], "little")
-            try:
-                state = codec.decode(reply[2:])
-            except DecodeError as e:
-                log.warning("unreadable state from %s: %s", self.launcher.names[index], e)
-                continue
-            if isinstance(state, dict):
-                states.update(state)
+        """The stages' attributes that changed in their workers ({path: {name: value}}),
+        after ``command`` (see copyback.py)."""
+        states, sent = self._copy_back.collect(command, self.settings.stop_timeout)
         self._events_sent = sent  # by the workers now running; the flush waits for them
         return states
 
@@ -321,13 +341,14 @@ class ParallelRunner:
         self._ingress.close()
         self.supervisor.stop()
         deadline = Deadline(self.settings.stop_timeout)
+        self._kill_stuck()
         said_bye = self._stop_workers(deadline.left())
         # Every worker that said BYE sent its profile END before it.
         if self._profile_proc is not None:
             self._profile_proc.wait_for_ends(said_bye, deadline.left())
         elif self._recorder is not None:
             self.collector.wait_for_profile_ends(said_bye, deadline.left())
-        self.launcher.close(deadline.left())
+        self.launcher.close(max(deadline.left(), _EXIT_GRACE))
         self.collector.stop()
         if self._sink_recorder is not None:
             self._sink_recorder.counters(
@@ -339,6 +360,15 @@ class ParallelRunner:
             self._recorder.close(max(deadline.left(), 1.0))
         security.stop_authenticator(self._auth)
         self._ctx.destroy(linger=0)
+
+    def _kill_stuck(self) -> None:
+        """The workers stuck in a stage call, or that did not answer CLEANUP, could not
+        answer STOP either: kill them, so that the others are stopped as usual."""
+        stuck = self.stalls.stuck() | self._copy_back.unanswered_cleanup
+        for index in sorted(set(self.launcher.alive()) & stuck):
+            what = self.stalls.line(index) or f"{self.launcher.names[index]} did not answer"
+            log.warning("stopping the pipeline: %s; that worker is killed", what)
+            self.launcher.kill(index)
 
     def _stop_workers(self, timeout: float) -> int:
         """Tell every live worker to STOP and keep the counters of its BYE; how many said

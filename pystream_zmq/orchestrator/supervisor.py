@@ -8,11 +8,13 @@ import threading
 from collections.abc import Callable, Sequence
 
 from pystream_zmq.errors import WorkerCrashedError
+from pystream_zmq.worker.watchdog import EXIT_PAST_DEADLINE
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.1  # seconds: a dead worker is noticed within this
 MAX_BACKOFF = 2.0
+_EXIT_REASONS = {EXIT_PAST_DEADLINE: "a stage call ran past its deadline"}
 
 
 class Supervisor(threading.Thread):
@@ -43,6 +45,12 @@ class Supervisor(threading.Thread):
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
         self.failed: WorkerCrashedError | None = None
+        self._expected: dict[int, tuple[int, str]] = {}  # index: (pid, why it is ended)
+
+    def expect_exit(self, index: int, pid: int, reason: str) -> None:
+        """Process ``pid`` (worker ``index``) is being ended on purpose, for ``reason``: its
+        restart is logged as such, and counts as one."""
+        self._expected[index] = (pid, reason)
 
     def run(self) -> None:
         while not self._stopping.wait(CHECK_INTERVAL):
@@ -54,17 +62,19 @@ class Supervisor(threading.Thread):
                 check()
 
     def _restart(self, index: int, code: int) -> None:
-        name = self._names[index]
+        name, pid = self._names[index], self._procs[index].pid
+        expected_pid, reason = self._expected.pop(index, (pid, _EXIT_REASONS.get(code)))
+        ended = f"was ended ({reason})" if reason and expected_pid == pid else "died"
         if self.restarts[index] >= self._max_restarts:
-            detail = f"its worker died (exit code {code}) after {self._max_restarts} restarts"
+            detail = f"its worker {ended}, exit code {code}, after {self._max_restarts} restarts"
             log.error("stage %s: %s; the pipeline cannot go on", name, detail)
             self._give_up(WorkerCrashedError(name, detail))
             return
         backoff = min(0.1 * 2 ** self.restarts[index], MAX_BACKOFF)
         self.restarts[index] += 1
         log.error(
-            "worker of stage %s (pid %d) died with exit code %d; restart %d of %d in %.1f s",
-            name, self._procs[index].pid, code, self.restarts[index], self._max_restarts, backoff,
+            "worker of stage %s (pid %d) %s with exit code %d; restart %d of %d in %.1f s",
+            name, pid, ended, code, self.restarts[index], self._max_restarts, backoff,
         )  # fmt: skip
         if self._stopping.wait(backoff):
             return

@@ -23,6 +23,8 @@ from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.sending import Sender, share_received_frames
 from pystream_zmq.worker.spec import WorkerSpec
+from pystream_zmq.worker.state import STATE_COMMANDS, StateCopy
+from pystream_zmq.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ _BURST = 64  # items handled between two polls of the control socket
 _DISCONNECT_LOG_INTERVAL = 10.0  # seconds between two "input peer disconnected" lines
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
+# What one state reply may hold: the orchestrator refuses messages over the codec's limit.
+_STATE_BUDGET = codec.DEFAULT_MAX_MESSAGE_BYTES - 2**20
 
 
 def _never() -> bool:
@@ -64,6 +68,7 @@ class Worker:
             security.connect(self.profile, spec.profile, spec.curve)
             self.events = EventBuffer(self._send_events)
         self.chain = StageChain(leaves, self.events.add if self.events else None)
+        self._state = StateCopy(leaves, spec.limits, _STATE_BUDGET)
         self.counters = {
             "processed": 0,
             "decode_errors": 0,
@@ -233,35 +238,24 @@ class Worker:
                 )
 
     # -- control -------------------------------------------------------------------------
-    def state(self) -> dict[str, dict[str, Any]]:
-        """Each stage's attributes that can be sent; the rest stay where they are."""
-        states: dict[str, dict[str, Any]] = {}
-        for path, stage in self.chain.leaves:
-            attrs = getattr(stage, "__dict__", None)
-            if not attrs:
-                continue
-            sendable = {}
-            for key, value in attrs.items():
-                try:
-                    codec.encode(value)
-                except PyStreamError:
-                    continue
-                sendable[key] = value
-            states[path] = sendable
-        return states
+    def state(self, everything: bool = False) -> dict[str, dict[str, Any]]:
+        """Each stage's attributes that can be sent and changed since the last call
+        (``everything``: all of them); see worker/state.py."""
+        return self._state.reply(everything)
 
     def _handle_control(self, control: zmq.Socket[Any]) -> None:
         """Answer one command, echoing its request id; raises _Stop on STOP (finish() says
         BYE to it)."""
         command, *rest = control.recv_multipart()
         request = rest[0] if rest else b""
-        if command in (transport.GET_STATE, transport.CLEANUP):
-            if command == transport.CLEANUP:
+        if command in STATE_COMMANDS:
+            cleanup, everything = STATE_COMMANDS[command]
+            if cleanup:
                 self.chain.cleanup()
             if self.events is not None:  # so that the profiles read next include them
                 self.events.flush()
             sent = self.events_sent.to_bytes(8, "little")  # for the flush barrier
-            state = codec.encode(self.state())
+            state = codec.encode(self.state(everything))
             control.send_multipart([transport.STATE, request, sent, *state])
         elif command == transport.GET_COUNTERS:
             counters = codec.encode(self.counter_snapshot())
@@ -286,11 +280,15 @@ class Worker:
             poller.register(control, zmq.POLLIN)
         for sock in self.inputs.sockets:
             poller.register(sock, zmq.POLLIN)
+        watchdog = Watchdog(self.chain, self.spec, self.ctx)
+        watchdog.start()
         try:
             while not done():
                 self._serve(poller, control)
         except _Stop:
             pass
+        finally:
+            watchdog.stop()
 
     def _serve(self, poller: zmq.Poller, control: zmq.Socket[Any] | None) -> None:
         """One poll: count disconnects, answer control, handle the items that arrived."""

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
+from pystream_zmq.plan import Limits
 from pystream_zmq.wire import codec, security, transport
 
 _LENGTH = struct.Struct("<Q")
@@ -51,6 +52,11 @@ class WorkerSpec:
     replica: int | None = None  # which replica of its stage, for per-replica counters
     curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
     cpu: int | None = None  # pin_cpus: the CPU this process runs on
+    # Orchestrated: where the watchdog reports a stage call that runs long (a PUSH to the
+    # orchestrator's "status" link), and this process's index in the plan, which it names.
+    status: str | None = None
+    process: int = -1
+    limits: dict[str, Limits] = field(default_factory=dict)  # {leaf path: its limits}
 
 
 def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:
