@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,12 +24,12 @@ import zmq
 from pystream_zmq.errors import DecodeError
 from pystream_zmq.orchestrator.deadline import Deadline
 from pystream_zmq.profiling.receiver import is_counters
+from pystream_zmq.throttle import Throttled
 from pystream_zmq.wire import codec, transport
 
 log = logging.getLogger(__name__)
 
 _ANNOUNCEMENTS = (transport.READY, transport.FAILED)  # [kind, token, ...]: unasked
-_LOG_EVERY = 10.0  # seconds between two warnings about unknown peers
 
 
 class Control:
@@ -53,7 +52,12 @@ class Control:
         self._retired: set[bytes] = set()  # routing ids of processes since replaced
         self._request = 0
         self.rogue = 0  # messages from peers that are not our workers, ignored
-        self._next_warning = 0.0
+        self._warn_rogue = Throttled(
+            log,
+            logging.WARNING,
+            "ignored a control message from unknown peer %r (%d so far): only this "
+            "pipeline's workers may use its control channel",
+        )
 
     def admit(self, index: int) -> bytes:
         """A fresh token for a process about to be started as worker ``index``: its READY
@@ -142,13 +146,7 @@ class Control:
 
     def _ignore(self, route: bytes) -> None:
         self.rogue += 1
-        now = time.monotonic()
-        if now >= self._next_warning:
-            self._next_warning = now + _LOG_EVERY
-            log.warning(
-                "ignored a control message from unknown peer %r (%d so far): only this "
-                "pipeline's workers may use its control channel", route[:16], self.rogue
-            )  # fmt: skip
+        self._warn_rogue(route[:16], self.rogue)
 
 
 def decode_counters(reply: list[bytes], kind: bytes) -> dict[str, dict[str, int]] | None:

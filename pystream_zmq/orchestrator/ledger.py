@@ -6,31 +6,13 @@ A sequence number that was never sent is none of these: it was injected by someo
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
+
+from pystream_zmq.throttle import Throttled
 
 log = logging.getLogger(__name__)
 
 _MAX_LISTED = 1000  # lost ranges kept for the report; the count is always exact
-_LOG_EVERY = 10.0  # seconds between two warnings about the same kind of bad arrival
-
-
-class _Throttled:
-    """A warning logged at most once every _LOG_EVERY seconds, with how many were not."""
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._next = 0.0
-        self._quiet = 0
-
-    def __call__(self, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._quiet += 1
-            return
-        extra = f" (and {self._quiet} more since the last warning)" if self._quiet else ""
-        log.warning(self._message + extra, *args)
-        self._next, self._quiet = now + _LOG_EVERY, 0
 
 
 class Ledger:
@@ -53,12 +35,16 @@ class Ledger:
         self.lost = 0
         self.rogue = 0  # arrivals with a sequence number never sent: not ours
         self.lost_ranges: list[tuple[int, int]] = []  # (first, last), inclusive
-        self._warn_rogue = _Throttled(
+        self._warn_rogue = Throttled(
+            log,
+            logging.WARNING,
             "ignored an item with sequence number %d, which was never sent: someone else "
-            "can send to this pipeline's sink"
+            "can send to this pipeline's sink",
         )
-        self._warn_again = _Throttled(
-            "item %d arrived again, out of order, or after it was counted lost; not counted"
+        self._warn_again = Throttled(
+            log,
+            logging.WARNING,
+            "item %d arrived again, out of order, or after it was counted lost; not counted",
         )
 
     def arrived(self, seq: int, *, dropped: bool = False) -> bool:

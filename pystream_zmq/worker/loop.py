@@ -18,6 +18,7 @@ import zmq
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq.throttle import Throttled
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
-_DISCONNECT_LOG_INTERVAL = 10.0  # seconds between two "input peer disconnected" lines
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
 # What one state reply may hold: the orchestrator refuses messages over the codec's limit.
@@ -85,7 +85,14 @@ class Worker:
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
         self._counters_sent = time.monotonic()
-        self._next_disconnect_log = 0.0  # monotonic time from which one may be logged again
+        # At most a line per interval: a peer whose CURVE key is refused reconnects (and is
+        # dropped again) every 10-20 ms.
+        self._log_disconnect = Throttled(
+            log,
+            logging.INFO,
+            "an input peer disconnected (it left, was refused, or sent a frame over %d bytes); "
+            "%d so far",
+        )
 
     def _bind_input(self, endpoint: str) -> zmq.Socket[Any]:
         pull = transport.make_socket(self.ctx, zmq.PULL, self.spec.hwm)
@@ -226,16 +233,7 @@ class Worker:
         while monitor.poll(0):
             monitor.recv_multipart()
             self.counters["input_disconnects"] += 1
-            # At most a line per interval: a peer whose CURVE key is refused reconnects
-            # (and is dropped again) every 10-20 ms.
-            if time.monotonic() >= self._next_disconnect_log:
-                self._next_disconnect_log = time.monotonic() + _DISCONNECT_LOG_INTERVAL
-                log.info(
-                    "an input peer disconnected (it left, was refused, or sent a frame over "
-                    "%d bytes); %d so far",
-                    self.spec.max_message_bytes,
-                    self.counters["input_disconnects"],
-                )
+            self._log_disconnect(self.spec.max_message_bytes, self.counters["input_disconnects"])
 
     # -- control -------------------------------------------------------------------------
     def state(self, everything: bool = False) -> dict[str, dict[str, Any]]:
