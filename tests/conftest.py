@@ -6,9 +6,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+import stages
 
 import pystream_zmq
 from pystream_zmq.profiling import store
+
+
+def profiled_two_stages(**settings: float) -> pystream_zmq.Pipeline:
+    """A profiled pipeline of two stages adding one, parallelized with ``settings``."""
+    pipeline = pystream_zmq.Pipeline(use_profiler=True)
+    pipeline.add(stages.add_one, "StageA")
+    pipeline.add(stages.add_one, "StageB")
+    pipeline.parallelize(**settings)
+    return pipeline
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -7,24 +7,15 @@ import sqlite3
 import time
 
 import psutil
+from conftest import profiled_two_stages
 
-from pystream_zmq import Pipeline
 from pystream_zmq.profiling import store
-from tests import stages
 
 ITEMS = 300
 
 
-def _profiled(**settings: float) -> Pipeline:
-    pipeline = Pipeline(use_profiler=True)
-    pipeline.add(stages.add_one, "StageA")
-    pipeline.add(stages.add_one, "StageB")
-    pipeline.parallelize(**settings)
-    return pipeline
-
-
 def test_every_event_and_counter_is_stored_by_cleanup() -> None:
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         writers = [p for p in psutil.Process().children() if "writer_process" in str(p.cmdline())]
         assert len(writers) == 1
@@ -46,7 +37,7 @@ def test_every_event_and_counter_is_stored_by_cleanup() -> None:
 
 
 def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
-    pipeline = _profiled(stop_timeout=2.0)
+    pipeline = profiled_two_stages(stop_timeout=2.0)
     lock = sqlite3.connect(store.profiler_db_path(), isolation_level=None)
     try:
         lock.execute("BEGIN EXCLUSIVE")
@@ -63,7 +54,7 @@ def test_a_locked_db_stalls_neither_the_items_nor_cleanup() -> None:
 
 
 def test_profiles_right_after_stop_loop_include_every_item() -> None:
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         for x in range(ITEMS):
             assert pipeline.forward({"x": x})

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import psutil
-import stages
 from click.testing import CliRunner
-from conftest import wait_until
+from conftest import profiled_two_stages, wait_until
 
 from pystream_zmq import Pipeline
 from pystream_zmq.cli.main import main as cli
@@ -22,14 +21,6 @@ from pystream_zmq.profiling import store
 ITEMS = 1000
 PATHS = 3  # MainPipeline and its two stages: one event per item each
 READ_BOUND = 1.0  # seconds a profile read may take once the new writer runs (was 5 s)
-
-
-def _profiled(**settings: int) -> Pipeline:
-    pipeline = Pipeline(use_profiler=True)
-    pipeline.add(stages.add_one, "StageA")
-    pipeline.add(stages.add_one, "StageB")
-    pipeline.parallelize(**settings)
-    return pipeline
 
 
 def _writers() -> list[psutil.Process]:
@@ -64,7 +55,7 @@ def _timed_read(pipeline: Pipeline) -> float:
 
 def test_a_killed_writer_is_replaced_and_stores_what_comes_after() -> None:
     """The reproduction: reads took 5 s each and returned stale data, with no sign."""
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         _forward(pipeline, ITEMS)
         pipeline.stop_loop()
@@ -95,7 +86,7 @@ def test_a_killed_writer_is_replaced_and_stores_what_comes_after() -> None:
 
 def test_what_died_with_the_writer_is_counted_exactly() -> None:
     """Killed while records are on their way: every event is stored or counted missing."""
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         _forward(pipeline, ITEMS)  # no flush: the writer holds records when it dies
         old_pid = _kill_writer()
@@ -116,7 +107,7 @@ def test_what_died_with_the_writer_is_counted_exactly() -> None:
 def test_past_its_restarts_the_run_is_marked_and_reads_return_at_once(
     profile_folder: Path,
 ) -> None:
-    pipeline = _profiled(max_restarts=0)
+    pipeline = profiled_two_stages(max_restarts=0)
     try:
         _forward(pipeline, ITEMS)
         pipeline.stop_loop()
@@ -145,7 +136,7 @@ def _marked_failed(folder: Path) -> bool:
 
 
 def test_pystream_profile_and_top_warn_about_missing_records(profile_folder: Path) -> None:
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         _forward(pipeline, ITEMS)
         old_pid = _kill_writer()
@@ -173,7 +164,7 @@ def test_pystream_profile_and_top_warn_about_missing_records(profile_folder: Pat
 
 
 def test_an_unharmed_run_is_complete_and_prints_no_warning(profile_folder: Path) -> None:
-    pipeline = _profiled()
+    pipeline = profiled_two_stages()
     try:
         _forward(pipeline, 100)
         pipeline.stop_loop()
