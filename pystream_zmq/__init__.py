@@ -4,6 +4,7 @@ ZeroMQ. Change ``from pystream import Pipeline, Stage`` to
 
 from pystream_zmq.errors import (
     DecodeError,
+    ItemTooLargeError,
     PipelineStateError,
     PyStreamError,
     SecurityError,
@@ -19,6 +20,7 @@ from pystream_zmq.stage import MAIN_PIPELINE_NAME, Stage
 __all__ = [
     "MAIN_PIPELINE_NAME",
     "DecodeError",
+    "ItemTooLargeError",
     "Pipeline",
     "PipelineStateError",
     "PyStreamError",

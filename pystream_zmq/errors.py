@@ -20,6 +20,11 @@ class UnsupportedTypeError(PyStreamError, TypeError):
     """A value cannot be sent between processes; the message names its key path."""
 
 
+class ItemTooLargeError(PyStreamError, ValueError):
+    """An item is over a limit a receiver would refuse it for (message bytes, items per
+    container); the message names the key path and the limit."""
+
+
 class DecodeError(PyStreamError):
     """Received bytes are not a valid message. Raised for every kind of bad input, so a
     receiver needs to catch only this."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
+from pystream_zmq.orchestrator.settings import DEFAULT_MAX_IN_FLIGHT
 from pystream_zmq.pacing import InputLoop
 from pystream_zmq.plan import Entry, Limits, Plan, layout, leaves, plan_of, raising_paths
 from pystream_zmq.profiling import report, store, summary
@@ -25,7 +26,7 @@ from pystream_zmq.stage import (
     check_stage_name,
 )
 from pystream_zmq.stats import PipelineStats
-from pystream_zmq.wire import transport
+from pystream_zmq.wire import codec, transport
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class Pipeline:
         output_timeout: float = 10,
         *,
         hwm: int = transport.DEFAULT_HWM,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         startup_timeout: float = 30.0,
         drain_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -165,7 +168,15 @@ class Pipeline:
         pin_cpus: bool = False,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
-        workers are ready. ``hwm`` bounds each link's queue (backpressure). A worker that
+        workers are ready. ``hwm`` bounds each link's queue (backpressure), and with it the
+        items in flight (forwarded, not yet out: delivered, dropped or counted lost): ``hwm``
+        per link, ``hwm * (workers + 1)`` in all, more only while items come out so fast that
+        10 ms of the pipeline's work would be more (small items through quick stages), and
+        never more than ``max_in_flight``. A ``forward()`` past it waits like one into a
+        full queue. An item whose encoding is
+        over ``max_message_bytes``, or holds a container of over 1,000,000 items, is refused
+        where it is made: ``forward()`` raises ``ItemTooLargeError``, and a stage output is
+        that stage's error (logged, counted dropped). A worker that
         dies is restarted (with backoff) up to ``max_restarts`` times; after that
         ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``.
 
@@ -193,6 +204,8 @@ class Pipeline:
             block_output=block_output,
             output_timeout=output_timeout,
             hwm=hwm,
+            max_in_flight=max_in_flight,
+            max_message_bytes=max_message_bytes,
             startup_timeout=startup_timeout,
             stop_timeout=stop_timeout,
             max_restarts=max_restarts,

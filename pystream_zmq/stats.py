@@ -34,6 +34,9 @@ class PipelineStats:
     rogue_control: int = 0
     lost_ranges: tuple[tuple[int, int], ...] = ()  # (first, last) sequence numbers, inclusive
     out: int = 0  # every item below this sequence number has come out (or is lost)
+    # forwarded - out, at most: parallelize(max_in_flight=), or one per worker under
+    # drop_policy="latest" (0 in serial mode); see parallelize() for the usual bound
+    max_in_flight: int = 0
     decode_errors: int = 0  # malformed outputs or profile messages received, dropped
     workers: tuple[WorkerStats, ...] = ()
     # {path: {name: value}} as each worker last reported them; a replica's end in "#N".

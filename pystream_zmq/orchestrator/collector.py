@@ -62,6 +62,7 @@ class Collector(threading.Thread):
         curve: security.Curve | None = None,
         cpu: int | None = None,
         sent_below: Callable[[], int] | None = None,
+        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         status_link: tuple[str, Callable[[list[bytes]], None]] | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
@@ -78,6 +79,9 @@ class Collector(threading.Thread):
         for endpoint in sink_endpoints:
             sinks.append(transport.make_socket(ctx, zmq.PULL, hwm))
             self.sink_endpoints.append(security.bind(sinks[-1], endpoint, curve))
+        for sink in sinks:
+            sink.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
         self._profile: zmq.Socket[Any] | None = None
         self.profile_endpoint: str | None = None
@@ -242,7 +246,11 @@ class Collector(threading.Thread):
                 kind, seq, sent_at = transport.unpack_envelope(frames[0])
                 data = None
                 if kind in _WITH_PAYLOAD:  # adopt: the frames were just received, and are ours
-                    data = codec.decode(transport.payload(frames), adopt=True)
+                    data = codec.decode(
+                        transport.payload(frames),
+                        max_message_bytes=self._max_message_bytes,
+                        adopt=True,
+                    )
             except DecodeError as e:
                 self._output_errors += 1
                 log.warning("dropped a malformed output: %s", e)

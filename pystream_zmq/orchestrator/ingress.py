@@ -6,6 +6,11 @@
 - "latest": never refuse; the newest item waits for a feeder thread, which sends it as soon
   as there is room, and a newer item replaces (drops) one still waiting.
 
+"Room" means a free credit as well as room in a socket: ZeroMQ's queues and the kernel's
+socket buffers hold thousands of small messages past the high-water mark, so what is in
+flight (sent, and not yet out of the pipeline: delivered, dropped or counted lost) is
+counted here, by sequence number (``Credits``).
+
 They all send through one ``FirstStage``: the sockets to the first stage's replicas, the
 next sequence number, and the lock that a drain's end-of-stream marker takes too.
 """
@@ -13,6 +18,7 @@ next sequence number, and the lock that a drain's end-of-stream marker takes too
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +61,71 @@ class FirstStage:
             raise PipelineStateError("the pipeline has been cleaned up")
 
 
+class Credits:
+    """Items in flight: sent, and below the ledger's ``next_seq`` not yet. At most
+    ``window``, which lies between ``floor`` and ``cap``: above the floor only while items
+    come out fast enough that a fuller window holds no more than QUEUE_TIME of the
+    pipeline's work. A stage of 0.3 s per item keeps the floor; small items through quick
+    stages, which a small window would slow to half their rate (a wake-up every few items
+    in every process), get up to ``cap``.
+
+    Items in flight when a worker restarts may be lost and come out only as a gap once a
+    later item does, so a restart gives their credits back."""
+
+    QUEUE_TIME = 0.01  # seconds of work that may wait in the queues, above the floor
+    _MEASURE_EVERY = 0.05  # seconds between measurements of the rate items come out
+
+    def __init__(
+        self,
+        first: FirstStage,
+        collector: Collector,
+        supervisor: Supervisor,
+        floor: int,
+        cap: int,
+    ) -> None:
+        self.cap = cap
+        self.window = self._floor = min(floor, cap)
+        self._first = first
+        self._collector = collector
+        self._supervisor = supervisor
+        self._restarts = 0
+        self._settled = 0  # items sent before the last restart count as out
+        self._out = 0  # every item below is out; read from the ledger only when it matters
+        self._measured = (time.monotonic(), 0)  # (when, self._out then)
+
+    def free(self) -> bool:
+        """Whether a credit is free, without waiting: the fast path, a subtraction while
+        the window is far from full."""
+        return self._first.next_seq - self._out < self.window or self.in_flight() < self.window
+
+    def in_flight(self) -> int:
+        if self._first.next_seq - self._out >= self.window:
+            restarts = self._supervisor.restarts_in_all
+            if restarts != self._restarts:
+                self._restarts, self._settled = restarts, self._first.next_seq
+            self._out = max(self._settled, self._collector.ledger.next_seq)
+            self._resize()
+        return self._first.next_seq - self._out
+
+    def _resize(self) -> None:
+        now = time.monotonic()
+        then, out_then = self._measured
+        if now - then >= self._MEASURE_EVERY:
+            rate = (self._out - out_then) / (now - then)
+            self.window = min(self.cap, max(self._floor, int(rate * self.QUEUE_TIME)))
+            self._measured = (now, self._out)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Whether a credit is free, waiting up to ``timeout_ms`` for one. Once the window
+        is full it waits for half of it to come back (or the timeout), not for one credit:
+        fewer wake-ups for a fast pipeline of small items."""
+        if self.in_flight() < self.window:
+            return True
+        half_out = self._first.next_seq - self.window // 2
+        self._collector.wait_for_out(half_out, timeout_ms / 1000)
+        return self.in_flight() < self.window
+
+
 class Ingress:
     """What every policy shares: ``refused`` and ``replaced`` count what did not enter."""
 
@@ -78,55 +149,57 @@ class Ingress:
 
 
 class Block(Ingress):
-    """Wait up to ``timeout`` seconds for room, in slices (see deadline.in_slices)."""
+    """Wait up to ``timeout`` seconds for a credit and room, in slices (see
+    deadline.in_slices)."""
 
-    def __init__(self, first: FirstStage, timeout: float, supervisor: Supervisor) -> None:
+    def __init__(
+        self, first: FirstStage, timeout: float, supervisor: Supervisor, credits: Credits
+    ) -> None:
         super().__init__(first)
         self._timeout = timeout
         self._supervisor = supervisor
+        self._credits = credits
 
     def send(self, frames: Frames, sent_at: float) -> bool:
         first = self.first
         with first.lock:
             first.check_open()
+            deadline = Deadline(self._timeout)
             message = transport.pack_message(transport.KIND_DATA, first.next_seq, sent_at, frames)
             # copy=True: the caller may reuse its arrays as soon as forward() returns.
-            if not in_slices(
-                Deadline(self._timeout),
-                lambda ms: first.outputs.send(message, ms, copy=True),
-                lambda: self._supervisor.failed is not None,
+            if not (
+                (self._credits.free() or in_slices(deadline, self._credits.wait, self._failed))
+                and in_slices(
+                    deadline, lambda ms: first.outputs.send(message, ms, copy=True), self._failed
+                )
             ):
                 self.refused += 1
                 return False
             first.next_seq += 1
             return True
 
+    def _failed(self) -> bool:
+        return self._supervisor.failed is not None
+
 
 class DropNewest(Block):
-    """Refuse at once when no replica of the first stage has room."""
+    """Refuse at once when no credit is free or no replica of the first stage has room."""
 
-    def __init__(self, first: FirstStage, supervisor: Supervisor) -> None:
-        super().__init__(first, 0.0, supervisor)
+    def __init__(self, first: FirstStage, supervisor: Supervisor, credits: Credits) -> None:
+        super().__init__(first, 0.0, supervisor, credits)
 
 
 class Latest(Ingress):
     """The item send() took waits for the feeder thread, replacing (and dropping) the one
     that was still waiting; send() never blocks.
 
-    The feeder sends when the pipeline has room, which means credits: at most one item per
-    worker (``window``) in flight, sent and not yet out (delivered or as a drop marker).
-    ZeroMQ's queues and the kernel's socket buffers can hold thousands of small messages
-    beyond the high-water mark, where no worker could see them to skip them; credits keep
-    them empty. Items in flight when a worker restarts may be lost and never come out, so a
-    restart gives their credits back."""
+    The feeder sends when a credit is free; its window is one item per worker, so that no
+    item waits in a queue where no worker could see it to skip it."""
 
-    def __init__(
-        self, first: FirstStage, collector: Collector, supervisor: Supervisor, window: int
-    ) -> None:
+    def __init__(self, first: FirstStage, supervisor: Supervisor, credits: Credits) -> None:
         super().__init__(first)
-        self._collector = collector
         self._supervisor = supervisor
-        self._window = window
+        self._credits = credits
         self._pending: tuple[list[bytes], float] | None = None  # (frames, sent_at)
         self._pending_cond = threading.Condition()
         self._feeder = threading.Thread(target=self._feed, name="pystream-feeder", daemon=True)
@@ -158,18 +231,10 @@ class Latest(Ingress):
 
     def _feed(self) -> None:
         first = self.first
-        restarts = 0
-        settled = 0  # items sent before the last restart count as out
         while True:
             with self._pending_cond:
                 self._pending_cond.wait_for(lambda: self._pending is not None or first.closed)
-            if sum(self._supervisor.restarts) != restarts:
-                restarts, settled = sum(self._supervisor.restarts), first.next_seq
-            out = max(settled, self._collector.ledger.next_seq)
-            if first.next_seq - out >= self._window and not first.closed:
-                self._collector.wait_for_out(
-                    first.next_seq - self._window + 1, _FEED_POLL_MS / 1000
-                )
+            if not first.closed and not self._credits.wait(_FEED_POLL_MS):
                 continue
             with first.lock:
                 if first.closed:
@@ -205,11 +270,14 @@ def for_policy(
     timeout: float,
     collector: Collector,
     supervisor: Supervisor,
-    window: int,
+    floor: int,
+    cap: int,
 ) -> Ingress:
-    """The ingress of a drop policy; ``timeout``: how long "block" waits for room."""
+    """The ingress of a drop policy; ``timeout``: how long "block" waits for room;
+    ``floor`` and ``cap``: the bounds of the credit window (see Credits)."""
+    credits = Credits(first, collector, supervisor, floor, cap)
     if policy == transport.LATEST:
-        return Latest(first, collector, supervisor, window)
+        return Latest(first, supervisor, credits)
     if policy == transport.DROP_NEWEST:
-        return DropNewest(first, supervisor)
-    return Block(first, timeout, supervisor)
+        return DropNewest(first, supervisor, credits)
+    return Block(first, timeout, supervisor, credits)

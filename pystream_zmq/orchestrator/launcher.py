@@ -149,6 +149,7 @@ class Launcher:
             replica=process.replica if unit.replicas > 1 else None,
             profile=self.links.endpoint("profile") if self._profile else None,
             hwm=self._settings.hwm,
+            max_message_bytes=self._settings.max_message_bytes,
             control=self.links.endpoint(links.CONTROL),
             ident=str(index).encode(),
             token=token,

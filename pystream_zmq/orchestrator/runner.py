@@ -123,13 +123,15 @@ class ParallelRunner:
         endpoints = [links.endpoint(name) for name in self.plan.source_connects]
         first = ingress.FirstStage(self._ctx, endpoints, self.settings.hwm, links.curve)
         self._drain = Drain(first, self.collector, self.supervisor)
+        floor, self.max_in_flight = self.settings.credit_window(len(self.plan.processes))
         self._ingress = ingress.for_policy(
             self.settings.drop_policy,
             first,
             timeout=self.settings.input_timeout if self.settings.block_input else 0.0,
             collector=self.collector,
             supervisor=self.supervisor,
-            window=len(self.plan.processes),
+            floor=floor,
+            cap=self.max_in_flight,
         )
         undo.callback(self._ingress.close)
         self.collector.start()  # it records main_counters(), which reads the ingress
@@ -165,6 +167,7 @@ class ParallelRunner:
             curve=links.curve,
             cpu=cpu,
             sent_below=self._sent_below,
+            max_message_bytes=self.settings.max_message_bytes,
             status_link=(links.endpoint("status"), self.stalls.take),
         )
         assert collector.status_endpoint is not None
@@ -234,7 +237,8 @@ class ParallelRunner:
     def forward(self, data: Any) -> bool:
         self._raise_if_failed()
         sent_at = time.time()
-        if self._ingress.send(codec.encode(data), sent_at):
+        frames = codec.encode(data, max_message_bytes=self.settings.max_message_bytes)
+        if self._ingress.send(frames, sent_at):
             return True
         self._raise_if_failed()
         return False
@@ -294,6 +298,7 @@ class ParallelRunner:
             rogue_control=counters["rogue_control"],
             lost_ranges=lost_ranges,
             out=out,
+            max_in_flight=self.max_in_flight,
             decode_errors=counters["decode_errors"],
             workers=workers,
             stages=stages,

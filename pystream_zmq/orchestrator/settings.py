@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass
 
 from pystream_zmq.orchestrator import links
-from pystream_zmq.wire import transport
+from pystream_zmq.wire import codec, transport
+
+DEFAULT_MAX_IN_FLIGHT = 1000
 
 
 @dataclass
@@ -26,11 +28,25 @@ class ParallelSettings:
     curve: bool = False  # CURVE on every link, with a key pair made for the run
     insecure: bool = False  # bind a non-loopback HOST without CURVE
     pin_cpus: bool = False  # a CPU per worker, one for our helper threads (cpus.py)
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # items sent and not yet out, at most
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES  # an item's encoding, at most
+
+    def credit_window(self, workers: int) -> tuple[int, int]:
+        """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
+        of N workers has N + 1) up to ``max_in_flight``; one per worker under "latest", so
+        that no item waits where no worker could see it to skip it."""
+        if self.drop_policy == transport.LATEST:
+            return workers, workers
+        return min(self.hwm * (workers + 1), self.max_in_flight), self.max_in_flight
 
     def __post_init__(self) -> None:
         """Refuse what cannot work before anything starts."""
         if self.hwm < 1:
             raise ValueError("hwm must be at least 1")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self.max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be at least 1")
         if self.drop_policy not in transport.DROP_POLICIES:
             raise ValueError(
                 f"drop_policy must be one of {transport.DROP_POLICIES}, not {self.drop_policy!r}"

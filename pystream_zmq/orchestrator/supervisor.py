@@ -44,6 +44,7 @@ class Supervisor(threading.Thread):
         self._watch = list(watch)
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
+        self.restarts_in_all = 0
         self.failed: WorkerCrashedError | None = None
         self._expected: dict[int, tuple[int, str]] = {}  # index: (pid, why it is ended)
 
@@ -72,6 +73,7 @@ class Supervisor(threading.Thread):
             return
         backoff = min(0.1 * 2 ** self.restarts[index], MAX_BACKOFF)
         self.restarts[index] += 1
+        self.restarts_in_all += 1
         log.error(
             "worker of stage %s (pid %d) %s with exit code %d; restart %d of %d in %.1f s",
             name, pid, ended, code, self.restarts[index], self._max_restarts, backoff,

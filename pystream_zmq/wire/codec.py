@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from pystream_zmq.errors import DecodeError, UnsupportedTypeError
+from pystream_zmq.errors import DecodeError, ItemTooLargeError, UnsupportedTypeError
 
 if TYPE_CHECKING:
     import zmq
@@ -60,31 +60,48 @@ _DTYPE_NAME = re.compile(r"[<>|=]?[biufc][0-9]{1,2}")
 class _Refused(Exception):
     """Raised inside the walk; collects the key path while unwinding (free when nothing fails)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, error: type[Exception] = UnsupportedTypeError) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.error = error
         self.keys: list[object] = []
 
 
-def encode(obj: object) -> list[bytes | memoryview]:
+def encode(
+    obj: object,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+) -> list[bytes | memoryview]:
     """Turn ``obj`` into frames: a msgpack header, then one frame per large array.
 
     Subclasses of dict, list and tuple (OrderedDict, defaultdict, namedtuple) are sent as
     plain dict, list and tuple; subclasses of str, bytes, int and float (e.g. IntEnum) as
     their base type. ndarray subclasses (masked arrays, matrices) are refused, as are sets,
     bytearray and every other type: ``UnsupportedTypeError`` names the key path, e.g.
-    ``data['items'][3]: cannot send a set``.
+    ``data['items'][3]: cannot send a set``. What a receiver with the same limits would
+    refuse is refused here, as ``ItemTooLargeError``: a container of more than
+    ``max_container_len`` items, or frames of more than ``max_message_bytes`` in all.
     """
     buffers: list[bytes | memoryview] = []
     try:
-        tree = _walk(obj, buffers, 0)
+        tree = _walk(obj, buffers, 0, max_container_len)
     except _Refused as e:
         path = "data" + "".join(f"[{key!r}]" for key in reversed(e.keys))
-        raise UnsupportedTypeError(f"{path}: {e.reason}") from None
-    return [msgpack.packb(tree), *buffers]
+        raise e.error(f"{path}: {e.reason}") from None
+    header = msgpack.packb(tree)
+    size = len(header)
+    for buffer in buffers:
+        size += buffer.nbytes  # type: ignore[union-attr]  # _array() makes memoryviews
+    if size > max_message_bytes:
+        raise ItemTooLargeError(
+            f"data: {size} bytes encoded, over the {max_message_bytes}-byte message limit "
+            "(max_message_bytes)"
+        )
+    return [header, *buffers]
 
 
-def _walk(obj: object, buffers: list[bytes | memoryview], depth: int) -> object:
+def _walk(obj: object, buffers: list[bytes | memoryview], depth: int, limit: int) -> object:
     kind = type(obj)
     if kind in _PLAIN:
         return obj
@@ -93,12 +110,17 @@ def _walk(obj: object, buffers: list[bytes | memoryview], depth: int) -> object:
     if isinstance(obj, (dict, list, tuple)):
         if depth >= MAX_DEPTH:
             raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+        if len(obj) > limit:
+            raise _Refused(
+                f"a {kind.__name__} of {len(obj)} items, over the limit of {limit} per container",
+                ItemTooLargeError,
+            )
         if isinstance(obj, dict):
-            return _walk_dict(obj, buffers, depth + 1)
+            return _walk_dict(obj, buffers, depth + 1, limit)
         items = []
         for index, item in enumerate(obj):
             try:
-                items.append(_walk(item, buffers, depth + 1))
+                items.append(_walk(item, buffers, depth + 1, limit))
             except _Refused as e:
                 e.keys.append(index)
                 raise
@@ -116,7 +138,9 @@ def _walk(obj: object, buffers: list[bytes | memoryview], depth: int) -> object:
     raise _Refused(f"cannot send a {kind.__name__}")
 
 
-def _walk_dict(obj: dict[Any, Any], buffers: list[bytes | memoryview], depth: int) -> object:
+def _walk_dict(
+    obj: dict[Any, Any], buffers: list[bytes | memoryview], depth: int, limit: int
+) -> object:
     out = {}
     for key, value in obj.items():
         if not isinstance(key, str):
@@ -124,7 +148,7 @@ def _walk_dict(obj: dict[Any, Any], buffers: list[bytes | memoryview], depth: in
                 f"dict key {_show(key)} is a {type(key).__name__}; only str keys can be sent"
             )
         try:
-            out[key] = _walk(value, buffers, depth)
+            out[key] = _walk(value, buffers, depth, limit)
         except _Refused as e:
             e.keys.append(key)
             raise

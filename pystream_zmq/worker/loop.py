@@ -177,7 +177,7 @@ class Worker:
             self._sender.send(self._failure_frames(out, sent_at))
             return
         try:
-            out_frames = codec.encode(out)
+            out_frames = codec.encode(out, max_message_bytes=self.spec.max_message_bytes)
         except PyStreamError as e:
             self.counters["encode_errors"] += 1
             path = self.chain.leaves[-1][0]
