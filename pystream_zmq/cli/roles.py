@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from pystream_zmq.errors import PyStreamError
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.profiling import store
@@ -182,9 +183,12 @@ def run_source(
             item = next(items, _END)
             if item is _END:
                 break
-            frames = transport.pack_message(
-                transport.KIND_DATA, sent, time.time(), codec.encode(item)
-            )
+            try:
+                payload = codec.encode(item)
+            except PyStreamError as e:  # refused here rather than by the next process
+                log.error("an item from the source cannot be sent; skipped: %s", e)
+                continue
+            frames = transport.pack_message(transport.KIND_DATA, sent, time.time(), payload)
             delivered = False
             while not stop.is_set() and not (delivered := outputs.try_send(frames)[0]):
                 outputs.wait_for_room(_POLL_MS)  # downstream full or absent: wait, see a stop

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,8 +62,8 @@ class StateCopy:
         total = 0
         for path, stage in self._leaves:
             for name, value in dict(getattr(stage, "__dict__", None) or {}).items():
-                try:
-                    frames = codec.encode(value)
+                try:  # measured here against the caps below, not refused for its size
+                    frames = codec.encode(value, max_message_bytes=sys.maxsize)
                 except PyStreamError:
                     continue  # it cannot travel: the user's object keeps its own value
                 size = sum(memoryview(frame).nbytes for frame in frames)
