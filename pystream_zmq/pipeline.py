@@ -156,6 +156,7 @@ class Pipeline:
         hwm: int = transport.DEFAULT_HWM,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+        worker_log_level: int | str = "WARNING",
         startup_timeout: float = 30.0,
         drain_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -176,7 +177,9 @@ class Pipeline:
         full queue. An item whose encoding is
         over ``max_message_bytes``, or holds a container of over 1,000,000 items, is refused
         where it is made: ``forward()`` raises ``ItemTooLargeError``, and a stage output is
-        that stage's error (logged, counted dropped). A worker that
+        that stage's error (logged, counted dropped). The workers' log records at or above
+        ``worker_log_level`` come out of this process's logging, under the logger
+        ``pystream_zmq.stages.<stage path with dots>``; repeats are summarised. A worker that
         dies is restarted (with backoff) up to ``max_restarts`` times; after that
         ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``.
 
@@ -206,6 +209,7 @@ class Pipeline:
             hwm=hwm,
             max_in_flight=max_in_flight,
             max_message_bytes=max_message_bytes,
+            worker_log_level=worker_log_level,
             startup_timeout=startup_timeout,
             stop_timeout=stop_timeout,
             max_restarts=max_restarts,

@@ -95,7 +95,10 @@ class StageChain:
             except Exception as e:
                 self.current = None
                 self.errors[path] += 1
-                log.exception("stage %s raised on item %d; the item is dropped", path, seq)
+                log.exception(
+                    "stage %s raised on item %d; the item is dropped",
+                    path, seq, extra={"stage": path, "seq": seq},
+                )  # fmt: skip
                 return False, StageFailure(
                     path, seq, f"{type(e).__name__}: {e}", traceback.format_exc()
                 )
@@ -114,7 +117,7 @@ class StageChain:
                 try:
                     cleanup()
                 except Exception:
-                    log.exception("cleanup() of stage %s raised", path)
+                    log.exception("cleanup() of stage %s raised", path, extra={"stage": path})
 
 
 class EventBuffer:

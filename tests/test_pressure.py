@@ -3,6 +3,7 @@ cannot travel is refused where it is made, under its own name. Real processes an
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -124,8 +125,9 @@ class Inflate(Stage):
 
 
 def test_a_stage_output_over_the_cap_is_that_stages_error_not_a_loss(
-    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     with Pipeline() as pipeline:
         pipeline.add(Inflate())
         pipeline.add(stages.add_one)
@@ -136,10 +138,12 @@ def test_a_stage_output_over_the_cap_is_that_stages_error_not_a_loss(
         stats = pipeline.stats()
         assert (stats.delivered, stats.dropped, stats.lost) == (2, 1, 0)
         assert stats.stages["MainPipeline__Inflate"]["encode_errors"] == 1
-    err = capfd.readouterr().err
-    assert "Inflate returned what cannot be sent (item 1 dropped)" in err
-    assert "message limit" in err
-    assert "lost with a worker" not in err
+    (record,) = [r for r in caplog.records if "cannot be sent" in r.getMessage()]
+    assert record.name == "pystream_zmq.stages.MainPipeline.Inflate"
+    assert "Inflate returned what cannot be sent (item 1 dropped)" in record.getMessage()
+    assert "message limit" in record.getMessage()
+    assert record.seq == 1  # type: ignore[attr-defined]
+    assert "lost with a worker" not in caplog.text
 
 
 def test_quick_small_items_get_a_wider_window_up_to_the_cap() -> None:

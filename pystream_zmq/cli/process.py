@@ -6,6 +6,7 @@ as shells do.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import socket
@@ -14,6 +15,7 @@ import threading
 
 from pystream_zmq import child
 from pystream_zmq.cli.roles import Stopping
+from pystream_zmq.worker import logs
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,8 @@ def start(name: str, verbose: bool, drain_timeout: float) -> Stopping:
     """Log as ``name``, and turn stop signals into the returned Stopping's request."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # show up under honcho at once
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=child.log_format(name),
-        force=True,
-    )
+    repeats = logs.to_stderr(name, logging.DEBUG if verbose else logging.INFO, force=True)
+    atexit.register(repeats.flush)  # this process's entry point: the CLI's own exit
     stopping = Stopping(drain_timeout=drain_timeout)
     watch_signals(stopping)
     return stopping

@@ -36,12 +36,13 @@ from pystream_zmq.orchestrator.launcher import Launcher
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.orchestrator.stalls import StallBoard
 from pystream_zmq.orchestrator.supervisor import Supervisor
+from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
 from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_handle import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats, WorkerStats
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, security, status, transport
 
 __all__ = ["ParallelRunner", "ParallelSettings"]
 
@@ -93,6 +94,7 @@ class ParallelRunner:
         self._auth = security.start_authenticator(self._ctx, links.control_curve)
         undo.callback(security.stop_authenticator, self._auth)
         self.stalls = StallBoard(self.launcher.names, self.launcher.pid_of, self._past_deadline)
+        self.worker_logs = WorkerLogs(self.launcher.names, self.launcher.pid_of)
         self.control = Control(self._ctx, self.launcher.names, self._answering)
         links.bind_control(self.control.socket)
         self._copy_back = CopyBack(
@@ -168,7 +170,7 @@ class ParallelRunner:
             cpu=cpu,
             sent_below=self._sent_below,
             max_message_bytes=self.settings.max_message_bytes,
-            status_link=(links.endpoint("status"), self.stalls.take),
+            status_link=(links.endpoint("status"), self._on_status),
         )
         assert collector.status_endpoint is not None
         links.record("status", collector.status_endpoint)
@@ -204,6 +206,13 @@ class ParallelRunner:
     def _answering(self) -> list[int]:
         """The workers the control channel asks: alive, and not stuck in a stage call."""
         return self.launcher.alive(but=self.stalls.stuck())
+
+    def _on_status(self, message: list[bytes]) -> None:
+        """A message on the status link (in the collector's thread)."""
+        if message[:1] == [status.LOG]:
+            self.worker_logs.take(message)
+        else:
+            self.stalls.take(message)
 
     def _past_deadline(self, index: int, pid: int, reason: str) -> None:
         """A stage call ran past its deadline (the collector's thread): restart its worker;

@@ -3,6 +3,7 @@ runner and the launcher both read."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ class ParallelSettings:
     pin_cpus: bool = False  # a CPU per worker, one for our helper threads (cpus.py)
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # items sent and not yet out, at most
     max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES  # an item's encoding, at most
+    # Workers' log records at or above it come out of this process's logging (a level name
+    # or number; worker/logs.py); those below go to the workers' stderr.
+    worker_log_level: int | str = logging.WARNING
 
     def credit_window(self, workers: int) -> tuple[int, int]:
         """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
@@ -45,6 +49,11 @@ class ParallelSettings:
             raise ValueError("hwm must be at least 1")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        level = logging.getLevelName(self.worker_log_level)  # a number for a name
+        if isinstance(self.worker_log_level, str):
+            if not isinstance(level, int):
+                raise ValueError(f"worker_log_level: no logging level {self.worker_log_level!r}")
+            self.worker_log_level = level
         if self.max_message_bytes < 1:
             raise ValueError("max_message_bytes must be at least 1")
         if self.drop_policy not in transport.DROP_POLICIES:

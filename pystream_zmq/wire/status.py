@@ -1,8 +1,9 @@
 """The status link: what a worker's watchdog thread tells the orchestrator about a stage
 call that runs long, while the worker's main thread is still inside it (the control
-channel is the main thread's, so it cannot answer then). Every orchestrated worker's
-watchdog connects a PUSH to the orchestrator's PULL "status"; a message is
-``[kind, *codec frames of the report's fields]``.
+channel is the main thread's, so it cannot answer then), and the worker's log records
+(``LOG``, from worker/logs.py). Every orchestrated worker connects PUSH sockets to the
+orchestrator's PULL "status"; a message is ``[kind, *codec frames of the report's
+fields]``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ RUNNING = b"running"  # a stage call has run past the notice time, or past stall
 DONE = b"done"  # a stage call reported RUNNING has returned
 DEADLINE = b"deadline"  # a stage call ran past its deadline: the worker is about to end
 KINDS = (RUNNING, DONE, DEADLINE)
+LOG = b"log"  # a log record
 
-MAX_BYTES = 64 * 1024  # a report is a few dozen bytes
+MAX_BYTES = 256 * 1024  # a report is a few dozen bytes; a log record's text, up to 4 bytes a
+MAX_TEXT = 16 * 1024  # character: at most this many characters of message and of traceback
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,43 @@ def unpack(message: Sequence[bytes]) -> tuple[bytes, Report]:
     """(kind, report) from a status message; DecodeError for anything else."""
     if len(message) != 2 or message[0] not in KINDS:
         raise DecodeError("not a status message")
-    fields = codec.decode(message[1:], max_message_bytes=MAX_BYTES)
-    if not isinstance(fields, list) or len(fields) != len(_TYPES):
-        raise DecodeError("a status report has 7 fields")
-    for value, kind in zip(fields, _TYPES, strict=True):
+    return message[0], Report(*_fields(message[1], _TYPES))
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    process: int  # the worker's index in the plan's processes
+    pid: int
+    logger: str  # the name of the logger it was logged with, in the worker
+    level: int
+    message: str  # formatted, at most MAX_TEXT characters
+    stage: str  # the stage path it is about (the unit's, when it names none)
+    seq: int  # the sequence number of the item it is about, -1 for none
+    traceback: str  # "" for none; its last MAX_TEXT characters
+    created: float  # time.time() when it was logged
+
+
+_LOG_TYPES = (int, int, str, int, str, str, int, str, float)
+
+
+def pack_log(record: LogRecord) -> list[Any]:
+    return [LOG, *codec.encode(list(astuple(record)))]
+
+
+def unpack_log(message: Sequence[bytes]) -> LogRecord:
+    """A log record from a LOG message; DecodeError for anything else."""
+    if len(message) != 2 or message[0] != LOG:
+        raise DecodeError("not a log message")
+    return LogRecord(*_fields(message[1], _LOG_TYPES))
+
+
+def _fields(frame: bytes, types: tuple[type, ...]) -> list[Any]:
+    fields = codec.decode([frame], max_message_bytes=MAX_BYTES)
+    if not isinstance(fields, list) or len(fields) != len(types):
+        raise DecodeError(f"a status message has {len(types)} fields")
+    for value, kind in zip(fields, types, strict=True):
         if kind is float and type(value) is int:
             continue
         if type(value) is not kind:
-            raise DecodeError(f"a status report field is a {type(value).__name__}")
-    return message[0], Report(*fields)
+            raise DecodeError(f"a status message field is a {type(value).__name__}")
+    return fields

@@ -181,7 +181,10 @@ class Worker:
         except PyStreamError as e:
             self.counters["encode_errors"] += 1
             path = self.chain.leaves[-1][0]
-            log.error("stage %s returned what cannot be sent (item %d dropped): %s", path, seq, e)
+            log.error(
+                "stage %s returned what cannot be sent (item %d dropped): %s",
+                path, seq, e, extra={"stage": path, "seq": seq},
+            )  # fmt: skip
             failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
             self._sender.send(self._failure_frames(failure, sent_at))
             return

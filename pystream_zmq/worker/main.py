@@ -17,6 +17,7 @@ import zmq
 
 from pystream_zmq import child, cpus
 from pystream_zmq.wire import security, transport
+from pystream_zmq.worker import logs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec, read_spec
 
@@ -26,7 +27,11 @@ _EXIT_GRACE = 10.0  # after STOP, how long to wait for stdin to close before exi
 
 
 def serve(
-    spec: WorkerSpec, stages_blob: bytes, finished: threading.Event, stdin_closed: threading.Event
+    spec: WorkerSpec,
+    stages_blob: bytes,
+    finished: threading.Event,
+    stdin_closed: threading.Event,
+    repeats: logs.Repeats,
 ) -> int:
     import cloudpickle
 
@@ -48,10 +53,23 @@ def serve(
             control.send_multipart([transport.FAILED, spec.token, failure])
             stdin_closed.wait(_EXIT_GRACE)
             return 1
+        forwarder = None
+        if spec.status is not None:
+            forwarder = logs.forward(
+                ctx, spec.status, spec.curve, spec.forward_log_level,
+                process=spec.process, unit=spec.name, current=lambda: worker.chain.current,
+            )  # fmt: skip
         control.send_multipart([transport.READY, spec.token, *(e.encode() for e in worker.bound)])
-        worker.run(control)
-        finished.set()
-        worker.finish(control)
+        try:
+            worker.run(control)
+            finished.set()
+            worker.finish(control)
+        finally:
+            repeats.flush()
+            if forwarder is not None:  # before the context goes: its socket is in it
+                forwarder.repeats.flush()
+                logging.getLogger().removeHandler(forwarder)
+                forwarder.close()
         stdin_closed.wait(_EXIT_GRACE)
         return 0
     finally:
@@ -66,7 +84,7 @@ def main() -> None:
     if spec.cpu is not None:  # first, so that the threads started below inherit it
         cpus.pin_this_thread(spec.cpu)
     sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
-    logging.basicConfig(level=spec.log_level, format=child.log_format(spec.name))
+    repeats = logs.to_stderr(spec.name, spec.log_level)
     # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
     # happens, and it stops its workers through the control channel or by closing stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -75,4 +93,4 @@ def main() -> None:
     parent = child.ParentWatch(
         on_orphaned=None if ipc_dir is None else lambda: shutil.rmtree(ipc_dir, True)
     )
-    child.leave(serve(spec, stages_blob, parent.finished, parent.stdin_closed))
+    child.leave(serve(spec, stages_blob, parent.finished, parent.stdin_closed, repeats))

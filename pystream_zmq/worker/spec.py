@@ -34,7 +34,9 @@ class WorkerSpec:
     token: bytes = b""
     control_curve: security.Curve | None = None
     sys_path: list[str] = field(default_factory=list)
-    log_level: int = logging.INFO
+    log_level: int = logging.INFO  # what goes to stderr
+    # Orchestrated workers: records at or above it go to the orchestrator's logging instead.
+    forward_log_level: int = logging.WARNING
     raise_on: frozenset[str] = frozenset()  # stage paths whose errors go to the user
     ipc_dir: str | None = None  # the orchestrator's socket directory: removed if orphaned
     # Received messages over this many bytes are refused: by ZeroMQ (MAXMSGSIZE, per frame,
