@@ -30,13 +30,17 @@ class Pacer:
 
 
 class InputLoop(threading.Thread):
-    """Calls ``forward()`` every ``period`` seconds until stopped. When the pipeline is
-    slower than the period it does not burst to catch up."""
+    """Calls ``forward()`` every ``period`` seconds until stopped, or until ``ended()`` (the
+    end of the input stream). When the pipeline is slower than the period it does not burst
+    to catch up."""
 
-    def __init__(self, forward: Callable[[], bool], period: float) -> None:
+    def __init__(
+        self, forward: Callable[[], bool], period: float, ended: Callable[[], bool]
+    ) -> None:
         super().__init__(name="pystream-input-loop", daemon=True)
         self._forward = forward
         self._period = period
+        self._ended = ended
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.refused = 0
@@ -46,6 +50,8 @@ class InputLoop(threading.Thread):
         while not self._stopping.is_set():
             try:
                 if not self._forward():
+                    if self._ended():
+                        return
                     self.refused += 1
             except Exception as e:
                 log.exception("the input loop stopped: forward() raised")

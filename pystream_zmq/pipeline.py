@@ -8,16 +8,18 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pystream_zmq.errors import PipelineStateError, PyStreamError, StageNameError
+from pystream_zmq.errors import PipelineStateError, PyStreamError, StageError, StageNameError
+from pystream_zmq.every import every_output
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.orchestrator.settings import DEFAULT_MAX_IN_FLIGHT
 from pystream_zmq.pacing import InputLoop
 from pystream_zmq.plan import Entry, Limits, Plan, layout, leaves, plan_of, raising_paths
 from pystream_zmq.profiling import report, store, summary
 from pystream_zmq.serial import SerialRunner
+from pystream_zmq.source_input import EndOfInput, Input
 from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
     ON_ERROR_POLICIES,
@@ -31,6 +33,7 @@ from pystream_zmq.wire import codec, transport
 log = logging.getLogger(__name__)
 
 _GENERATE: Any = object()  # forward()'s default: take the item from input_generator
+_FOREVER = 1e9  # seconds: join(timeout=None)
 
 
 class Pipeline:
@@ -39,16 +42,22 @@ class Pipeline:
 
     def __init__(
         self,
-        input_generator: Callable[[], Any] | None = None,
+        input_generator: Callable[[], Any] | Iterable[Any] | None = None,
         use_profiler: bool = False,
         *,
         on_error: str = "drop",
     ) -> None:
-        """``on_error``: what a stage raising does. ``"drop"`` (the default) drops the item,
+        """``input_generator``: where ``forward()`` without data and ``start_loop()`` take
+        items: a callable returning one item per call (PyStream's), or an iterable (a
+        generator, a list, a source). Its end is the end of the stream: the iterable is
+        exhausted, or the callable raises ``StopIteration``; the input loop then stops,
+        ``join()`` waits for the last output and ``results()`` ends.
+
+        ``on_error``: what a stage raising does. ``"drop"`` (the default) drops the item,
         logs the error and counts it; ``"raise"`` also makes the next ``forward()`` or
         ``get_results()`` raise ``StageError``. ``add(..., on_error=...)`` sets it per stage;
         a child pipeline's stages follow the top pipeline's setting unless set per stage."""
-        self.input_generator = input_generator
+        self._input = Input(input_generator)
         self.use_profiler = use_profiler
         self.on_error = _check_policy(on_error)
         self._entries: list[Entry] = []
@@ -117,6 +126,19 @@ class Pipeline:
         )
 
     @property
+    def input_generator(self) -> Callable[[], Any] | Iterable[Any] | None:
+        return self._input.source
+
+    @input_generator.setter
+    def input_generator(self, source: Callable[[], Any] | Iterable[Any] | None) -> None:
+        self._input = Input(source)
+
+    @property
+    def input_ended(self) -> bool:
+        """Whether the input generator's stream has ended (see ``__init__``)."""
+        return self._input.ended
+
+    @property
     def entries(self) -> tuple[Entry, ...]:
         """The stages added so far, in order (see ``pystream_zmq.plan.Entry``)."""
         return tuple(self._entries)
@@ -169,38 +191,21 @@ class Pipeline:
         pin_cpus: bool = False,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
-        workers are ready. ``hwm`` bounds each link's queue (backpressure), and with it the
-        items in flight (forwarded, not yet out: delivered, dropped or counted lost): ``hwm``
-        per link, ``hwm * (workers + 1)`` in all, more only while items come out so fast that
-        10 ms of the pipeline's work would be more (small items through quick stages), and
-        never more than ``max_in_flight``. A ``forward()`` past it waits like one into a
-        full queue. An item whose encoding is
-        over ``max_message_bytes``, or holds a container of over 1,000,000 items, is refused
-        where it is made: ``forward()`` raises ``ItemTooLargeError``, and a stage output is
-        that stage's error (logged, counted dropped). The workers' log records at or above
-        ``worker_log_level`` come out of this process's logging, under the logger
-        ``pystream_zmq.stages.<stage path with dots>``; repeats are summarised. A worker that
-        dies is restarted (with backoff) up to ``max_restarts`` times; after that
-        ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``.
+        workers are ready. The settings, in short (docs/api.md has each in full):
 
-        ``drop_policy``: what happens when a stage cannot keep up. ``"block"`` (default)
-        waits: lossless. ``"latest"``: ``forward()`` never waits, and on every link a newer
-        item replaces the one waiting, which is dropped and counted (``replaced``).
-        ``"drop-newest"``: ``forward()`` refuses an item at once when the first stage is
-        full (``refused``); the links between workers block. ``max_age`` (seconds): an
-        item older than that (since ``forward()``) when it reaches a worker is dropped and
-        counted (``expired``).
-
-        ``endpoint="tcp://HOST"``: link the processes over tcp on that address of this
-        machine, on ports the OS chooses, instead of ipc files. ``curve=True``: encrypt and
-        authenticate every link with CURVE, under a key pair made for this run. A HOST other
-        machines can reach (not 127.0.0.0/8, ::1 or localhost) is refused with
-        ``SecurityError`` (a ``ValueError``) unless ``curve`` or ``insecure`` is given.
-
-        ``pin_cpus=True``: keep each worker process on one CPU, and this process's ZeroMQ
-        and collector threads on another, round-robin over the CPUs this process may use
-        (your own threads stay free). Worth it when the pipeline is the machine's main load
-        and there are about as many CPUs as workers; otherwise leave it off."""
+        - ``hwm``: items per link; in flight (forwarded, not yet out) ``hwm * (workers +
+          1)``, wider for quick small items, never past ``max_in_flight``;
+        - ``max_message_bytes``: an item over it is refused where it is made
+          (``ItemTooLargeError`` from ``forward()``; a stage's counted, logged drop);
+        - ``worker_log_level``: workers' records at or above it come out of this process's
+          logging, under ``pystream_zmq.stages.<stage path with dots>``;
+        - ``max_restarts``: a worker that dies is restarted up to this many times, then
+          ``forward()`` and ``get_results()`` raise ``WorkerCrashedError``;
+        - ``drop_policy`` (``"block"``, ``"latest"``, ``"drop-newest"``) and ``max_age``:
+          what happens when a stage cannot keep up (docs/realtime.md);
+        - ``endpoint="tcp://HOST"``, ``curve``, ``insecure``: tcp links, under CURVE with
+          keys made for the run (docs/security.md);
+        - ``pin_cpus``: a CPU per worker, for a pipeline that is the machine's main load."""
         settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
@@ -232,6 +237,7 @@ class Pipeline:
         for child in self._children():
             child._release()  # its stages now run under this pipeline
         self._mode = mode
+        self._input.restart()
         record = self._start_profile_run(mode)
         try:
             if settings is None:
@@ -251,10 +257,14 @@ class Pipeline:
     # -- running -------------------------------------------------------------------------
     def forward(self, data: Any = _GENERATE) -> bool:
         """Push one item (by default, the input generator's). False when a parallel
-        pipeline could not take it within ``input_timeout`` (or at once, non-blocking)."""
+        pipeline could not take it within ``input_timeout`` (or at once, non-blocking), and
+        at the end of the input generator's stream (``input_ended`` is then True)."""
         runner = self._running()
         if data is _GENERATE:
-            data = self._generate()
+            try:
+                data = self._input.next()
+            except EndOfInput:
+                return False
         return runner.forward(data)
 
     def get_results(self) -> Any:
@@ -270,12 +280,64 @@ class Pipeline:
     def start_loop(self, period: float = 0.01) -> None:
         """Forward the input generator's data every ``period`` seconds, in a thread."""
         self._running()
-        if self.input_generator is None:
+        if self._input.source is None:
             raise PipelineStateError("start_loop() needs an input_generator")
         if self._loop is not None:
             raise PipelineStateError("the loop is already running")
-        self._loop = InputLoop(self.forward, period)
+        self._loop = InputLoop(self.forward, period, lambda: self._input.ended)
         self._loop.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the input loop has reached the end of the input stream and the last
+        output is out; False if that did not happen within ``timeout`` seconds. Without an
+        input loop, wait for what was forwarded to come out."""
+        end = time.monotonic() + (_FOREVER if timeout is None else timeout)
+        runner = self._running()
+        loop = self._loop
+        if loop is not None:
+            loop.join(max(0.0, end - time.monotonic()))
+            if loop.is_alive():
+                return False
+            self._raise_loop_error(loop)
+        if isinstance(runner, ParallelRunner):
+            return runner.drain(max(0.0, end - time.monotonic()))
+        return True
+
+    def results(self) -> Iterator[Any]:
+        """Every output from now on, in input order (unless replicas run ``ordered=False``),
+        until the end of the input stream (when ``join()`` would return). Unlike
+        ``get_results()``, nothing is skipped: a reader that falls behind holds the pipeline
+        back (``forward()`` waits, as for a full queue), and items a stage dropped are
+        counted, not yielded. Call it before forwarding (before ``start_loop()``): outputs
+        that came out before are not in it (a warning says how many)."""
+        runner = self._running()
+        before = runner.subscribe()
+        if before:
+            log.warning(
+                "results(): %d outputs came out before it was called and are not in it; "
+                "call results() before forwarding",
+                before,
+            )
+        return every_output(runner.take_output, self._input_done, lambda: self._runner is runner)
+
+    def _input_done(self) -> bool:
+        """Whether the input loop is over: False while it runs; True at the end of the
+        stream, after a drain (what never came out is then counted lost); raises what made
+        it stop early."""
+        loop = self._loop
+        if loop is not None and not loop.is_alive():
+            self._raise_loop_error(loop)
+        if not self._input.ended or (loop is not None and loop.is_alive()):
+            return False
+        if isinstance(self._runner, ParallelRunner):
+            self._drain(self._runner)
+        return True
+
+    def _raise_loop_error(self, loop: InputLoop) -> None:
+        if isinstance(loop.error, StageError):  # on_error="raise": as forward() raised it
+            raise loop.error
+        if loop.error is not None:
+            raise PyStreamError(f"the input loop stopped early: {loop.error!r}") from loop.error
 
     def stop_loop(self) -> None:
         """Stop the input loop (if any), deliver what is in flight, and bring the stages'
@@ -286,8 +348,8 @@ class Pipeline:
         if isinstance(self._runner, ParallelRunner):
             self._drain(self._runner)
             self._apply_state(self._runner.collect_state())
-        if loop is not None and loop.error is not None:
-            raise PyStreamError(f"the input loop stopped early: {loop.error!r}") from loop.error
+        if loop is not None:
+            self._raise_loop_error(loop)
 
     def _drain(self, runner: ParallelRunner) -> None:
         if not runner.drain(self._drain_timeout):
@@ -400,11 +462,6 @@ class Pipeline:
                 "the pipeline is not running: call serialize() or parallelize() first"
             )
         return self._runner
-
-    def _generate(self) -> Any:
-        if self.input_generator is None:
-            raise PipelineStateError("forward() without data needs an input_generator")
-        return self.input_generator()
 
 
 def _check_policy(on_error: str) -> str:

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from pystream_zmq.errors import StageError
+from pystream_zmq.every import EveryOutput
 from pystream_zmq.profiling.store import ProfileRun
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
 from pystream_zmq.stats import PipelineStats
 
 _COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a counters snapshot
+_KEPT = 4  # outputs a results() reader may leave unread before forward() waits for it
+_READER_WAIT = 10.0  # seconds forward() waits for the reader, then returns False
 
 
 class SerialRunner:
@@ -31,8 +34,11 @@ class SerialRunner:
         self._counters_sent = time.monotonic()
         self._latest: Any = None
         self._has_new = False
+        self.every = EveryOutput(threading.Condition(), capacity=_KEPT)
 
     def forward(self, data: Any) -> bool:
+        if not self.every.wait_for_room(_READER_WAIT):
+            return False  # a results() reader fell behind
         with self._run_lock:
             seq = self._next_seq
             self._next_seq += 1
@@ -47,7 +53,16 @@ class SerialRunner:
                 self._events.add((MAIN_PIPELINE_NAME, seq, start, start, time.time()))
         with self._latest_lock:
             self._latest, self._has_new = out, True
+        self.every.add(out)
         return True
+
+    def subscribe(self) -> int:
+        """Keep every output from now on (results()); how many came out before."""
+        self.every.subscribe()
+        return self._delivered
+
+    def take_output(self, timeout: float) -> tuple[bool, Any]:
+        return self.every.take(timeout)
 
     def get_results(self) -> Any:
         with self._latest_lock:

@@ -17,6 +17,7 @@ import zmq
 
 from pystream_zmq import cpus
 from pystream_zmq.errors import DecodeError, StageError
+from pystream_zmq.every import EveryOutput
 from pystream_zmq.orchestrator.ledger import Ledger
 from pystream_zmq.profiling.receiver import ProfileReceiver
 from pystream_zmq.profiling.store import Recorder
@@ -115,6 +116,7 @@ class Collector(threading.Thread):
         self._ended = False  # an end-of-stream marker arrived, and no data after it
         self.delivered = 0
         self.ledger = Ledger(in_order=in_order, sent_below=sent_below)
+        self.every = EveryOutput(self._cond)  # for results(); its unread outputs hold credits
         self._failure: StageError | None = None
         self._output_errors = 0  # malformed outputs (malformed profile messages: receiver)
 
@@ -161,10 +163,15 @@ class Collector(threading.Thread):
         with self._cond:
             self.ledger.settle(forwarded)
 
+    def out(self) -> int:
+        """How many items are out: delivered (and read, by a results() reader), dropped or
+        lost; as a count, not a sequence number."""
+        return self.ledger.next_seq - self.every.unread()
+
     def wait_for_out(self, seq: int, timeout: float) -> bool:
-        """Wait until every item below ``seq`` came out (delivered, dropped or lost)."""
+        """Wait until ``out()`` reaches ``seq``."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.ledger.next_seq >= seq, timeout)
+            return self._cond.wait_for(lambda: self.out() >= seq, timeout)
 
     def wait_for_eos(self, token: int, timeout: float) -> bool:
         with self._cond:
@@ -268,6 +275,7 @@ class Collector(threading.Thread):
                 elif kind == transport.KIND_DATA:
                     if self.ledger.arrived(seq):  # not a rogue's, nor one seen already
                         self._latest, self._has_new = data, True
+                        self.every.put(data)
                         self.delivered += 1
                 else:
                     counted = self.ledger.arrived(seq, dropped=True)

@@ -62,7 +62,8 @@ class FirstStage:
 
 
 class Credits:
-    """Items in flight: sent, and below the ledger's ``next_seq`` not yet. At most
+    """Items in flight: sent, and not yet out (``Collector.out()``: delivered, and read by
+    a ``results()`` reader if there is one, dropped or counted lost). At most
     ``window``, which lies between ``floor`` and ``cap``: above the floor only while items
     come out fast enough that a fuller window holds no more than QUEUE_TIME of the
     pipeline's work. A stage of 0.3 s per item keeps the floor; small items through quick
@@ -103,7 +104,7 @@ class Credits:
             restarts = self._supervisor.restarts_in_all
             if restarts != self._restarts:
                 self._restarts, self._settled = restarts, self._first.next_seq
-            self._out = max(self._settled, self._collector.ledger.next_seq)
+            self._out = max(self._settled, self._collector.out())
             self._resize()
         return self._first.next_seq - self._out
 

@@ -257,6 +257,16 @@ class ParallelRunner:
         timeout = self.settings.output_timeout if self.settings.block_output else 0.0
         return self.collector.take_latest(timeout)
 
+    def subscribe(self) -> int:
+        """Keep every output from now on (results()); how many came out before."""
+        self.collector.every.subscribe()
+        return self.collector.delivered
+
+    def take_output(self, timeout: float) -> tuple[bool, Any]:
+        """The next output kept since subscribe(), waiting up to ``timeout``."""
+        self._raise_if_failed()
+        return self.collector.every.take(timeout)
+
     def drain(self, timeout: float) -> bool:
         """Deliver everything forwarded so far (see drain.py)."""
         deadline = Deadline(timeout)
