@@ -1,7 +1,7 @@
 """A worker's resident memory (RSS): in its counters (``rss_bytes``, ``rss_peak_bytes``),
 and held against its limit, the smallest ``max_memory_mb`` of its stages.
 
-On Linux the current size comes from ``/proc/self/statm`` (about 10 us to read) and the
+On Linux the current size comes from ``/proc/self/statm`` (under 10 us to read) and the
 peak from ``VmHWM`` in ``/proc/self/status``, both this process's own. Elsewhere only
 ``getrusage`` is at hand, whose ``ru_maxrss`` is the peak; it stands for the current size
 too (so a limit there acts on the peak). Where neither exists, nothing is measured.
