@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -36,18 +35,10 @@ from pystream_zmq.orchestrator.drain import Drain
 from pystream_zmq.orchestrator.launcher import Launcher
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.orchestrator.stalls import StallBoard
-from pystream_zmq.orchestrator.supervisor import MAX_MEMORY, Supervisor
+from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
-from pystream_zmq.profiling.store import (
-    MEMORY_RESTARTS,
-    RESTARTS,
-    RSS,
-    RSS_PEAK,
-    ProfileRun,
-    Recorder,
-    RunRecorder,
-)
+from pystream_zmq.profiling.store import RSS, RSS_PEAK, ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_handle import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats, WorkerStats
@@ -211,19 +202,7 @@ class ParallelRunner:
         self.launcher.relaunch(index)
         self._drain.resend()  # a drain's marker may have died with the old worker
         if self._sink_recorder is not None:
-            self._sink_recorder.counters(self._restart_counters([index]))
-
-    def _restart_counters(self, indexes: Iterable[int]) -> dict[str, dict[str, int]]:
-        """These workers' restarts, in all and for their memory, as profile counters under
-        each worker's path (beside its own counters, whose names differ)."""
-        supervisor, names = self.supervisor, self.launcher.names
-        return {
-            names[i]: {
-                RESTARTS: supervisor.restarts[i],
-                MEMORY_RESTARTS: supervisor.restart_reasons[i].get(MAX_MEMORY, 0),
-            }
-            for i in indexes
-        }
+            self._sink_recorder.counters(self.supervisor.restart_counters([index]))
 
     # -- stalls --------------------------------------------------------------------------
     def _answering(self) -> list[int]:
@@ -392,11 +371,10 @@ class ParallelRunner:
         self.launcher.close(max(deadline.left(), _EXIT_GRACE))
         self.collector.stop()
         if self._sink_recorder is not None:
-            restarted = [i for i, n in enumerate(self.supervisor.restarts) if n]
             self._sink_recorder.counters(
                 {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
             )
-            self._sink_recorder.counters(self._restart_counters(restarted))
+            self._sink_recorder.counters(self.supervisor.restart_counters())
         if self._profile_proc is not None:
             self._profile_proc.close(max(deadline.left(), 1.0), self._events_sent)
         if self._recorder is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pystream_zmq.errors import WorkerCrashedError
+from pystream_zmq.profiling.store import MEMORY_RESTARTS, RESTARTS
 from pystream_zmq.worker.memory import EXIT_OVER_MEMORY
 from pystream_zmq.worker.watchdog import EXIT_PAST_DEADLINE
 
@@ -64,6 +65,20 @@ class Supervisor(threading.Thread):
         or MAX_MEMORY), for ``reason``: its restart is logged as such, and counted under
         ``cause``."""
         self._expected[index] = (pid, cause, reason)
+
+    def restart_counters(self, indexes: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
+        """Restarts, in all and past max_memory_mb, of these workers (default: of those
+        restarted), as profile counters under each worker's path (beside its own counters,
+        whose names differ)."""
+        if indexes is None:
+            indexes = [index for index, count in enumerate(self.restarts) if count]
+        return {
+            self._names[i]: {
+                RESTARTS: self.restarts[i],
+                MEMORY_RESTARTS: self.restart_reasons[i].get(MAX_MEMORY, 0),
+            }
+            for i in indexes
+        }
 
     def run(self) -> None:
         while not self._stopping.wait(CHECK_INTERVAL):
