@@ -82,6 +82,7 @@ class Pipeline:
         stall_after: float | None = None,
         deadline: float | None = None,
         max_attribute_bytes: int | None = None,
+        max_memory_mb: float | None = None,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
@@ -98,7 +99,10 @@ class Pipeline:
         ``stall_after`` seconds on one item (default 10) a WARNING names it, repeated while
         it runs; past ``deadline`` seconds (default none) its worker is restarted and the
         item counted lost. An attribute over ``max_attribute_bytes`` (default 64 MiB) is not
-        copied back. None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
+        copied back. When its worker's resident memory is over ``max_memory_mb`` (MiB,
+        default none) after an item, the worker takes no other and is replaced (what was
+        queued in it is counted lost; these restarts do not count against ``max_restarts``).
+        None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -119,7 +123,7 @@ class Pipeline:
             _check_drop_policy(drop_policy, transport.LINK_POLICIES)
         if type(replicas) is not int or replicas < 1:
             raise ValueError(f"replicas must be a whole number of at least 1, not {replicas!r}")
-        limits = Limits(stall_after, deadline, max_attribute_bytes)  # checks them
+        limits = Limits(stall_after, deadline, max_attribute_bytes, max_memory_mb)  # checks them
         child = stage.pipeline if isinstance(stage, PipelineStage) else None
         self._entries.append(
             Entry(name, stage, child, on_error, drop_policy, replicas, ordered, limits)

@@ -24,20 +24,24 @@ from pystream_zmq.wire import transport
 SOURCE = -1  # the unit index of the source, before the first unit
 DEFAULT_STALL_AFTER = 10.0  # seconds one stage call may take before a WARNING says so
 DEFAULT_MAX_ATTRIBUTE_BYTES = 64 * 2**20  # a stage attribute larger stays in its worker
+MIB = 2**20  # max_memory_mb counts these
 
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a stage call may take and how large a stage attribute may be to be copied
-    back (``add(stall_after=, deadline=, max_attribute_bytes=)``). None: as the enclosing
-    entry's (a child pipeline's), else the default. ``math.inf``: no limit."""
+    """How long a stage call may take, how large a stage attribute may be to be copied back,
+    and how much memory its worker may hold (``add(stall_after=, deadline=,
+    max_attribute_bytes=, max_memory_mb=)``). None: as the enclosing entry's (a child
+    pipeline's), else the default. ``math.inf``: no limit."""
 
     stall_after: float | None = None  # seconds on one item, then a WARNING (repeated)
     deadline: float | None = None  # seconds on one item, then its worker is restarted
     max_attribute_bytes: float | None = None  # encoded bytes; larger stays in the worker
+    # MiB of resident memory; past it, after an item, the worker is replaced
+    max_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("stall_after", "deadline", "max_attribute_bytes"):
+        for name in ("stall_after", "deadline", "max_attribute_bytes", "max_memory_mb"):
             value = getattr(self, name)
             if value is not None and not (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
@@ -52,6 +56,7 @@ class Limits:
             outer.max_attribute_bytes
             if self.max_attribute_bytes is None
             else self.max_attribute_bytes,
+            outer.max_memory_mb if self.max_memory_mb is None else self.max_memory_mb,
         )
 
     def resolved(self) -> tuple[float, float, float]:
@@ -60,9 +65,16 @@ class Limits:
         assert full.stall_after and full.deadline and full.max_attribute_bytes  # set, > 0
         return full.stall_after, full.deadline, full.max_attribute_bytes
 
+    def max_memory_bytes(self) -> float:
+        """The resident memory its worker may hold, in bytes (``math.inf`` when not set)."""
+        mb = self.under(DEFAULT_LIMITS).max_memory_mb
+        assert mb is not None  # set in DEFAULT_LIMITS
+        return mb * MIB
 
-# What a stage runs under when nothing is set: a stall WARNING after 10 s, no deadline.
-DEFAULT_LIMITS = Limits(DEFAULT_STALL_AFTER, math.inf, DEFAULT_MAX_ATTRIBUTE_BYTES)
+
+# What a stage runs under when nothing is set: a stall WARNING after 10 s, no deadline, no
+# memory limit.
+DEFAULT_LIMITS = Limits(DEFAULT_STALL_AFTER, math.inf, DEFAULT_MAX_ATTRIBUTE_BYTES, math.inf)
 
 
 @dataclass(frozen=True)

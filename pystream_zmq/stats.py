@@ -13,7 +13,14 @@ class WorkerStats:
     name: str  # the unit's path; "<path>#<replica>" for a replica
     pid: int  # of the process running now (a restart changes it)
     alive: bool  # running, and it has said it is ready
-    restarts: int  # how often it was started again after dying
+    restarts: int  # how often it was started again after dying or being ended
+    # {why: how often}, for the restarts there were: "died" (by itself), "deadline" (a
+    # stage call ran past it), "max_memory" (its resident size passed max_memory_mb)
+    restart_reasons: dict[str, int] = field(default_factory=dict)
+    # Its resident memory in bytes, now and at its highest (this process's: a restart starts
+    # afresh), as it last reported them; None when it did not answer
+    rss_bytes: int | None = None
+    rss_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)

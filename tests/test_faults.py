@@ -132,6 +132,25 @@ def test_kill_9_of_a_middle_worker_is_recovered_and_every_item_accounted(
         assert pipeline.get_results()["x"] == 43
 
 
+def test_the_restarted_worker_of_a_one_stage_pipeline_is_asked_again() -> None:
+    """Its READY comes unasked; with no other worker to wait for, it must still be read.
+    (The restart is watched from outside: a stats() call under way would read it.)"""
+    counter = stages.Counter("Only")
+    with Pipeline() as pipeline:
+        pipeline.add(counter)
+        pipeline.parallelize()
+        victim = worker_pids(pipeline)[0]
+        os.kill(victim, signal.SIGKILL)
+        me = psutil.Process()
+        assert wait_until(lambda: [p.pid for p in me.children()] not in ([], [victim]))
+        assert pipeline.forward({"x": 1})
+        only = "MainPipeline__Only"
+        assert wait_until(lambda: pipeline.stats().stages.get(only, {}).get("processed") == 1)
+        assert pipeline.stats().workers[0].restarts == 1
+        pipeline.stop_loop()
+        assert counter.count == 1  # its state came back
+
+
 def test_past_the_restart_limit_the_pipeline_fails_loudly_naming_the_stage() -> None:
     with Pipeline() as pipeline:
         pipeline.add(stages.add_one, "Fragile")

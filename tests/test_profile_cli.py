@@ -115,8 +115,15 @@ def test_profile_table_has_the_stage_names(profiled_run: tuple[Path, Any]) -> No
     lines = out.output.splitlines()
     assert "times in ms" in lines[1] and "p95" in lines[2].split()
     # Below MainPipeline without its prefix, so that the table fits 100 columns.
-    assert [line.split()[0] for line in lines[4:]] == [MAIN, "Sleep5", "Sleep10", "Fail"]
+    assert [line.split()[0] for line in lines[4:8]] == [MAIN, "Sleep5", "Sleep10", "Fail"]
     assert max(map(len, lines[1:])) <= 100, "\n".join(lines)
+    # The workers' memory follows, in a table of its own: every stage here has a worker.
+    assert (
+        lines[8] == ""
+        and "resident MB" in lines[9]
+        and lines[10].split()[:3] == ["stage", "rss", "peak"]
+    )
+    assert [line.split()[0] for line in lines[12:]] == [MAIN, "Sleep5", "Sleep10", "Fail"]
 
 
 def test_profile_json_has_percentiles_for_every_stage(profiled_run: tuple[Path, Any]) -> None:

@@ -49,8 +49,8 @@ def profile(
     db: Path | None, run_id: int | None, as_json: bool, as_csv: bool, plot: Path | None
 ) -> None:
     """Print the profile report of a run: per stage, items, latency (mean, p50, p95, p99),
-    queue wait versus compute, throughput, drops and errors. DB defaults to the profile
-    database of get_profiler_db_folder()."""
+    queue wait versus compute, throughput, drops, errors and the peak resident memory of its
+    worker. DB defaults to the profile database of get_profiler_db_folder()."""
     if as_json and as_csv:
         raise click.UsageError("--json and --csv cannot be combined")
     db = _default_db(db)
@@ -97,8 +97,9 @@ def _plot(db: Path, run_id: int | None, out: Path) -> None:
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 def top(db: Path | None, run_id: int | None, interval: float, window: float, once: bool) -> None:
     """A live view of a run (default: the latest, re-checked at each refresh): per stage
-    items/s, p95 latency, queue wait and compute over the last WINDOW seconds, and the run's
-    drops and errors so far. Ctrl-C exits."""
+    items/s, p95 latency, queue wait and compute over the last WINDOW seconds, the run's
+    drops and errors so far, and its worker's resident memory now and at its highest.
+    Ctrl-C exits."""
     db = _default_db(db)
     clear = not once and sys.stdout.isatty()
     try:
@@ -131,14 +132,17 @@ def _header(result: ProfileReport, suffix: str = "") -> str:
 
 def format_table(stages: Sequence[StageReport], window: float | None = None) -> str:
     """Stages as an aligned text table that fits 100 columns; times in ms, stage paths below
-    MainPipeline without its prefix. With ``window`` (top): items/s is the number of items
-    in the window divided by its length."""
+    MainPipeline without its prefix. Without ``window`` (profile), the workers' resident
+    memory follows in a table of its own (there is no room beside the times). With
+    ``window`` (top): items/s is the number of items in the window divided by its length,
+    and the memory is in the same table."""
     if window is None:
         head = ["stage", "items", "mean", "p50", "p95", "p99", "wait", "wait95", "comp",
                 "comp95", "items/s", "drop", "err"]  # fmt: skip
     else:
-        head = ["stage", "items/s", "p95", "wait", "wait95", "comp", "drop", "err"]
-    rows = [head]
+        head = ["stage", "items/s", "p95", "wait", "wait95", "comp", "drop", "err", "rss",
+                "peak", "replaced"]  # fmt: skip
+    rows = []
     for s in stages:
         name = _short(s.path)
         if window is None:
@@ -149,7 +153,31 @@ def format_table(stages: Sequence[StageReport], window: float | None = None) -> 
         else:
             rows.append([name, _num(s.items / window, 1), *_ms(s.latency_p95,
                          s.queue_wait_mean, s.queue_wait_p95, s.compute_mean), str(s.dropped),
-                         str(s.errors)])  # fmt: skip
+                         str(s.errors), *_memory(s)])  # fmt: skip
+    title = "times in ms (wait: queue wait, comp: compute)"
+    if window is not None:
+        return f"{title}\n{_MEMORY_TITLE}\n{_aligned(head, rows)}"
+    text = f"{title}\n{_aligned(head, rows)}"
+    measured = [s for s in stages if s.rss_bytes is not None]
+    if measured:
+        memory = [[_short(s.path), *_memory(s)] for s in measured]
+        text += f"\n\n{_MEMORY_TITLE}\n{_aligned(['stage', 'rss', 'peak', 'replaced'], memory)}"
+    return text
+
+
+_MEMORY_TITLE = (
+    "resident MB (rss: as last reported, peak: a worker's highest; replaced: past max_memory_mb)"
+)
+
+
+def _memory(stage: StageReport) -> list[str]:
+    """rss and peak in MB, and memory restarts: the memory columns."""
+    return [_mb(stage.rss_bytes), _mb(stage.rss_peak_bytes), str(stage.memory_restarts)]
+
+
+def _aligned(head: list[str], rows: list[list[str]]) -> str:
+    """A header, a rule and the rows: the first column left-aligned, the others right."""
+    rows = [head, *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -157,7 +185,7 @@ def format_table(stages: Sequence[StageReport], window: float | None = None) -> 
         for row in rows
     ]  # fmt: skip
     lines.insert(1, "-" * len(lines[0]))
-    return "times in ms (wait: queue wait, comp: compute)\n" + "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _short(path: str) -> str:
@@ -175,6 +203,11 @@ def _ms(*seconds: float) -> list[str]:
         )
         out.append(_num(value, digits))
     return out
+
+
+def _mb(value: int | None) -> str:
+    """Bytes in MiB, whole; "-" when unknown."""
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def _num(value: float, digits: int) -> str:

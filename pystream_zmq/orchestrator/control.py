@@ -88,6 +88,7 @@ class Control:
         its request id), waiting up to ``timeout`` from when the channel is ours."""
         with self._lock:
             deadline = Deadline(timeout)
+            self._take_waiting()
             self._request += 1
             request = self._request.to_bytes(8, "little")
             waiting = set()
@@ -116,6 +117,15 @@ class Control:
         for index in waiting:
             log.warning("worker %s did not answer %r in time", self._names[index], command)
         return replies
+
+    def _take_waiting(self) -> None:
+        """Read what came since the last exchange: a restarted worker's READY is read only
+        by an exchange, and one that awaits no other reply (a pipeline of one worker) would
+        never read it, so that worker would never be asked anything."""
+        while self.socket.poll(0):
+            found = self._from_worker(self.socket.recv_multipart())
+            if found is not None and found[1][0] not in _ANNOUNCEMENTS:
+                log.debug("dropped a late %r reply of %s", found[1][0][:16], self._names[found[0]])
 
     def _route(self, index: int) -> bytes | None:
         with self._peers:

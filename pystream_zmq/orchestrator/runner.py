@@ -38,7 +38,7 @@ from pystream_zmq.orchestrator.stalls import StallBoard
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
-from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
+from pystream_zmq.profiling.store import RSS, RSS_PEAK, ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_handle import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats, WorkerStats
@@ -93,7 +93,7 @@ class ParallelRunner:
         # The control channel's allow-list: the data links' too, when they are under CURVE.
         self._auth = security.start_authenticator(self._ctx, links.control_curve)
         undo.callback(security.stop_authenticator, self._auth)
-        self.stalls = StallBoard(self.launcher.names, self.launcher.pid_of, self._past_deadline)
+        self.stalls = StallBoard(self.launcher.names, self.launcher.pid_of, self._past_limit)
         self.worker_logs = WorkerLogs(self.launcher.names, self.launcher.pid_of)
         self.control = Control(self._ctx, self.launcher.names, self._answering)
         links.bind_control(self.control.socket)
@@ -201,6 +201,8 @@ class ParallelRunner:
         self.stalls.forget(index)
         self.launcher.relaunch(index)
         self._drain.resend()  # a drain's marker may have died with the old worker
+        if self._sink_recorder is not None:
+            self._sink_recorder.counters(self.supervisor.restart_counters([index]))
 
     # -- stalls --------------------------------------------------------------------------
     def _answering(self) -> list[int]:
@@ -214,12 +216,13 @@ class ParallelRunner:
         else:
             self.stalls.take(message)
 
-    def _past_deadline(self, index: int, pid: int, reason: str) -> None:
-        """A stage call ran past its deadline (the collector's thread): restart its worker;
-        what it held never comes out, and the ledger counts it lost."""
+    def _past_limit(self, index: int, pid: int, cause: str, reason: str) -> None:
+        """A worker passed its deadline or its memory limit (the collector's thread):
+        restart it; what it held never comes out, and the ledger counts it lost. While
+        closing, a worker past its memory limit answers STOP as usual (worker/loop.py)."""
         if self._closed:
             return
-        self.supervisor.expect_exit(index, pid, reason)
+        self.supervisor.expect_exit(index, pid, cause, reason)
         self.launcher.kill(index, pid)
 
     # -- data ----------------------------------------------------------------------------
@@ -297,6 +300,9 @@ class ParallelRunner:
                 proc.pid,
                 not self._closed and index in launcher.ready and proc.poll() is None,
                 self.supervisor.restarts[index],
+                dict(self.supervisor.restart_reasons[index]),
+                stages.get(name, {}).get(RSS),
+                stages.get(name, {}).get(RSS_PEAK),
             )
             for index, (name, proc) in enumerate(zip(launcher.names, launcher.procs, strict=True))
         )
@@ -378,6 +384,7 @@ class ParallelRunner:
             self._sink_recorder.counters(
                 {MAIN_PIPELINE_NAME: self.main_counters(), **self.worker_counters}
             )
+            self._sink_recorder.counters(self.supervisor.restart_counters())
         if self._profile_proc is not None:
             self._profile_proc.close(max(deadline.left(), 1.0), self._events_sent)
         if self._recorder is not None:

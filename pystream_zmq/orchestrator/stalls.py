@@ -1,7 +1,8 @@
 """What the workers' watchdogs report over the status link (``wire/status.py``, read by the
 collector thread): logged here, in the user's process, under the ``pystream_zmq`` logger,
 and kept, so that a drain, the state copy and the stop can name the item a worker is busy
-with, and pass a stuck worker by instead of waiting for it."""
+with, and pass a stuck worker by instead of waiting for it. A worker past its deadline or
+its memory limit is handed to ``on_limit``, which has it replaced."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pystream_zmq.errors import DecodeError
+from pystream_zmq.orchestrator.supervisor import DEADLINE, MAX_MEMORY
+from pystream_zmq.plan import MIB
 from pystream_zmq.wire import status
 
 log = logging.getLogger(__name__)
@@ -34,18 +37,19 @@ class Busy:
 
 class StallBoard:
     """``pid_of(index)``: the pid of worker ``index`` now (a report from a process since
-    replaced is ignored); ``on_deadline(index, pid, reason)``: a stage call of that worker
-    ran past its deadline, and the worker must be restarted."""
+    replaced is ignored); ``on_limit(index, pid, cause, reason)``: that worker passed a limit
+    (``cause``: DEADLINE, a stage call ran past its deadline; MAX_MEMORY, its resident size
+    passed its max_memory_mb after an item) and must be restarted."""
 
     def __init__(
         self,
         names: Sequence[str],
         pid_of: Callable[[int], int | None],
-        on_deadline: Callable[[int, int, str], None],
+        on_limit: Callable[[int, int, str, str], None],
     ) -> None:
         self._names = list(names)
         self._pid_of = pid_of
-        self._on_deadline = on_deadline
+        self._on_limit = on_limit
         self._lock = threading.Lock()
         self._busy: dict[int, Busy] = {}
         self.malformed = 0
@@ -87,10 +91,23 @@ class StallBoard:
                 "stage %s: %s; its worker is restarted, and the item is counted lost",
                 report.path, reason,
             )  # fmt: skip
-            try:  # in the collector's thread: it must go on whatever happens here
-                self._on_deadline(index, report.pid, f"stage {report.path}: {reason}")
-            except Exception:
-                log.exception("could not restart the worker of stage %s", report.path)
+            self._limit_passed(index, report, DEADLINE, reason)
+        elif kind == status.MEMORY:
+            reason = (
+                f"its resident memory, {report.running / MIB:.0f} MB, passed "
+                f"max_memory_mb={report.limit / MIB:g} after item {report.seq}"
+            )
+            log.warning(
+                "stage %s: %s; its worker is replaced, and what was queued in it is counted "
+                "lost", report.path, reason,
+            )  # fmt: skip
+            self._limit_passed(index, report, MAX_MEMORY, reason)
+
+    def _limit_passed(self, index: int, report: status.Report, cause: str, reason: str) -> None:
+        try:  # in the collector's thread: it must go on whatever happens here
+            self._on_limit(index, report.pid, cause, f"stage {report.path}: {reason}")
+        except Exception:
+            log.exception("could not restart the worker of stage %s", report.path)
 
     def busy(self) -> dict[int, Busy]:
         """{worker index: the call it is busy with}, for calls running past the notice time."""

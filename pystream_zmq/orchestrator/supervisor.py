@@ -5,23 +5,34 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pystream_zmq.errors import WorkerCrashedError
+from pystream_zmq.profiling.store import MEMORY_RESTARTS, RESTARTS
+from pystream_zmq.worker.memory import EXIT_OVER_MEMORY
 from pystream_zmq.worker.watchdog import EXIT_PAST_DEADLINE
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.1  # seconds: a dead worker is noticed within this
+MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
-_EXIT_REASONS = {EXIT_PAST_DEADLINE: "a stage call ran past its deadline"}
+# Why a worker was restarted (WorkerStats.restart_reasons): it died of itself, or it was
+# ended on purpose, past its deadline or its memory limit.
+DIED, DEADLINE, MAX_MEMORY = "died", "deadline", "max_memory"
+_EXIT_REASONS = {
+    EXIT_PAST_DEADLINE: (DEADLINE, "a stage call ran past its deadline"),
+    EXIT_OVER_MEMORY: (MAX_MEMORY, "its resident memory passed max_memory_mb"),
+}
 
 
 class Supervisor(threading.Thread):
     """Polls every worker; one that exited is started again from its original definition
     (``relaunch(index)``) after a backoff of 0.1 s, 0.2 s, 0.4 s ... up to ``max_restarts``
     times. Past that, ``failed`` names the stage, the pipeline refuses to go on, and
-    ``on_give_up()`` is called once (what is still in flight will never come out).
+    ``on_give_up()`` is called once (what is still in flight will never come out). A worker
+    replaced for its memory (MAX_MEMORY) is started again after 0.1 s, as often as it takes:
+    that is the limit doing its job, not a failure.
     ``watch``: other children's checks, called at every poll (the profile writer's, which
     restarts its process itself)."""
 
@@ -44,14 +55,30 @@ class Supervisor(threading.Thread):
         self._watch = list(watch)
         self._stopping = threading.Event()
         self.restarts = [0] * len(names)
+        self.restart_reasons: list[dict[str, int]] = [{} for _ in names]  # {cause: restarts}
         self.restarts_in_all = 0
         self.failed: WorkerCrashedError | None = None
-        self._expected: dict[int, tuple[int, str]] = {}  # index: (pid, why it is ended)
+        self._expected: dict[int, tuple[int, str, str]] = {}  # index: (pid, cause, reason)
 
-    def expect_exit(self, index: int, pid: int, reason: str) -> None:
-        """Process ``pid`` (worker ``index``) is being ended on purpose, for ``reason``: its
-        restart is logged as such, and counts as one."""
-        self._expected[index] = (pid, reason)
+    def expect_exit(self, index: int, pid: int, cause: str, reason: str) -> None:
+        """Process ``pid`` (worker ``index``) is being ended on purpose (``cause``: DEADLINE
+        or MAX_MEMORY), for ``reason``: its restart is logged as such, and counted under
+        ``cause``."""
+        self._expected[index] = (pid, cause, reason)
+
+    def restart_counters(self, indexes: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
+        """Restarts, in all and past max_memory_mb, of these workers (default: of those
+        restarted), as profile counters under each worker's path (beside its own counters,
+        whose names differ)."""
+        if indexes is None:
+            indexes = [index for index, count in enumerate(self.restarts) if count]
+        return {
+            self._names[i]: {
+                RESTARTS: self.restarts[i],
+                MEMORY_RESTARTS: self.restart_reasons[i].get(MAX_MEMORY, 0),
+            }
+            for i in indexes
+        }
 
     def run(self) -> None:
         while not self._stopping.wait(CHECK_INTERVAL):
@@ -64,20 +91,34 @@ class Supervisor(threading.Thread):
 
     def _restart(self, index: int, code: int) -> None:
         name, pid = self._names[index], self._procs[index].pid
-        expected_pid, reason = self._expected.pop(index, (pid, _EXIT_REASONS.get(code)))
-        ended = f"was ended ({reason})" if reason and expected_pid == pid else "died"
-        if self.restarts[index] >= self._max_restarts:
+        expected = self._expected.pop(index, None)
+        if expected is not None and expected[0] == pid:
+            cause, reason = expected[1:]
+        else:
+            cause, reason = _EXIT_REASONS.get(code, (DIED, ""))
+        ended = f"was ended ({reason})" if reason else "died"
+        reasons = self.restart_reasons[index]
+        failures = self.restarts[index] - reasons.get(MAX_MEMORY, 0)  # what max_restarts counts
+        if cause != MAX_MEMORY and failures >= self._max_restarts:
             detail = f"its worker {ended}, exit code {code}, after {self._max_restarts} restarts"
             log.error("stage %s: %s; the pipeline cannot go on", name, detail)
             self._give_up(WorkerCrashedError(name, detail))
             return
-        backoff = min(0.1 * 2 ** self.restarts[index], MAX_BACKOFF)
         self.restarts[index] += 1
+        reasons[cause] = reasons.get(cause, 0) + 1
         self.restarts_in_all += 1
-        log.error(
-            "worker of stage %s (pid %d) %s with exit code %d; restart %d of %d in %.1f s",
-            name, pid, ended, code, self.restarts[index], self._max_restarts, backoff,
-        )  # fmt: skip
+        if cause == MAX_MEMORY:
+            backoff = MIN_BACKOFF
+            log.warning(
+                "worker of stage %s (pid %d) %s with exit code %d; replaced in %.1f s "
+                "(memory restart %d)", name, pid, ended, code, backoff, reasons[cause],
+            )  # fmt: skip
+        else:
+            backoff = min(MIN_BACKOFF * 2**failures, MAX_BACKOFF)
+            log.error(
+                "worker of stage %s (pid %d) %s with exit code %d; restart %d of %d in %.1f s",
+                name, pid, ended, code, failures + 1, self._max_restarts, backoff,
+            )  # fmt: skip
         if self._stopping.wait(backoff):
             return
         try:

@@ -24,7 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from pystream_zmq.errors import PyStreamError
-from pystream_zmq.profiling.store import EVENTS_LOST, WRITER_FAILED, WRITER_RESTARTS
+from pystream_zmq.profiling.store import (
+    EVENTS_LOST,
+    MEMORY_RESTARTS,
+    RSS,
+    RSS_PEAK,
+    WRITER_FAILED,
+    WRITER_RESTARTS,
+)
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
 
 _Array = npt.NDArray[np.float64]
@@ -48,6 +55,12 @@ class StageReport:
     decoded or encoded (``MainPipeline``: all of the run's). ``dropped_events``: profile
     records lost because the database or the collector was too slow (the items themselves
     went on).
+
+    ``rss_bytes``: the resident memory of the path's worker as last reported (its replicas'
+    summed; ``MainPipeline``: every worker's), ``rss_peak_bytes`` the highest any one of
+    them reached (a restarted worker's count from its restart); None for a path without a
+    worker of its own (a stage of a serialized child pipeline, a serial run).
+    ``memory_restarts``: how often its worker was replaced for passing ``max_memory_mb``.
     """
 
     path: str
@@ -67,6 +80,9 @@ class StageReport:
     dropped_events: int
     counters: dict[str, int]  # the counters recorded for this path (summed over replicas)
     replicas: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # "N": its own
+    rss_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+    memory_restarts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: nan becomes None."""
@@ -302,8 +318,9 @@ def _stage_report(
     for values in replicas.values():
         for name, value in values.items():
             mine[name] = mine.get(name, 0) + value
-    if path == MAIN_PIPELINE_NAME:
-        every = counters.values()
+    workers = [counters.get(path, {}), *replicas.values()]  # the counters of its processes
+    if path == MAIN_PIPELINE_NAME:  # the whole run's
+        every = workers = list(counters.values())
         errors = sum(c.get(name, 0) for c in every for name in _ERROR_COUNTERS)
         dropped = sum(c.get(name, 0) for c in every for name in _DROP_COUNTERS)
         dropped_events = sum(c.get("dropped_events", 0) for c in every)
@@ -311,6 +328,7 @@ def _stage_report(
         errors = sum(mine.get(name, 0) for name in _ERROR_COUNTERS)
         dropped = sum(mine.get(name, 0) for name in _DROP_COUNTERS)
         dropped_events = mine.get("dropped_events", 0)
+    measured = [values for values in workers if RSS in values]
     p50, p95, p99 = _percentiles(t.latency, (50, 95, 99))
     ends = np.sort(t.end)
     span = float(ends[-1] - ends[0]) if len(ends) > 1 else 0.0
@@ -332,6 +350,9 @@ def _stage_report(
         dropped_events=dropped_events,
         counters=mine,
         replicas=replicas,
+        rss_bytes=sum(values[RSS] for values in measured) if measured else None,
+        rss_peak_bytes=max(values.get(RSS_PEAK, 0) for values in measured) if measured else None,
+        memory_restarts=sum(values.get(MEMORY_RESTARTS, 0) for values in workers),
     )
 
 

@@ -35,6 +35,12 @@ Counters = Mapping[str, Mapping[str, int]]  # {path: {name: value}}
 WRITER_RESTARTS = "profile_writer_restarts"  # profile writer processes that died, restarted
 EVENTS_LOST = "profile_events_lost"  # events sent to the writer that it never accounted for
 WRITER_FAILED = "profile_writer_failed"  # 1: the last writer died and was not restarted
+# A worker's memory, in bytes, as it reports it (worker/memory.py), and its restarts, which
+# the orchestrator records under the worker's path: in all, and those for its memory limit
+RSS = "rss_bytes"
+RSS_PEAK = "rss_peak_bytes"
+RESTARTS = "restarts"
+MEMORY_RESTARTS = "memory_restarts"
 
 _db_folder: str | None = None  # PyStream's API is a module-level setting
 

@@ -19,7 +19,8 @@ from pystream_zmq.wire import codec
 RUNNING = b"running"  # a stage call has run past the notice time, or past stall_after
 DONE = b"done"  # a stage call reported RUNNING has returned
 DEADLINE = b"deadline"  # a stage call ran past its deadline: the worker is about to end
-KINDS = (RUNNING, DONE, DEADLINE)
+MEMORY = b"memory"  # after an item, its resident size was over its limit: to be replaced
+KINDS = (RUNNING, DONE, DEADLINE, MEMORY)
 LOG = b"log"  # a log record
 
 MAX_BYTES = 256 * 1024  # a report is a few dozen bytes; a log record's text, up to 4 bytes a
@@ -35,6 +36,8 @@ class Report:
     running: float  # seconds the call has run so far (DONE: in all, to within a check)
     stalled: bool  # it has run past its stall_after (DONE: it was reported so)
     limit: float  # RUNNING: its stall_after; DEADLINE: its deadline; DONE: its stall_after
+    # MEMORY: path is the worker's unit, seq the item it finished last, running its resident
+    # size and limit its limit, both in bytes
 
 
 _TYPES = (int, int, str, int, float, bool, float)

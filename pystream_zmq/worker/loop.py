@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from pystream_zmq import child
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
@@ -22,6 +23,7 @@ from pystream_zmq.throttle import Throttled
 from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
+from pystream_zmq.worker import memory
 from pystream_zmq.worker.sending import Sender, share_received_frames
 from pystream_zmq.worker.spec import WorkerSpec
 from pystream_zmq.worker.state import STATE_COMMANDS, StateCopy
@@ -78,6 +80,10 @@ class Worker:
             "replaced": 0,  # skipped under drop_policy="latest": a newer item was waiting
             "expired": 0,  # older than max_age when they arrived
         }
+        self.memory = memory.Memory(memory.unit_limit(spec.limits.values()))
+        self.memory.check_at_start()
+        self._last_seq = -1  # the item handled last, for the memory report
+        self._watchdog: Watchdog | None = None
         self.events_sent = 0  # profile events handed to the profile socket
         self._control: zmq.Socket[Any] | None = None
         self._stop_request = b""  # the request id of the STOP that finish() answers
@@ -115,7 +121,7 @@ class Worker:
         """{path: {name: value}}: the unit's counters, and each stage's errors; a replica's
         paths end in #N, so that replicas do not overwrite each other."""
         suffix = "" if self.spec.replica is None else f"{REPLICA_MARK}{self.spec.replica}"
-        counters = dict(self.counters)
+        counters = {**self.counters, **self.memory.counters()}
         if self.inputs.ordered:
             counters.update(reorder_skipped=self.inputs.skipped, reorder_late=self.inputs.late)
         snapshot = {self.spec.name + suffix: counters}
@@ -160,6 +166,7 @@ class Worker:
                 self.upstream_done = True  # only now: done() may end the loop on it
                 return
             self.upstream_done = False
+            self._last_seq = seq
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
                 self._drop(seq, sent_at, "expired")
                 return
@@ -210,6 +217,7 @@ class Worker:
                 self._drop(seq, sent_at, "replaced")
             else:
                 self._handle_item(frames)
+                self._check_memory()
             self._stop_if_done()
 
     def _failure_frames(self, failure: StageFailure, sent_at: float) -> list[Any]:
@@ -231,6 +239,23 @@ class Worker:
     def _stop_if_done(self) -> None:
         if self._done():
             raise _Stop
+
+    def _check_memory(self, after_item: bool = True) -> None:
+        """Between items: past the memory limit, take no other; the orchestrator, told by
+        the watchdog, kills and replaces this process. Until then the control channel is
+        answered (a STOP ends the run as usual); if it does not come, leave."""
+        if not self.memory.over_limit(after_item):
+            return
+        assert self._watchdog is not None
+        self._watchdog.over_memory(self._last_seq, self.memory.rss, self.memory.limit)
+        if self.events is not None:  # the items done so far keep their profile records
+            self.events.flush()
+        control = self._control
+        until = time.monotonic() + memory.REPLACE_GRACE
+        while control is not None and (left := until - time.monotonic()) > 0:
+            if control.poll(max(1, int(left * 1000))):
+                self._handle_control(control)
+        child.leave(memory.EXIT_OVER_MEMORY)
 
     def _count_disconnects(self, monitor: zmq.Socket[Any]) -> None:
         while monitor.poll(0):
@@ -281,7 +306,7 @@ class Worker:
             poller.register(control, zmq.POLLIN)
         for sock in self.inputs.sockets:
             poller.register(sock, zmq.POLLIN)
-        watchdog = Watchdog(self.chain, self.spec, self.ctx)
+        watchdog = self._watchdog = Watchdog(self.chain, self.spec, self.ctx)
         watchdog.start()
         try:
             while not done():
@@ -309,12 +334,14 @@ class Worker:
         else:
             for frames in messages:
                 self._handle_item(frames)
+                self._check_memory()
                 self._stop_if_done()
                 if self.events is not None:  # a slow stage may not leave the burst for long
                     self.events.flush_if_old()
         if self.events is not None:
             self.events.flush_if_old()
             self._send_counters_if_due()
+        self._check_memory(after_item=False)  # the last items before a pause
 
     def finish(self, control: zmq.Socket[Any]) -> None:
         """Flush profile events, then say goodbye; the orchestrator acknowledges both by

@@ -11,13 +11,15 @@ Per call: a RUNNING notice after NOTICE_AFTER (so that stop and cleanup can name
 if they have to wait for it), a stalled RUNNING after ``stall_after`` and again at doubling
 intervals (at most _MAX_REPEAT apart), DONE when a reported call returns, and DEADLINE past
 ``deadline``: the orchestrator then kills the worker, which ends itself if it is not killed
-within _DEADLINE_GRACE.
+within _DEADLINE_GRACE. It also sends, for the main thread (``over_memory``), MEMORY: the
+worker's resident size passed its limit (worker/memory.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from typing import Any
@@ -58,6 +60,7 @@ class Watchdog(threading.Thread):
         self._reported = self._stalled = False  # what was said about it
         self._next_report = 0.0  # seconds into the call
         self._unsent: list[list[Any]] = []  # DONE and DEADLINE are sent again until they go
+        self._from_main: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()  # for _unsent
 
     def stop(self) -> None:
         self._stopping.set()
@@ -77,6 +80,8 @@ class Watchdog(threading.Thread):
 
     def check(self, now: float) -> None:
         """Look at the call under way; report what is due."""
+        while not self._from_main.empty():
+            self._unsent.append(self._from_main.get())
         if self._socket is not None:
             self._send_unsent()
         current = self._chain.current
@@ -97,6 +102,19 @@ class Watchdog(threading.Thread):
             self._reported = True
             self._report(status.RUNNING, current, now, self._stalled)
             self._next_report = _next_warning(running, stall_after)
+
+    def over_memory(self, seq: int, rss: int, limit: float) -> None:
+        """From the main thread: after item ``seq`` this process's resident size, ``rss``
+        bytes, is over its ``limit``. Orchestrated, the report goes at the next check (this
+        thread owns the socket), and the orchestrator replaces the process; standalone, it is
+        logged here."""
+        report = status.Report(
+            self._spec.process, os.getpid(), self._spec.name, seq, float(rss), False, limit
+        )
+        if self._spec.status is None:
+            _log_here(status.MEMORY, report)
+        else:
+            self._from_main.put(status.pack(status.MEMORY, report))
 
     def _limits_of(self, path: str) -> tuple[float, float]:
         return self._limits.get(path) or Limits().resolved()[:2]
@@ -179,4 +197,10 @@ def _log_here(kind: bytes, report: status.Report) -> None:
         log.error(
             "stage %s ran past its deadline of %g s on item %d; the worker ends",
             report.path, report.limit, report.seq,
+        )  # fmt: skip
+    elif kind == status.MEMORY:
+        log.error(
+            "%s: its resident memory, %.0f MB, passed max_memory_mb=%g after item %d; the "
+            "worker ends", report.path, report.running / 2**20, report.limit / 2**20,
+            report.seq,
         )  # fmt: skip
