@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from pystream_zmq.errors import PyStreamError
@@ -36,9 +37,12 @@ def load(ref: str) -> Any:
     return obj
 
 
-def build(obj: Any, params: dict[str, Any], *, factory: bool = False) -> Any:
+def build(
+    obj: Any, params: dict[str, Any], *, factory: bool = False, iterable: bool = False
+) -> Any:
     """A class is constructed with ``params``, a factory (``factory=True``) called with them;
-    anything else is used as it is and takes no params."""
+    anything else is used as it is and takes no params. What is built must be callable, or
+    with ``iterable`` (a source) iterable."""
     if not callable(obj):
         raise LoadError(f"{_describe(obj)} is not callable")
     if not (isinstance(obj, type) or factory):
@@ -52,8 +56,9 @@ def build(obj: Any, params: dict[str, Any], *, factory: bool = False) -> Any:
     except Exception as e:
         args = ", ".join(f"{key}={value!r}" for key, value in params.items())
         raise LoadError(f"{_describe(obj)}({args}) failed: {type(e).__name__}: {e}") from e
-    if not callable(built):
-        raise LoadError(f"{_describe(obj)} returned {_describe(built)}, which is not callable")
+    if not (callable(built) or (iterable and isinstance(built, Iterable))):
+        what = "callable nor iterable" if iterable else "callable"
+        raise LoadError(f"{_describe(obj)} returned {_describe(built)}, which is not {what}")
     return built
 
 

@@ -13,7 +13,7 @@ import inspect
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,9 @@ def pipeline_(verbose: bool, ref: str, **opts: Any) -> int:
 @click.pass_obj
 def source(verbose: bool, ref: str, **opts: Any) -> int:
     """Send items: ATTR is an iterator, a generator function (called once with the
-    params), or a function or class instance called for each item."""
+    params), a class made with the params whose instances are iterable (a source such as
+    pystream_zmq.media:VideoSource), or a function or class instance called for each
+    item. Its end is the end of the stream."""
     obj = _guard(verbose, ref, lambda: load(ref))
     if isinstance(obj, Iterator):
         items = obj
@@ -161,7 +163,9 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
         params = _params(opts)
         items = _guard(verbose, ref, lambda: obj(**params))
     else:
-        items = roles.iterate(_build(verbose, ref, opts, obj))
+        built = _build(verbose, ref, opts, obj, iterable=True)
+        # A source object (pystream_zmq.media.VideoSource) is iterated; a callable, called.
+        items = iter(built) if isinstance(built, Iterable) else roles.iterate(built)
     curve = curve_options.settings(opts, [], opts["push"])
     # The source drains nothing itself: it waits for the next process as a stage would.
     stopping = process.start("source", verbose, options.DRAIN_TIMEOUT)
@@ -252,10 +256,14 @@ def _guard(verbose: bool, ref: str, step: Callable[[], Any]) -> Any:
         raise _LoadFailed(f"{ref}: {e!r}") from e
 
 
-def _build(verbose: bool, ref: str, opts: dict[str, Any], obj: Any = None) -> Any:
+def _build(
+    verbose: bool, ref: str, opts: dict[str, Any], obj: Any = None, *, iterable: bool = False
+) -> Any:
     params = _params(opts)
     found = obj if obj is not None else _guard(verbose, ref, lambda: load(ref))
-    return _guard(verbose, ref, lambda: build(found, params, factory=opts["factory"]))
+    return _guard(
+        verbose, ref, lambda: build(found, params, factory=opts["factory"], iterable=iterable)
+    )
 
 
 def _check_name(name: str, hint: str = "") -> str:
