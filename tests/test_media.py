@@ -54,12 +54,12 @@ class Detect(Stage):
 
     def __init__(self) -> None:
         self.name = "Detect"
-        self._model: Any = None
+        self.model: Any = None
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self._model is None:
-            self._model = cv2.createBackgroundSubtractorMOG2(history=50, detectShadows=False)
-        mask = self._model.apply(data.pop("blurred"))
+        if self.model is None:
+            self.model = cv2.createBackgroundSubtractorMOG2(history=50, detectShadows=False)
+        mask = self.model.apply(data.pop("blurred"))
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         boxes = [cv2.boundingRect(c) for c in contours if cv2.contourArea(c) > 50]
         for x, y, w, h in boxes:
@@ -68,10 +68,10 @@ class Detect(Stage):
         return data
 
     def cleanup(self) -> None:
-        self._model = None
+        self.model = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_model": None}  # made again where it runs
+        return {**self.__dict__, "model": None}  # made again where it runs
 
 
 def read_frames(path: Path) -> list[np.ndarray[Any, Any]]:
