@@ -286,7 +286,7 @@ def _serve_worker(
     pulls, pushes = _pull_endpoints(opts), list(opts["push"])
     curve = curve_options.settings(opts, pulls, pushes, opts["profile"])
     spec = WorkerSpec(
-        name=name,
+        name=MAIN_PIPELINE_NAME + PATH_SEPARATOR + name,  # its counters' path in the profiles
         pull=pulls[0],
         push=pushes[0],
         more_pulls=tuple(pulls[1:]),
