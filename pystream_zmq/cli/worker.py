@@ -20,7 +20,7 @@ from typing import Any
 import click
 import zmq
 
-from pystream_zmq.cli import curve_options, options, process, roles
+from pystream_zmq.cli import curve_options, options, process, roles, sink_role
 from pystream_zmq.cli.loader import (
     LoadError,
     build,
@@ -209,14 +209,14 @@ def sink(verbose: bool, **opts: Any) -> int:
             for level in name.split(PATH_SEPARATOR):
                 _check_name(level, " (in --stages)")
         folder = opts["profile_dir"] or store.get_profiler_db_folder()
-        profile = roles.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
+        profile = sink_role.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
     on_latest = None
     if opts["save_latest"]:
-        on_latest = roles.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        on_latest = sink_role.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
     stopping = process.start("sink", verbose, opts["drain_timeout"])
     return _run(
         verbose,
-        lambda: roles.run_sink(
+        lambda: sink_role.run_sink(
             pulls,
             stopping,
             ordered=opts["ordered"],
