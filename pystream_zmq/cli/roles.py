@@ -22,10 +22,11 @@ from typing import Any
 
 import zmq
 
-from pystream_zmq.errors import PyStreamError
+from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.stage import Leaf
 from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often a blocked send looks at the stop flag
 ACK_TIMEOUT = 1.0  # after the drain, how long to wait for the next process to leave
+# After a drain that timed out, how long a stage still reads (and counts as dropped) what
+# upstream sends, waiting for its end of stream; the sink waits a little longer for the
+# stages' last profile records (sink_role.py).
+END_GRACE = 0.5
 _END: Any = object()
 
 
@@ -121,31 +126,78 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         outputs = ", ".join((spec.push, *spec.more_pushes))
         log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
         worker.run(done=_Drain(worker, stopping))
-        if worker.events is not None:
-            worker.events.flush()
-        dropped = 0 if worker.upstream_done else sum(map(_discard, worker.inputs.sockets))
-        if dropped:
-            log.warning("dropped %d items still queued at the input", dropped)
+        queued = 0
+        if not worker.upstream_done:  # the drain timed out
+            queued = _discard_until_end(worker.inputs, stopping.drain_left() + END_GRACE)
+        worker.counters["discarded"] += queued
+        discarded = worker.counters["discarded"]
+        if discarded:
+            log.warning(
+                "dropped %d items at the stop (%d still queued at the input, %d the next "
+                "process did not take)", discarded, queued, discarded - queued,
+            )  # fmt: skip
+        if worker.profile is not None:
+            _end_profile(worker, stopping.ack_deadline())
         _end_streams(worker.outputs.sockets, stopping.ack_deadline())
         log.info(
-            "stopped after %d items (%d stage errors)",
+            "stopped after %d items (%d stage errors%s)",
             worker.counters["processed"],
             sum(worker.chain.errors.values()),
+            f", {discarded} dropped at the stop" if discarded else "",
         )
     finally:
         security.stop_authenticator(auth)
         ctx.destroy(linger=0)
 
 
-def _discard(pull: zmq.Socket[Any]) -> int:
-    """Read what is queued at the input without processing it; the count of data items."""
-    dropped = 0
-    while True:
-        try:
-            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return dropped
-        dropped += frames[0].bytes[:1] == bytes([transport.KIND_DATA])
+def _end_profile(worker: Worker, deadline: float) -> None:
+    """Hand the sink this worker's last records: its events, its final counters (the
+    figures of its last log lines), then PROFILE_END. The sink stores what came before the
+    END, and stops once every worker connected to it has sent one. Waits for room until
+    ``deadline`` (monotonic): the sink may be gone."""
+    assert worker.profile is not None and worker.events is not None
+    worker.events.flush()
+    counters = [transport.COUNTERS, *codec.encode(worker.counter_snapshot())]
+    for message in (counters, [transport.PROFILE_END, worker.spec.ident]):
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not worker.profile.poll(left_ms, zmq.POLLOUT):
+            log.warning("the sink takes no more profile records: the last ones are lost")
+            return
+        worker.profile.send_multipart(message, zmq.NOBLOCK)
+
+
+def _discard_until_end(inputs: Inputs, timeout: float) -> int:
+    """Read, without processing them, the items queued at the inputs and those upstream
+    still sends, until every input has delivered its end-of-stream marker (upstream sends
+    it once its own drain is over) or ``timeout`` has passed; returns how many data items
+    that was. So every item upstream sent is processed here or counted, not lost unseen."""
+    deadline = time.monotonic() + timeout
+    held, ended = inputs.let_go()
+    dropped = sum(_kind(message) == transport.KIND_DATA for message in held)
+    poller = zmq.Poller()
+    for index, pull in enumerate(inputs.sockets):
+        if index not in ended:
+            poller.register(pull, zmq.POLLIN)
+    waiting = len(inputs.sockets) - len(ended)
+    while waiting:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        ready = dict(poller.poll(max(0, left_ms)))
+        if not ready and left_ms <= 0:
+            break
+        for pull in ready:
+            kind = _kind(pull.recv_multipart(zmq.NOBLOCK, copy=False))
+            dropped += kind == transport.KIND_DATA
+            if kind == transport.KIND_EOS:
+                poller.unregister(pull)
+                waiting -= 1
+    return dropped
+
+
+def _kind(message: Message) -> int | None:
+    try:
+        return transport.unpack_envelope(message[0])[0]
+    except DecodeError:
+        return None  # not counted: it was no item
 
 
 # -- source ----------------------------------------------------------------------------------

@@ -22,10 +22,14 @@ import zmq
 from pystream_zmq.cli.roles import ACK_TIMEOUT, Stopping
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.profiling import store
-from pystream_zmq.stage import MAIN_PIPELINE_NAME
+from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 from pystream_zmq.wire import security, transport
 
 log = logging.getLogger(__name__)
+
+# After the drain's deadline, how long the sink waits for the workers' last profile records:
+# with the writer's ACK_TIMEOUT to store them, well inside honcho's 5 s before SIGKILL.
+_LAST_RECORDS_WAIT = 0.5
 
 
 @dataclass
@@ -38,11 +42,18 @@ class ProfileTarget:
     stages: Sequence[str]
 
     def layout(self) -> list[tuple[str, str]]:
-        paths = [f"{MAIN_PIPELINE_NAME}__{name}" for name in self.stages]
-        return [(MAIN_PIPELINE_NAME, "pipeline")] + [
-            (path, "pipeline" if any(p.startswith(path + "__") for p in paths) else "stage")
-            for path in paths
-        ]
+        """(path, kind) in display order; a sub-pipeline's own path comes before its stages
+        even when not listed (``pystream-worker pipeline`` records its counters there)."""
+        paths: list[str] = []
+        for name in self.stages:
+            levels = [MAIN_PIPELINE_NAME, *name.split(PATH_SEPARATOR)]
+            for depth in range(2, len(levels) + 1):
+                path = PATH_SEPARATOR.join(levels[:depth])
+                if path not in paths:
+                    paths.append(path)
+        parents = {p.rpartition(PATH_SEPARATOR)[0] for p in paths}
+        kinds = [(path, "pipeline" if path in parents else "stage") for path in paths]
+        return [(MAIN_PIPELINE_NAME, "pipeline"), *kinds]
 
 
 def run_sink(
@@ -61,21 +72,15 @@ def run_sink(
     the latest output to ``on_latest``. Returns the latest output."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
-    writer: store.ProfileWriter | None = None
+    recorder: store.RunRecorder | None = None
     collector: Collector | None = None
     try:
-        recorder = None
-        if profile is not None and profile_endpoint is not None:
-            writer = store.ProfileWriter(profile.db_path)
-            run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
-            recorder = store.RunRecorder(writer, run_id)
-            log.info("profiles: run %d in %s", run_id, profile.db_path)
 
         def sink_counters() -> dict[str, int]:
             assert collector is not None
             counters = collector.counters()
-            if writer is not None:
-                counters["dropped_events"] = writer.dropped_events
+            if recorder is not None:
+                counters["dropped_events"] = recorder.dropped_events
             return counters
 
         collector = Collector(
@@ -83,12 +88,15 @@ def run_sink(
             pull_endpoints,
             profile_endpoint,
             hwm,
-            recorder,
+            None,
             sink_counters,
             ordered=ordered,
             in_order=ordered or len(pull_endpoints) == 1,
             curve=curve,
         )
+        if profile is not None and profile_endpoint is not None:
+            recorder = _register(profile)  # once bound: a sink that cannot start has no run
+            collector.record_to(recorder)
         collector.start()
         inputs = ", ".join(collector.sink_endpoints)
         profiles = collector.profile_endpoint or "off"
@@ -100,15 +108,40 @@ def run_sink(
         if not collector.wait_for_end(max(0.0, stopping.drain_left())):
             log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
         progress.report()
+        if recorder is not None:
+            drain_end = stopping.requested_at + stopping.drain_timeout
+            _wait_for_last_records(collector, drain_end + _LAST_RECORDS_WAIT)
+        collector.stop()  # hands the recorder its last MainPipeline events
+        if recorder is not None:
+            recorder.counters({MAIN_PIPELINE_NAME: sink_counters()})
         log.info("stopped after %d items", collector.delivered)
         return progress.latest
     finally:
         if collector is not None:
             collector.stop()
-        if writer is not None:
-            writer.close(timeout=ACK_TIMEOUT)
+        if recorder is not None:
+            recorder.close(timeout=ACK_TIMEOUT)
         security.stop_authenticator(auth)
         ctx.destroy(linger=0)
+
+
+def _register(profile: ProfileTarget) -> store.RunRecorder:
+    writer = store.ProfileWriter(profile.db_path)
+    run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
+    log.info("profiles: run %d in %s", run_id, profile.db_path)
+    return store.RunRecorder(writer, run_id)
+
+
+def _wait_for_last_records(collector: Collector, deadline: float) -> None:
+    """Wait (until ``deadline``, monotonic) for every profiled worker's last records: each
+    sends them, then PROFILE_END, once the end of stream has passed it or its drain timed
+    out, so they can come after the end of stream reached the sink."""
+    ends, connected = collector.wait_for_every_profile_end(max(0.0, deadline - time.monotonic()))
+    if ends < connected:
+        log.warning(
+            "%d of %d profiled workers did not send their last records in time; the "
+            "profile misses them", connected - ends, connected,
+        )  # fmt: skip
 
 
 class _Progress:
