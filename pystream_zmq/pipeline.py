@@ -17,7 +17,7 @@ from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.orchestrator.settings import DEFAULT_MAX_IN_FLIGHT
 from pystream_zmq.pacing import InputLoop
 from pystream_zmq.plan import Entry, Limits, Plan, layout, leaves, plan_of, raising_paths
-from pystream_zmq.profiling import report, store, summary
+from pystream_zmq.profiling import report, runs, store, summary
 from pystream_zmq.serial import SerialRunner
 from pystream_zmq.source_input import EndOfInput, Input
 from pystream_zmq.stage import (
@@ -46,6 +46,7 @@ class Pipeline:
         use_profiler: bool = False,
         *,
         on_error: str = "drop",
+        run_name: str | None = None,
     ) -> None:
         """``input_generator``: where ``forward()`` without data and ``start_loop()`` take
         items: a callable returning one item per call (PyStream's), or an iterable (a
@@ -56,10 +57,15 @@ class Pipeline:
         ``on_error``: what a stage raising does. ``"drop"`` (the default) drops the item,
         logs the error and counts it; ``"raise"`` also makes the next ``forward()`` or
         ``get_results()`` raise ``StageError``. ``add(..., on_error=...)`` sets it per stage;
-        a child pipeline's stages follow the top pipeline's setting unless set per stage."""
+        a child pipeline's stages follow the top pipeline's setting unless set per stage.
+
+        ``run_name``: what its profile runs are called (``pystream profile --list``); by
+        default the running script's name (``demo`` for ``python scripts/demo.py``), else
+        ``"MainPipeline"``. The profile paths start at ``MainPipeline`` whatever the name."""
         self._input = Input(input_generator)
         self.use_profiler = use_profiler
         self.on_error = _check_policy(on_error)
+        self.run_name = None if run_name is None else runs.check_run_name(run_name)
         self._entries: list[Entry] = []
         self._unnamed = 0
         self._mode: str | None = None
@@ -400,10 +406,16 @@ class Pipeline:
 
     def _release(self) -> None:
         """Stop this pipeline's own runner without running stage cleanups: its stages are
-        about to run inside a parent pipeline."""
+        about to run inside a parent pipeline, and are profiled in the parent's run. The run
+        this one registered goes too, unless items went through it."""
         runner, self._runner = self._runner, None
         if isinstance(runner, ParallelRunner):
             runner.close()
+        elif runner is not None:
+            runner.close(cleanup=False)
+        run, self._profile_run = self._profile_run, None
+        if run is not None and not runs.delete_if_empty(run.db_path, run.run_id):
+            self._profile_run = run
 
     def __enter__(self) -> Pipeline:
         return self
@@ -441,7 +453,8 @@ class Pipeline:
         db_path = store.profiler_db_path()
         paths = [(MAIN_PIPELINE_NAME, "pipeline")]
         paths += [(path, kind) for path, kind, _ in layout(self, MAIN_PIPELINE_NAME)]
-        run_id = store.start_run(db_path, MAIN_PIPELINE_NAME, mode, paths)
+        name = self.run_name or runs.default_run_name()
+        run_id = store.start_run(db_path, name, mode, paths)
         self._profile_run = store.ProfileRun(db_path, run_id)
         return self._profile_run
 

@@ -92,11 +92,13 @@ class SerialRunner:
                 self._record_counters()
                 self._recorder.writer.flush()
 
-    def close(self) -> None:
-        """Run every stage's cleanup() and hand on the last profile events and counters."""
+    def close(self, *, cleanup: bool = True) -> None:
+        """Run every stage's cleanup() (unless not ``cleanup``: the stages go on in another
+        pipeline) and hand on the last profile events and counters."""
         self.flush_profile()
-        with self._run_lock:
-            self._chain.cleanup()
+        if cleanup:
+            with self._run_lock:
+                self._chain.cleanup()
         if self._recorder is not None:
             self._recorder.close()
 

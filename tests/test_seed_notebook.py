@@ -3,8 +3,10 @@ it: as a plain script (no main guard) and cell by cell inside a Jupyter kernel."
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +62,15 @@ def test_seed_notebook_as_a_plain_script(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     check_seed_output(result.stdout)
-    assert (env_dir / "profiles.sqlite3").exists()
+    # One run per profile table, named after the script (the serialized child pipeline is
+    # part of its parent's run), each with the items that went through it.
+    with contextlib.closing(sqlite3.connect(env_dir / "profiles.sqlite3")) as conn:
+        runs = conn.execute(
+            "SELECT pipeline, (SELECT count(*) FROM events e WHERE e.run_id = r.run_id"
+            " AND e.path = 'MainPipeline') FROM runs r ORDER BY run_id"
+        ).fetchall()
+    assert [name for name, _ in runs] == ["demo"] * len(SEED_KEYS), runs
+    assert all(items > 0 for _, items in runs), runs
 
 
 def test_a_script_without_main_guard_defining_its_stages(tmp_path: Path) -> None:

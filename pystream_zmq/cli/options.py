@@ -206,7 +206,7 @@ run_name = _option(
     "--run-name",
     envvar="PYSTREAM_RUN_NAME",
     default=MAIN_PIPELINE_NAME,
-    help="The run's pipeline name in the profile database.",
+    help="The run's name in the profile database (pystream profile --list).",
 )
 stages = _option(
     "--stages",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from pystream_zmq.profiling import report
+from pystream_zmq.profiling import report, runs
 from pystream_zmq.profiling.report import ProfileNotFoundError, ProfileReport, StageReport
 from pystream_zmq.profiling.store import DB_FILENAME, get_profiler_db_folder
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
@@ -23,6 +23,7 @@ from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 PLOT_HINT = "--plot needs matplotlib: pip install 'pystream-zmq[plot]'"
 _CSV_FIELDS = [f.name for f in dataclasses.fields(StageReport) if f.name != "counters"]
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+_WIDTH = 100  # columns every table fits in
 
 _db_argument = click.argument("db", required=False, type=click.Path(dir_okay=False, path_type=Path))
 _run_option = click.option(
@@ -38,6 +39,10 @@ def _default_db(db: Path | None) -> Path:
 @click.command()
 @_db_argument
 @_run_option
+@click.option(
+    "--list", "list_runs", is_flag=True,
+    help="List the runs instead: name, start, duration and items (with --json: as JSON).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per stage.")
 @click.option(
@@ -46,7 +51,12 @@ def _default_db(db: Path | None) -> Path:
     help="Also draw latency over time and a latency histogram into this PNG file.",
 )
 def profile(
-    db: Path | None, run_id: int | None, as_json: bool, as_csv: bool, plot: Path | None
+    db: Path | None,
+    run_id: int | None,
+    list_runs: bool,
+    as_json: bool,
+    as_csv: bool,
+    plot: Path | None,
 ) -> None:
     """Print the profile report of a run: per stage, items, latency (mean, p50, p95, p99),
     queue wait versus compute, throughput, drops, errors and the peak resident memory of its
@@ -54,6 +64,11 @@ def profile(
     if as_json and as_csv:
         raise click.UsageError("--json and --csv cannot be combined")
     db = _default_db(db)
+    if list_runs:
+        if run_id is not None or as_csv or plot is not None:
+            raise click.UsageError("--list takes no --run, --csv or --plot")
+        _print_runs(db, as_json)
+        return
     try:
         if plot is not None:
             _plot(db, run_id, plot)
@@ -73,6 +88,54 @@ def profile(
         click.echo(format_table(result.stages))
     if plot is not None:
         click.echo(f"plot written to {plot}", err=True)
+
+
+def _print_runs(db: Path, as_json: bool) -> None:
+    try:
+        found = runs.list_runs(db)
+    except ProfileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps([run.to_dict() for run in found], indent=2))
+    else:
+        click.echo(format_runs(found))
+
+
+def format_runs(found: Sequence[runs.RunSummary]) -> str:
+    """Runs as an aligned table that fits 100 columns (a long name is cut short)."""
+    head = ["run", "name", "mode", "started", "duration", "items"]
+    rows = [
+        [str(run.run_id), run.name, run.mode, _time(run.started), _duration(run.duration),
+         str(run.items)]
+        for run in found
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    room = _WIDTH - (sum(widths) - widths[1]) - 2 * (len(head) - 1)
+    widths[1] = min(widths[1], room)
+    for row in rows:
+        if len(row[1]) > room:
+            row[1] = row[1][: room - 3] + "..."
+    lines = [
+        "  ".join(cell.rjust(w) if i in (0, 4, 5) else cell.ljust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in [head, *rows]
+    ]  # fmt: skip
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _time(unix: float) -> str:
+    return datetime.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def _plot(db: Path, run_id: int | None, out: Path) -> None:
@@ -121,7 +184,7 @@ def top(db: Path | None, run_id: int | None, interval: float, window: float, onc
 
 def _header(result: ProfileReport, suffix: str = "") -> str:
     """The run's line, and under it the warning when records are missing."""
-    started = datetime.datetime.fromtimestamp(result.started).strftime("%Y-%m-%d %H:%M:%S")
+    started = _time(result.started)
     header = (
         f"run {result.run_id} of {result.pipeline} ({result.mode}), started {started}, "
         f"{result.db_path}{suffix}"

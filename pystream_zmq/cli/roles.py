@@ -1,5 +1,5 @@
 """The roles of ``pystream-worker``, one per process: source, stage (or serial sub-pipeline)
-and sink, wired by endpoints instead of an orchestrator.
+and sink (sink_role.py), wired by endpoints instead of an orchestrator.
 
 Convention: every process binds its own input and connects its output to the next one's
 input, so processes start in any order and a restarted one is reconnected to by ZeroMQ.
@@ -14,23 +14,19 @@ marker): closing a sender earlier can lose what the receiver had not read yet.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
-from pystream_zmq.errors import PyStreamError
-from pystream_zmq.orchestrator.collector import Collector
+from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.pacing import Pacer
-from pystream_zmq.profiling import store
-from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
+from pystream_zmq.stage import Leaf
 from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
@@ -38,14 +34,18 @@ from pystream_zmq.worker.spec import WorkerSpec
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often a blocked send looks at the stop flag
-_ACK_TIMEOUT = 1.0  # after the drain, how long to wait for the next process to leave
+ACK_TIMEOUT = 1.0  # after the drain, how long to wait for the next process to leave
+# After a drain that timed out, how long a stage still reads (and counts as dropped) what
+# upstream sends, waiting for its end of stream; the sink waits a little longer for the
+# stages' last profile records (sink_role.py).
+END_GRACE = 0.5
 _END: Any = object()
 
 
 @dataclass
 class Stopping:
     """When to stop: ``request()`` (from the signal watcher) sets ``stop``; then the items in
-    flight get up to ``drain_timeout``, and the next process up to _ACK_TIMEOUT more to
+    flight get up to ``drain_timeout``, and the next process up to ACK_TIMEOUT more to
     leave, both counted from the request."""
 
     stop: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +60,7 @@ class Stopping:
         return self.requested_at + self.drain_timeout - time.monotonic()
 
     def ack_deadline(self) -> float:
-        return self.requested_at + self.drain_timeout + _ACK_TIMEOUT
+        return self.requested_at + self.drain_timeout + ACK_TIMEOUT
 
 
 class _Drain:
@@ -126,31 +126,78 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         outputs = ", ".join((spec.push, *spec.more_pushes))
         log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
         worker.run(done=_Drain(worker, stopping))
-        if worker.events is not None:
-            worker.events.flush()
-        dropped = 0 if worker.upstream_done else sum(map(_discard, worker.inputs.sockets))
-        if dropped:
-            log.warning("dropped %d items still queued at the input", dropped)
+        queued = 0
+        if not worker.upstream_done:  # the drain timed out
+            queued = _discard_until_end(worker.inputs, stopping.drain_left() + END_GRACE)
+        worker.counters["discarded"] += queued
+        discarded = worker.counters["discarded"]
+        if discarded:
+            log.warning(
+                "dropped %d items at the stop (%d still queued at the input, %d the next "
+                "process did not take)", discarded, queued, discarded - queued,
+            )  # fmt: skip
+        if worker.profile is not None:
+            _end_profile(worker, stopping.ack_deadline())
         _end_streams(worker.outputs.sockets, stopping.ack_deadline())
         log.info(
-            "stopped after %d items (%d stage errors)",
+            "stopped after %d items (%d stage errors%s)",
             worker.counters["processed"],
             sum(worker.chain.errors.values()),
+            f", {discarded} dropped at the stop" if discarded else "",
         )
     finally:
         security.stop_authenticator(auth)
         ctx.destroy(linger=0)
 
 
-def _discard(pull: zmq.Socket[Any]) -> int:
-    """Read what is queued at the input without processing it; the count of data items."""
-    dropped = 0
-    while True:
-        try:
-            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return dropped
-        dropped += frames[0].bytes[:1] == bytes([transport.KIND_DATA])
+def _end_profile(worker: Worker, deadline: float) -> None:
+    """Hand the sink this worker's last records: its events, its final counters (the
+    figures of its last log lines), then PROFILE_END. The sink stores what came before the
+    END, and stops once every worker connected to it has sent one. Waits for room until
+    ``deadline`` (monotonic): the sink may be gone."""
+    assert worker.profile is not None and worker.events is not None
+    worker.events.flush()
+    counters = [transport.COUNTERS, *codec.encode(worker.counter_snapshot())]
+    for message in (counters, [transport.PROFILE_END, worker.spec.ident]):
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not worker.profile.poll(left_ms, zmq.POLLOUT):
+            log.warning("the sink takes no more profile records: the last ones are lost")
+            return
+        worker.profile.send_multipart(message, zmq.NOBLOCK)
+
+
+def _discard_until_end(inputs: Inputs, timeout: float) -> int:
+    """Read, without processing them, the items queued at the inputs and those upstream
+    still sends, until every input has delivered its end-of-stream marker (upstream sends
+    it once its own drain is over) or ``timeout`` has passed; returns how many data items
+    that was. So every item upstream sent is processed here or counted, not lost unseen."""
+    deadline = time.monotonic() + timeout
+    held, ended = inputs.let_go()
+    dropped = sum(_kind(message) == transport.KIND_DATA for message in held)
+    poller = zmq.Poller()
+    for index, pull in enumerate(inputs.sockets):
+        if index not in ended:
+            poller.register(pull, zmq.POLLIN)
+    waiting = len(inputs.sockets) - len(ended)
+    while waiting:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        ready = dict(poller.poll(max(0, left_ms)))
+        if not ready and left_ms <= 0:
+            break
+        for pull in ready:
+            kind = _kind(pull.recv_multipart(zmq.NOBLOCK, copy=False))
+            dropped += kind == transport.KIND_DATA
+            if kind == transport.KIND_EOS:
+                poller.unregister(pull)
+                waiting -= 1
+    return dropped
+
+
+def _kind(message: Message) -> int | None:
+    try:
+        return transport.unpack_envelope(message[0])[0]
+    except DecodeError:
+        return None  # not counted: it was no item
 
 
 # -- source ----------------------------------------------------------------------------------
@@ -209,145 +256,3 @@ def run_source(
 def iterate(produce: Callable[[], Any]) -> Iterator[Any]:
     """Items from calling ``produce()`` again and again."""
     return iter(produce, _END)  # a sentinel it never returns: call forever
-
-
-# -- sink ------------------------------------------------------------------------------------
-@dataclass
-class ProfileTarget:
-    """Where the sink records profiles: a database, the run's name and its stage names
-    (levels below MainPipeline joined by '__', e.g. ``Child__StageA``)."""
-
-    db_path: Path
-    run_name: str
-    stages: Sequence[str]
-
-    def layout(self) -> list[tuple[str, str]]:
-        paths = [f"{MAIN_PIPELINE_NAME}__{name}" for name in self.stages]
-        return [(MAIN_PIPELINE_NAME, "pipeline")] + [
-            (path, "pipeline" if any(p.startswith(path + "__") for p in paths) else "stage")
-            for path in paths
-        ]
-
-
-def run_sink(
-    pull_endpoints: list[str],
-    stopping: Stopping,
-    *,
-    ordered: bool = True,
-    profile_endpoint: str | None = None,
-    profile: ProfileTarget | None = None,
-    report_every: float = 2.0,
-    on_latest: Callable[[Any], None] | None = None,
-    hwm: int = transport.DEFAULT_HWM,
-    curve: security.Curve | None = None,
-) -> Any:
-    """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
-    the latest output to ``on_latest``. Returns the latest output."""
-    ctx: zmq.Context[Any] = zmq.Context()
-    auth = security.start_authenticator(ctx, curve)
-    writer: store.ProfileWriter | None = None
-    collector: Collector | None = None
-    try:
-        recorder = None
-        if profile is not None and profile_endpoint is not None:
-            writer = store.ProfileWriter(profile.db_path)
-            run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
-            recorder = store.RunRecorder(writer, run_id)
-            log.info("profiles: run %d in %s", run_id, profile.db_path)
-
-        def sink_counters() -> dict[str, int]:
-            assert collector is not None
-            counters = collector.counters()
-            if writer is not None:
-                counters["dropped_events"] = writer.dropped_events
-            return counters
-
-        collector = Collector(
-            ctx,
-            pull_endpoints,
-            profile_endpoint,
-            hwm,
-            recorder,
-            sink_counters,
-            ordered=ordered,
-            in_order=ordered or len(pull_endpoints) == 1,
-            curve=curve,
-        )
-        collector.start()
-        inputs = ", ".join(collector.sink_endpoints)
-        profiles = collector.profile_endpoint or "off"
-        log.info("ready: input %s, profiles %s%s", inputs, profiles, " (CURVE)" * bool(curve))
-        progress = _Progress(collector, on_latest)
-        while not stopping.stop.wait(report_every):
-            progress.report()
-        log.info("stopping: waiting for the items in flight")
-        if not collector.wait_for_end(max(0.0, stopping.drain_left())):
-            log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
-        progress.report()
-        log.info("stopped after %d items", collector.delivered)
-        return progress.latest
-    finally:
-        if collector is not None:
-            collector.stop()
-        if writer is not None:
-            writer.close(timeout=_ACK_TIMEOUT)
-        security.stop_authenticator(auth)
-        ctx.destroy(linger=0)
-
-
-class _Progress:
-    def __init__(self, collector: Collector, on_latest: Callable[[Any], None] | None) -> None:
-        self._collector = collector
-        self._on_latest = on_latest
-        self._count = 0
-        self._at = time.monotonic()
-        self.latest: Any = None
-
-    def report(self) -> None:
-        now, count = time.monotonic(), self._collector.delivered
-        rate = (count - self._count) / max(now - self._at, 1e-9)
-        log.info("%d items received, %.1f items/s", count, rate)
-        self._count, self._at = count, now
-        latest = self._collector.take_latest(0.0)
-        if latest is not None:
-            self.latest = latest
-            if self._on_latest is not None:
-                self._on_latest(latest)
-
-
-class ImageSaver:
-    """Writes the image in the latest output with cv2.imwrite, through a temporary file so
-    readers never see half an image."""
-
-    def __init__(self, path: Path, key: str | None) -> None:
-        self._path = path
-        self._key = key
-        self._warned = False
-
-    def __call__(self, output: Any) -> None:
-        import cv2  # only the sink that saves images needs it
-
-        image = output.get(self._key) if isinstance(output, dict) and self._key else None
-        if image is None and isinstance(output, dict) and not self._key:
-            image = next((v for v in output.values() if _is_image(v)), None)
-        if image is None or not _is_image(image):
-            if not self._warned:
-                log.warning(
-                    "the output holds no uint8 image to save (keys: %s)",
-                    list(output) if isinstance(output, dict) else type(output).__name__,
-                )
-                self._warned = True
-            return
-        partial = self._path.with_name(f".{self._path.stem}.partial{self._path.suffix}")
-        if not cv2.imwrite(str(partial), image):
-            log.warning("cv2.imwrite could not write %s", partial)
-            return
-        os.replace(partial, self._path)
-
-
-def _is_image(value: Any) -> bool:
-    return (
-        isinstance(value, np.ndarray)
-        and value.dtype == np.uint8
-        and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4)))
-    )

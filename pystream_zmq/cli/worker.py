@@ -20,7 +20,7 @@ from typing import Any
 import click
 import zmq
 
-from pystream_zmq.cli import curve_options, options, process, roles
+from pystream_zmq.cli import curve_options, options, process, roles, sink_role
 from pystream_zmq.cli.loader import (
     LoadError,
     build,
@@ -213,14 +213,14 @@ def sink(verbose: bool, **opts: Any) -> int:
             for level in name.split(PATH_SEPARATOR):
                 _check_name(level, " (in --stages)")
         folder = opts["profile_dir"] or store.get_profiler_db_folder()
-        profile = roles.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
+        profile = sink_role.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
     on_latest = None
     if opts["save_latest"]:
-        on_latest = roles.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        on_latest = sink_role.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
     stopping = process.start("sink", verbose, opts["drain_timeout"])
     return _run(
         verbose,
-        lambda: roles.run_sink(
+        lambda: sink_role.run_sink(
             pulls,
             stopping,
             ordered=opts["ordered"],
@@ -294,7 +294,7 @@ def _serve_worker(
     pulls, pushes = _pull_endpoints(opts), list(opts["push"])
     curve = curve_options.settings(opts, pulls, pushes, opts["profile"])
     spec = WorkerSpec(
-        name=name,
+        name=MAIN_PIPELINE_NAME + PATH_SEPARATOR + name,  # its counters' path in the profiles
         pull=pulls[0],
         push=pushes[0],
         more_pulls=tuple(pulls[1:]),

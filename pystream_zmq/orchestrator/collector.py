@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pystream_zmq import cpus
 from pystream_zmq.errors import DecodeError, StageError
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _IDLE_FLUSH_MS = 200
 _BURST = 64  # outputs read per wake-up of the collector
 _COUNTERS_INTERVAL = 1.0  # how often the collector records the orchestrator's counters
+_PEER_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED  # a connection opens, closes
 
 
 _WITH_PAYLOAD = (transport.KIND_DATA, transport.KIND_FAILED)  # the marker kinds with a payload
@@ -85,9 +87,12 @@ class Collector(threading.Thread):
         self._max_message_bytes = max_message_bytes
         self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
         self._profile: zmq.Socket[Any] | None = None
+        self._profile_monitor: zmq.Socket[Any] | None = None
         self.profile_endpoint: str | None = None
         if profile_endpoint is not None:
             self._profile = transport.make_socket(ctx, zmq.PULL, 1000)
+            # Watched before it binds, so that no peer's connection goes uncounted.
+            self._profile_monitor = self._profile.get_monitor_socket(_PEER_EVENTS)
             self.profile_endpoint = security.bind(self._profile, profile_endpoint, curve)
         self._status: zmq.Socket[Any] | None = None
         self.status_endpoint: str | None = None
@@ -109,6 +114,7 @@ class Collector(threading.Thread):
         self._wake_tx.connect(self._wake_endpoint)
         self._wake_lock = threading.Lock()  # user threads share _wake_tx
         self._flush_asked = self._flushed = 0
+        self._profile_peers = 0  # connections to the profile socket now open
         self._cond = threading.Condition()
         self._latest: Any = None
         self._has_new = False
@@ -186,6 +192,24 @@ class Collector(threading.Thread):
         with self._cond:
             return self._cond.wait_for(lambda: self._receiver.ends >= count, timeout)
 
+    def wait_for_every_profile_end(self, timeout: float) -> tuple[int, int]:
+        """Wait until as many PROFILE_ENDs have come as processes are connected to the
+        profile socket (a standalone sink, which does not know how many there are):
+        (ENDs received, connections open). A sender stays connected until after its END,
+        since the chain closes from the sink back."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._receiver.ends >= self._profile_peers, timeout)
+            return self._receiver.ends, self._profile_peers
+
+    def record_to(self, recorder: Recorder) -> None:
+        """Record to ``recorder`` from now on; before start(), so that a sink registers its
+        run only once its sockets are bound."""
+        if self.is_alive():
+            raise RuntimeError("record_to() must come before start()")
+        self._recorder = recorder
+        self._receiver.sink = recorder
+        self._events = EventBuffer(recorder.events)
+
     def flush_events(self, timeout: float) -> bool:
         """Hand the MainPipeline events buffered so far to the recorder."""
         with self._wake_lock:
@@ -211,7 +235,7 @@ class Collector(threading.Thread):
             cpus.pin_this_thread(self._cpu)
         poller = zmq.Poller()
         poller.register(self._wake_rx, zmq.POLLIN)
-        for sock in (self._profile, self._status):
+        for sock in (self._profile, self._status, self._profile_monitor):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         for sink in self._inputs.sockets:
@@ -235,6 +259,8 @@ class Collector(threading.Thread):
                         self._flushed += 1
                         self._cond.notify_all()
                 self._on_outputs(self._inputs.take(ready))
+                if self._profile_monitor is not None and self._profile_monitor in ready:
+                    self._on_profile_peer(recv_monitor_message(self._profile_monitor)["event"])
                 if self._profile is not None and self._profile in ready:
                     self._on_profile(self._profile.recv_multipart())
                 if self._status is not None and self._status in ready:
@@ -288,6 +314,11 @@ class Collector(threading.Thread):
             with self._cond:
                 self._cond.notify_all()
 
+    def _on_profile_peer(self, event: int) -> None:
+        with self._cond:
+            self._profile_peers += 1 if event == zmq.EVENT_ACCEPTED else -1
+            self._cond.notify_all()
+
     def _record_counters_if_due(self) -> None:
         if self._recorder is not None and (
             time.monotonic() - self._counters_recorded >= _COUNTERS_INTERVAL
@@ -296,7 +327,9 @@ class Collector(threading.Thread):
             self._recorder.counters({MAIN_PIPELINE_NAME: self._main_counters()})
 
     def _close_sockets(self) -> None:
+        if self._profile is not None and not self._profile.closed:  # stop() may come twice
+            self._profile.disable_monitor()
         socks = (*self._inputs.sockets, self._profile, self._status, self._wake_rx, self._wake_tx)
-        for sock in socks:
+        for sock in (*socks, self._profile_monitor):
             if sock is not None:
                 sock.close(linger=0)

@@ -36,7 +36,8 @@ from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, REPLICA_MARK
 
 _Array = npt.NDArray[np.float64]
 _ERROR_COUNTERS = ("stage_errors", "decode_errors", "encode_errors")
-_DROP_COUNTERS = ("refused", "replaced", "expired")  # backpressure, drop policy, deadline
+# backpressure, drop policy, deadline, and what a standalone worker let go when it stopped
+_DROP_COUNTERS = ("refused", "replaced", "expired", "discarded")
 _BUSY_TIMEOUT = 5.0
 
 
@@ -50,9 +51,10 @@ class StageReport:
 
     ``dropped``: items dropped by backpressure or by a drop policy where they happened
     (``refused``: forward() returned False; ``replaced``: a newer item replaced them under
-    ``drop_policy="latest"``; ``expired``: older than ``max_age``); on ``MainPipeline``,
-    all of the run's. ``errors``: items dropped because a stage raised or data could not be
-    decoded or encoded (``MainPipeline``: all of the run's). ``dropped_events``: profile
+    ``drop_policy="latest"``; ``expired``: older than ``max_age``; ``discarded``: taken in,
+    then let go by a stop); on ``MainPipeline``, all of the run's. ``errors``: items
+    dropped because a stage raised or data could not be decoded or encoded
+    (``MainPipeline``: all of the run's). ``dropped_events``: profile
     records lost because the database or the collector was too slow (the items themselves
     went on).
 

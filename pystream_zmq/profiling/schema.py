@@ -116,6 +116,24 @@ def write(
         raise
 
 
+def delete_run(conn: sqlite3.Connection, run_id: int, *, only_if_empty: bool = False) -> bool:
+    """Delete a run's rows in one transaction (``only_if_empty``: only when it has no
+    events); whether it was deleted."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        has_events = conn.execute("SELECT 1 FROM events WHERE run_id = ? LIMIT 1", (run_id,))
+        if only_if_empty and has_events.fetchone() is not None:
+            conn.execute("ROLLBACK")
+            return False
+        for table in _RUN_TABLES:  # names from _RUN_TABLES, never from input
+            conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return True
+
+
 def is_busy(error: sqlite3.OperationalError) -> bool:
     """Whether another connection holds the lock (worth a retry)."""
     # SQLITE_BUSY / SQLITE_LOCKED; sqlite_errorcode exists from Python 3.11 on

@@ -83,6 +83,20 @@ class Inputs:
         self._release(out)
         yield from out
 
+    def let_go(self) -> tuple[list[Message], set[int]]:
+        """For a receiver that stops before the end of stream: the messages held here
+        (ordered: each input's head), taken out, and the indexes of the inputs whose
+        end-of-stream marker has arrived already."""
+        ended = {index for seen in self._eos_from.values() for index in seen}
+        held = []
+        for index, head in enumerate(self._heads):
+            if head is not None:
+                if head[0] == _EOS_KEY:
+                    ended.add(index)
+                else:
+                    held.append(self._pop(index))
+        return held, ended
+
     # -- not ordered ---------------------------------------------------------------------
     def _read_burst(self, index: int) -> Iterator[Message]:
         sock = self.sockets[index]

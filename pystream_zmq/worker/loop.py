@@ -79,6 +79,7 @@ class Worker:
             "input_disconnects": 0,
             "replaced": 0,  # skipped under drop_policy="latest": a newer item was waiting
             "expired": 0,  # older than max_age when they arrived
+            "discarded": 0,  # taken in, then let go by a stop before they were passed on
         }
         self.memory = memory.Memory(memory.unit_limit(spec.limits.values()))
         self.memory.check_at_start()
@@ -178,6 +179,15 @@ class Worker:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
             return
+        try:
+            self._run_stages(frames, data, seq, sent_at, arrive)
+        except _Stop:  # it stops while this item waits for room downstream
+            self.counters["discarded"] += 1
+            raise
+
+    def _run_stages(
+        self, frames: list[zmq.Frame], data: Any, seq: int, sent_at: float, arrive: float
+    ) -> None:
         self._sender.wait_for_release()
         ok, out = self.chain.run(data, seq, arrive)
         if not ok:
@@ -196,7 +206,7 @@ class Worker:
             self._sender.send(self._failure_frames(failure, sent_at))
             return
         self.counters["processed"] += 1
-        message = transport.pack_message(kind, seq, sent_at, out_frames)
+        message = transport.pack_message(transport.KIND_DATA, seq, sent_at, out_frames)
         shared = len(message) > 1 and share_received_frames(message, frames)
         self._sender.send(message, tracked=not shared)
 
