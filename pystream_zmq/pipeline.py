@@ -11,18 +11,26 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from pystream_zmq.errors import PipelineStateError, PyStreamError, StageError, StageNameError
+from pystream_zmq.errors import PipelineStateError, StageNameError
 from pystream_zmq.every import every_output
 from pystream_zmq.orchestrator.runner import ParallelRunner, ParallelSettings
 from pystream_zmq.orchestrator.settings import DEFAULT_MAX_IN_FLIGHT
-from pystream_zmq.pacing import InputLoop
-from pystream_zmq.plan import Entry, Limits, Plan, layout, leaves, plan_of, raising_paths
+from pystream_zmq.plan import (
+    Entry,
+    Limits,
+    Plan,
+    check_drop_policy,
+    check_on_error,
+    layout,
+    leaves,
+    plan_of,
+    raising_paths,
+)
 from pystream_zmq.profiling import report, runs, store, summary
 from pystream_zmq.serial import SerialRunner
-from pystream_zmq.source_input import EndOfInput, Input
+from pystream_zmq.source_input import EndOfInput, Input, raise_error
 from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
-    ON_ERROR_POLICIES,
     Stage,
     StageChain,
     check_stage_name,
@@ -48,29 +56,20 @@ class Pipeline:
         on_error: str = "drop",
         run_name: str | None = None,
     ) -> None:
-        """``input_generator``: where ``forward()`` without data and ``start_loop()`` take
-        items: a callable returning one item per call (PyStream's), or an iterable (a
-        generator, a list, a source). Its end is the end of the stream: the iterable is
-        exhausted, or the callable raises ``StopIteration``; the input loop then stops,
-        ``join()`` waits for the last output and ``results()`` ends.
-
-        ``on_error``: what a stage raising does. ``"drop"`` (the default) drops the item,
-        logs the error and counts it; ``"raise"`` also makes the next ``forward()`` or
-        ``get_results()`` raise ``StageError``. ``add(..., on_error=...)`` sets it per stage;
-        a child pipeline's stages follow the top pipeline's setting unless set per stage.
-
-        ``run_name``: what its profile runs are called (``pystream profile --list``); by
-        default the running script's name (``demo`` for ``python scripts/demo.py``), else
-        ``"MainPipeline"``. The profile paths start at ``MainPipeline`` whatever the name."""
+        """``input_generator``: a callable returning one item per call (PyStream's), or an
+        iterable; its end (exhausted, or the callable's ``StopIteration``) is the end of the
+        stream. ``on_error``: ``"drop"`` (the default) drops, logs and counts an item a
+        stage raised on; ``"raise"`` also makes the next call raise ``StageError`` (per stage:
+        ``add(..., on_error=...)``). ``run_name``: its profile runs' name (default: the
+        script's). docs/api.md has each in full."""
         self._input = Input(input_generator)
         self.use_profiler = use_profiler
-        self.on_error = _check_policy(on_error)
+        self.on_error = check_on_error(on_error)
         self.run_name = None if run_name is None else runs.check_run_name(run_name)
         self._entries: list[Entry] = []
         self._unnamed = 0
         self._mode: str | None = None
         self._runner: SerialRunner | ParallelRunner | None = None
-        self._loop: InputLoop | None = None
         self._drain_timeout = 10.0
         self._profile_run: store.ProfileRun | None = None
         self._at_exit: Callable[[], None] | None = None
@@ -91,24 +90,15 @@ class Pipeline:
         max_memory_mb: float | None = None,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
-        pipeline's ``as_stage()``. Without ``name``, a Stage's ``name`` attribute is used,
-        else ``Stage_N``. ``on_error`` overrides the pipeline's for this stage;
-        ``drop_policy`` (``"block"`` or ``"latest"``) the ``parallelize()`` one for the link
-        into this stage's worker.
+        pipeline's ``as_stage()``; named ``name``, else its ``name`` attribute, else
+        ``Stage_N``. The rest, under ``parallelize()`` (docs/api.md has each in full):
 
-        ``replicas``: under ``parallelize()``, this many worker processes share the stage's
-        input, each with its own copy of the stage. With ``ordered`` (the default) their
-        outputs are put back in input order in front of the next stage; ``ordered=False``
-        passes them on as they come.
-
-        Under ``parallelize()``, per call of the stage (of each of a child's stages): after
-        ``stall_after`` seconds on one item (default 10) a WARNING names it, repeated while
-        it runs; past ``deadline`` seconds (default none) its worker is restarted and the
-        item counted lost. An attribute over ``max_attribute_bytes`` (default 64 MiB) is not
-        copied back. When its worker's resident memory is over ``max_memory_mb`` (MiB,
-        default none) after an item, the worker takes no other and is replaced (what was
-        queued in it is counted lost; these restarts do not count against ``max_restarts``).
-        None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
+        - ``on_error``, ``drop_policy``: this stage's, instead of the pipeline's;
+        - ``replicas``: worker processes sharing its input, ``ordered`` (the default) or not;
+        - ``stall_after`` (10 s): warn while a call runs longer; ``deadline``: restart the
+          worker past it; ``max_attribute_bytes`` (64 MiB): copy back no larger attribute;
+          ``max_memory_mb``: replace the worker once its resident memory is over it.
+          None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -123,15 +113,9 @@ class Pipeline:
         check_stage_name(name)
         if name in taken:
             raise StageNameError(f"a stage named {name!r} is already in this pipeline")
-        if on_error is not None:
-            _check_policy(on_error)
-        if drop_policy is not None:
-            _check_drop_policy(drop_policy, transport.LINK_POLICIES)
-        if type(replicas) is not int or replicas < 1:
-            raise ValueError(f"replicas must be a whole number of at least 1, not {replicas!r}")
-        limits = Limits(stall_after, deadline, max_attribute_bytes, max_memory_mb)  # checks them
+        limits = Limits(stall_after, deadline, max_attribute_bytes, max_memory_mb)
         child = stage.pipeline if isinstance(stage, PipelineStage) else None
-        self._entries.append(
+        self._entries.append(  # Entry and Limits check themselves
             Entry(name, stage, child, on_error, drop_policy, replicas, ordered, limits)
         )
 
@@ -141,7 +125,8 @@ class Pipeline:
 
     @input_generator.setter
     def input_generator(self, source: Callable[[], Any] | Iterable[Any] | None) -> None:
-        self._input = Input(source)
+        self._input.source = source
+        self._input.restart()
 
     @property
     def input_ended(self) -> bool:
@@ -169,7 +154,7 @@ class Pipeline:
         and links (see ``pystream_zmq.plan``). Nothing starts. ``root`` is the top level of
         the profile paths. A parallelized child pipeline's stages join this plan as units of
         their own; a serialized one is one unit."""
-        _check_drop_policy(drop_policy, transport.DROP_POLICIES)
+        check_drop_policy(drop_policy, transport.DROP_POLICIES)
         return plan_of(self, drop_policy=drop_policy, root=root)
 
     # -- starting ------------------------------------------------------------------------
@@ -288,14 +273,10 @@ class Pipeline:
         return self._running().stats()
 
     def start_loop(self, period: float = 0.01) -> None:
-        """Forward the input generator's data every ``period`` seconds, in a thread."""
+        """Forward the input generator's data every ``period`` seconds, in a thread, until
+        the end of its stream (or ``stop_loop()``)."""
         self._running()
-        if self._input.source is None:
-            raise PipelineStateError("start_loop() needs an input_generator")
-        if self._loop is not None:
-            raise PipelineStateError("the loop is already running")
-        self._loop = InputLoop(self.forward, period, lambda: self._input.ended)
-        self._loop.start()
+        self._input.start_loop(self.forward, period)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the input loop has reached the end of the input stream and the last
@@ -303,12 +284,8 @@ class Pipeline:
         input loop, wait for what was forwarded to come out."""
         end = time.monotonic() + (_FOREVER if timeout is None else timeout)
         runner = self._running()
-        loop = self._loop
-        if loop is not None:
-            loop.join(max(0.0, end - time.monotonic()))
-            if loop.is_alive():
-                return False
-            self._raise_loop_error(loop)
+        if not self._input.wait_for_loop(end - time.monotonic()):
+            return False
         if isinstance(runner, ParallelRunner):
             return runner.drain(max(0.0, end - time.monotonic()))
         return True
@@ -331,35 +308,22 @@ class Pipeline:
         return every_output(runner.take_output, self._input_done, lambda: self._runner is runner)
 
     def _input_done(self) -> bool:
-        """Whether the input loop is over: False while it runs; True at the end of the
-        stream, after a drain (what never came out is then counted lost); raises what made
-        it stop early."""
-        loop = self._loop
-        if loop is not None and not loop.is_alive():
-            self._raise_loop_error(loop)
-        if not self._input.ended or (loop is not None and loop.is_alive()):
+        """Whether the input is over, and then (parallel) drained: what never came out is
+        counted lost. Raises what made the input loop stop early."""
+        if not self._input.finished():
             return False
         if isinstance(self._runner, ParallelRunner):
             self._drain(self._runner)
         return True
 
-    def _raise_loop_error(self, loop: InputLoop) -> None:
-        if isinstance(loop.error, StageError):  # on_error="raise": as forward() raised it
-            raise loop.error
-        if loop.error is not None:
-            raise PyStreamError(f"the input loop stopped early: {loop.error!r}") from loop.error
-
     def stop_loop(self) -> None:
         """Stop the input loop (if any), deliver what is in flight, and bring the stages'
         state (their attributes) back from the workers."""
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.stop()
+        loop = self._input.stop_loop()
         if isinstance(self._runner, ParallelRunner):
             self._drain(self._runner)
             self._apply_state(self._runner.collect_state())
-        if loop is not None:
-            self._raise_loop_error(loop)
+        raise_error(loop)
 
     def _drain(self, runner: ParallelRunner) -> None:
         if not runner.drain(self._drain_timeout):
@@ -370,9 +334,7 @@ class Pipeline:
     # -- stopping ------------------------------------------------------------------------
     def cleanup(self) -> None:
         """Stop the loop and every worker, run every stage's cleanup(); idempotent."""
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.stop()
+        self._input.stop_loop()
         runner, self._runner = self._runner, None
         if self._at_exit is not None:
             atexit.unregister(self._at_exit)
@@ -479,18 +441,6 @@ class Pipeline:
                 "the pipeline is not running: call serialize() or parallelize() first"
             )
         return self._runner
-
-
-def _check_policy(on_error: str) -> str:
-    if on_error not in ON_ERROR_POLICIES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, not {on_error!r}")
-    return on_error
-
-
-def _check_drop_policy(policy: str, allowed: tuple[str, ...]) -> str:
-    if policy not in allowed:
-        raise ValueError(f"drop_policy must be one of {allowed}, not {policy!r}")
-    return policy
 
 
 class PipelineStage(Stage):

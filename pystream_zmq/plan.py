@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pystream_zmq.stage import PATH_SEPARATOR, REPLICA_MARK, Leaf
+from pystream_zmq.stage import ON_ERROR_POLICIES, PATH_SEPARATOR, REPLICA_MARK, Leaf
 from pystream_zmq.wire import transport
 
 SOURCE = -1  # the unit index of the source, before the first unit
@@ -89,6 +89,29 @@ class Entry:
     replicas: int = 1
     ordered: bool = True
     limits: Limits = Limits()  # what is not set: the enclosing entry's, else the default
+
+    def __post_init__(self) -> None:
+        """Refuse what ``add()`` cannot take (Limits check themselves)."""
+        if self.on_error is not None:
+            check_on_error(self.on_error)
+        if self.drop_policy is not None:
+            check_drop_policy(self.drop_policy, transport.LINK_POLICIES)
+        if type(self.replicas) is not int or self.replicas < 1:
+            raise ValueError(
+                f"replicas must be a whole number of at least 1, not {self.replicas!r}"
+            )
+
+
+def check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR_POLICIES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_POLICIES}, not {on_error!r}")
+    return on_error
+
+
+def check_drop_policy(policy: str, allowed: tuple[str, ...]) -> str:
+    if policy not in allowed:
+        raise ValueError(f"drop_policy must be one of {allowed}, not {policy!r}")
+    return policy
 
 
 class Tree(Protocol):
