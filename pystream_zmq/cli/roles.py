@@ -30,7 +30,7 @@ from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Leaf
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, formats, security, transport
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
@@ -65,7 +65,8 @@ class Stopping:
 
 class _Drain:
     """``done()`` for Worker.run: false until ``stop``; then true once upstream's
-    end-of-stream marker has passed, or after ``drain_timeout``."""
+    end-of-stream marker has passed, or after ``drain_timeout``; at once if upstream is a
+    program outside PyStream, which sends no such marker."""
 
     def __init__(self, worker: Worker, stopping: Stopping) -> None:
         self._worker = worker
@@ -78,7 +79,7 @@ class _Drain:
         if not self._logged:
             self._logged = True
             log.info("stopping: draining the items in flight")
-        if self._worker.upstream_done:
+        if self._worker.upstream_done or self._worker.inputs.foreign:
             return True
         if self._stopping.drain_left() <= 0:
             log.warning("no end of stream in %g s; stopping anyway", self._stopping.drain_timeout)
@@ -128,10 +129,13 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         worker.run(done=_Drain(worker, stopping))
         if worker.events is not None:
             worker.events.flush()
-        dropped = 0 if worker.upstream_done else sum(map(_discard, worker.inputs.sockets))
+        dropped = 0
+        if not worker.upstream_done:
+            dropped = sum(_discard(pull, worker.inputs.foreign) for pull in worker.inputs.sockets)
         if dropped:
             log.warning("dropped %d items still queued at the input", dropped)
-        _end_streams(worker.outputs.sockets, stopping.ack_deadline())
+        if spec.output_format == formats.PYSTREAM:  # a foreign receiver knows no end of stream
+            _end_streams(worker.outputs.sockets, stopping.ack_deadline())
         log.info(
             "stopped after %d items (%d stage errors)",
             worker.counters["processed"],
@@ -142,15 +146,16 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         ctx.destroy(linger=0)
 
 
-def _discard(pull: zmq.Socket[Any]) -> int:
-    """Read what is queued at the input without processing it; the count of data items."""
+def _discard(pull: zmq.Socket[Any], foreign: bool) -> int:
+    """Read what is queued at the input without processing it; the count of data items
+    (``foreign``: every message is one)."""
     dropped = 0
     while True:
         try:
             frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return dropped
-        dropped += frames[0].bytes[:1] == bytes([transport.KIND_DATA])
+        dropped += foreign or frames[0].bytes[:1] == bytes([transport.KIND_DATA])
 
 
 # -- source ----------------------------------------------------------------------------------
@@ -240,9 +245,11 @@ def run_sink(
     on_latest: Callable[[Any], None] | None = None,
     hwm: int = transport.DEFAULT_HWM,
     curve: security.Curve | None = None,
+    input_format: str = formats.PYSTREAM,
 ) -> Any:
     """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
-    the latest output to ``on_latest``. Returns the latest output."""
+    the latest output to ``on_latest``. Returns the latest output. ``input_format``
+    msgpack-numpy: from a program outside PyStream, whose end of stream is not waited for."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
     writer: store.ProfileWriter | None = None
@@ -272,6 +279,7 @@ def run_sink(
             ordered=ordered,
             in_order=ordered or len(pull_endpoints) == 1,
             curve=curve,
+            input_format=input_format,
         )
         collector.start()
         inputs = ", ".join(collector.sink_endpoints)
@@ -280,9 +288,10 @@ def run_sink(
         progress = _Progress(collector, on_latest)
         while not stopping.stop.wait(report_every):
             progress.report()
-        log.info("stopping: waiting for the items in flight")
-        if not collector.wait_for_end(max(0.0, stopping.drain_left())):
-            log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
+        if input_format == formats.PYSTREAM:  # a foreign sender sends no end of stream
+            log.info("stopping: waiting for the items in flight")
+            if not collector.wait_for_end(max(0.0, stopping.drain_left())):
+                log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
         progress.report()
         log.info("stopped after %d items", collector.delivered)
         return progress.latest
