@@ -12,7 +12,7 @@ import click
 
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
-from pystream_zmq.wire import codec, endpoints, transport
+from pystream_zmq.wire import codec, endpoints, formats, transport
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -93,6 +93,22 @@ push = _option(
     multiple=True,
     help="Endpoint of the next process's input, to connect to; one per replica of the "
     "next stage (items go to the next one with room).",
+)
+input_format = _option(
+    "--input-format",
+    envvar="PYSTREAM_INPUT_FORMAT",
+    type=click.Choice(formats.FORMATS),
+    default=formats.PYSTREAM,
+    help="msgpack-numpy: the input comes from a program outside PyStream, one msgpack frame "
+    "per item (msgpack.packb(item, default=msgpack_numpy.encode)), numbered here.",
+)
+output_format = _option(
+    "--output-format",
+    envvar="PYSTREAM_OUTPUT_FORMAT",
+    type=click.Choice(formats.FORMATS),
+    default=formats.PYSTREAM,
+    help="msgpack-numpy: send each output as one msgpack-numpy frame, to a program outside "
+    "PyStream (it gets items only, no end-of-stream or dropped markers).",
 )
 hwm = _option(
     "--hwm",

@@ -25,7 +25,7 @@ import zmq
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.stage import Leaf
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, formats, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
@@ -65,7 +65,8 @@ class Stopping:
 
 class _Drain:
     """``done()`` for Worker.run: false until ``stop``; then true once upstream's
-    end-of-stream marker has passed, or after ``drain_timeout``."""
+    end-of-stream marker has passed, or after ``drain_timeout``; at once if upstream is a
+    program outside PyStream, which sends no such marker."""
 
     def __init__(self, worker: Worker, stopping: Stopping) -> None:
         self._worker = worker
@@ -78,7 +79,7 @@ class _Drain:
         if not self._logged:
             self._logged = True
             log.info("stopping: draining the items in flight")
-        if self._worker.upstream_done:
+        if self._worker.upstream_done or self._worker.inputs.foreign:
             return True
         if self._stopping.drain_left() <= 0:
             log.warning("no end of stream in %g s; stopping anyway", self._stopping.drain_timeout)
@@ -127,8 +128,10 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
         worker.run(done=_Drain(worker, stopping))
         queued = 0
-        if not worker.upstream_done:  # the drain timed out
-            queued = _discard_until_end(worker.inputs, stopping.drain_left() + END_GRACE)
+        if not worker.upstream_done:  # the drain timed out, or a foreign sender sends no end
+            foreign = worker.inputs.foreign
+            wait = 0.0 if foreign else stopping.drain_left() + END_GRACE
+            queued = _discard_until_end(worker.inputs, wait, foreign=foreign)
         worker.counters["discarded"] += queued
         discarded = worker.counters["discarded"]
         if discarded:
@@ -138,7 +141,8 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
             )  # fmt: skip
         if worker.profile is not None:
             _end_profile(worker, stopping.ack_deadline())
-        _end_streams(worker.outputs.sockets, stopping.ack_deadline())
+        if spec.output_format == formats.PYSTREAM:  # a foreign receiver knows no end of stream
+            _end_streams(worker.outputs.sockets, stopping.ack_deadline())
         log.info(
             "stopped after %d items (%d stage errors%s)",
             worker.counters["processed"],
@@ -166,11 +170,12 @@ def _end_profile(worker: Worker, deadline: float) -> None:
         worker.profile.send_multipart(message, zmq.NOBLOCK)
 
 
-def _discard_until_end(inputs: Inputs, timeout: float) -> int:
+def _discard_until_end(inputs: Inputs, timeout: float, *, foreign: bool = False) -> int:
     """Read, without processing them, the items queued at the inputs and those upstream
     still sends, until every input has delivered its end-of-stream marker (upstream sends
     it once its own drain is over) or ``timeout`` has passed; returns how many data items
-    that was. So every item upstream sent is processed here or counted, not lost unseen."""
+    that was (``foreign``: every message is one). So every item upstream sent is processed
+    here or counted, not lost unseen."""
     deadline = time.monotonic() + timeout
     held, ended = inputs.let_go()
     dropped = sum(_kind(message) == transport.KIND_DATA for message in held)
@@ -186,7 +191,7 @@ def _discard_until_end(inputs: Inputs, timeout: float) -> int:
             break
         for pull in ready:
             kind = _kind(pull.recv_multipart(zmq.NOBLOCK, copy=False))
-            dropped += kind == transport.KIND_DATA
+            dropped += foreign or kind == transport.KIND_DATA
             if kind == transport.KIND_EOS:
                 poller.unregister(pull)
                 waiting -= 1

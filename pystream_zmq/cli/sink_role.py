@@ -23,7 +23,7 @@ from pystream_zmq.cli.roles import ACK_TIMEOUT, Stopping
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
-from pystream_zmq.wire import security, transport
+from pystream_zmq.wire import formats, security, transport
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,11 @@ def run_sink(
     on_latest: Callable[[Any], None] | None = None,
     hwm: int = transport.DEFAULT_HWM,
     curve: security.Curve | None = None,
+    input_format: str = formats.PYSTREAM,
 ) -> Any:
     """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
-    the latest output to ``on_latest``. Returns the latest output."""
+    the latest output to ``on_latest``. Returns the latest output. ``input_format``
+    msgpack-numpy: from a program outside PyStream, whose end of stream is not waited for."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
     recorder: store.RunRecorder | None = None
@@ -93,6 +95,7 @@ def run_sink(
             ordered=ordered,
             in_order=ordered or len(pull_endpoints) == 1,
             curve=curve,
+            input_format=input_format,
         )
         if profile is not None and profile_endpoint is not None:
             recorder = _register(profile)  # once bound: a sink that cannot start has no run
@@ -104,9 +107,10 @@ def run_sink(
         progress = _Progress(collector, on_latest)
         while not stopping.stop.wait(report_every):
             progress.report()
-        log.info("stopping: waiting for the items in flight")
-        if not collector.wait_for_end(max(0.0, stopping.drain_left())):
-            log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
+        if input_format == formats.PYSTREAM:  # a foreign sender sends no end of stream
+            log.info("stopping: waiting for the items in flight")
+            if not collector.wait_for_end(max(0.0, stopping.drain_left())):
+                log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
         progress.report()
         if recorder is not None:
             drain_end = stopping.requested_at + stopping.drain_timeout

@@ -32,6 +32,7 @@ from pystream_zmq.cli.loader import (
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
+from pystream_zmq.wire import formats
 from pystream_zmq.worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ _build_options = options.stack(options.param_pairs, options.params_json, options
 _stage_options = options.stack(
     _input_options,
     options.push,
+    options.input_format,
+    options.output_format,
     _build_options,
     options.name,
     options.drain_timeout(options.DRAIN_TIMEOUT),
@@ -188,6 +191,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
 )
 @options.stack(
     _input_options,
+    options.input_format,
     options.profile_pull,
     options.profile_dir,
     options.run_name,
@@ -230,6 +234,7 @@ def sink(verbose: bool, **opts: Any) -> int:
             on_latest=on_latest,
             hwm=opts["hwm"],
             curve=curve,
+            input_format=opts["input_format"],
         ),
     )
 
@@ -292,6 +297,9 @@ def _serve_worker(
     verbose: bool, name: str, leaves: Sequence[tuple[str, Any]], opts: dict[str, Any]
 ) -> int:
     pulls, pushes = _pull_endpoints(opts), list(opts["push"])
+    if opts["input_format"] == formats.MSGPACK_NUMPY and opts["replica"] is not None:
+        # Each replica would number the items from 0: the numbers downstream would clash.
+        raise click.UsageError("--input-format msgpack-numpy numbers the items: no --replica")
     curve = curve_options.settings(opts, pulls, pushes, opts["profile"])
     spec = WorkerSpec(
         name=MAIN_PIPELINE_NAME + PATH_SEPARATOR + name,  # its counters' path in the profiles
@@ -307,6 +315,8 @@ def _serve_worker(
         drop_policy=opts["drop_policy"],
         max_age=opts["max_age"],
         curve=curve,
+        input_format=opts["input_format"],
+        output_format=opts["output_format"],
     )
     stopping = process.start(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: roles.run_worker(spec, leaves, stopping))

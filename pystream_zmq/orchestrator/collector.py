@@ -23,7 +23,7 @@ from pystream_zmq.orchestrator.ledger import Ledger
 from pystream_zmq.profiling.receiver import ProfileReceiver
 from pystream_zmq.profiling.store import Recorder
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, EventBuffer
-from pystream_zmq.wire import codec, security, status, transport
+from pystream_zmq.wire import codec, formats, security, status, transport
 from pystream_zmq.wire.inputs import Inputs
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Collector(threading.Thread):
         sent_below: Callable[[], int] | None = None,
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         status_link: tuple[str, Callable[[list[bytes]], None]] | None = None,
+        input_format: str = formats.PYSTREAM,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
         sequence order; ``in_order``: whether outputs arrive in input order at all;
@@ -74,7 +75,7 @@ class Collector(threading.Thread):
         ``cpu``: the CPU to run on (pin_cpus); ``sent_below()``: no sequence number at or
         above it was sent (an output with one is a rogue, see Ledger); ``status_link``: where
         to bind the workers' status link, and what takes each message from it
-        (``StallBoard.take``)."""
+        (``StallBoard.take``); ``input_format``: what the sinks receive (wire/formats.py)."""
         super().__init__(name="pystream-collector", daemon=True)
         self._cpu = cpu
         sinks = []
@@ -84,8 +85,9 @@ class Collector(threading.Thread):
             self.sink_endpoints.append(security.bind(sinks[-1], endpoint, curve))
         for sink in sinks:
             sink.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._max_message_bytes = max_message_bytes
-        self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST)
+        self._decode = formats.decoder(input_format, max_message_bytes)
+        foreign = input_format == formats.MSGPACK_NUMPY
+        self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST, foreign=foreign)
         self._profile: zmq.Socket[Any] | None = None
         self._profile_monitor: zmq.Socket[Any] | None = None
         self.profile_endpoint: str | None = None
@@ -272,21 +274,19 @@ class Collector(threading.Thread):
 
     def _on_outputs(self, messages: Iterable[list[zmq.Frame]]) -> None:
         """Decode what arrived, then hand it over under one lock for the whole burst."""
-        arrived = []
+        arrived: list[tuple[int, int, Any]] = []
         for frames in messages:
             end = time.time()
             try:
                 kind, seq, sent_at = transport.unpack_envelope(frames[0])
                 data = None
-                if kind in _WITH_PAYLOAD:  # adopt: the frames were just received, and are ours
-                    data = codec.decode(
-                        transport.payload(frames),
-                        max_message_bytes=self._max_message_bytes,
-                        adopt=True,
-                    )
+                if kind in _WITH_PAYLOAD:
+                    data = self._decode(frames)
             except DecodeError as e:
                 self._output_errors += 1
                 log.warning("dropped a malformed output: %s", e)
+                if self._inputs.foreign:  # numbered here: the ledger counts it dropped
+                    arrived.append((transport.KIND_DROPPED, seq, None))
                 continue
             arrived.append((kind, seq, data))
             if kind == transport.KIND_DATA and self._events is not None:

@@ -13,7 +13,8 @@ rest are ExtTypes whose payload is itself msgpack:
 
 Byte order is kept as it is (``'>f4'`` arrives as ``'>f4'``). Decoding treats every frame
 as hostile: no pickle, only bool/int/uint/float/complex dtypes, sizes checked before any
-allocation, and every failure raised as one ``DecodeError``.
+allocation, and every failure raised as one ``DecodeError``. ``decode_plain`` reads
+another program's single msgpack frame under the same checks (``wire/foreign_codec.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_DEPTH",
     "OUT_OF_BAND_MIN_BYTES",
+    "array_from",
     "decode",
+    "decode_plain",
     "encode",
 ]
 
@@ -219,6 +222,29 @@ def decode(
         raise DecodeError(f"malformed message: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+def decode_plain(
+    frame: Buffer | zmq.Frame,
+    object_hook: Callable[[dict[Any, Any]], object],
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+) -> object:
+    """One frame of plain msgpack from another program, under ``decode``'s limits: no ext
+    type but msgpack's timestamp (a float), and every map through ``object_hook``, which
+    reads the sender's own layout (msgpack-numpy's arrays: ``wire/foreign_codec.py``).
+    Raises ``DecodeError`` for any malformed input, whatever raised it, and nothing else."""
+    try:
+        view = _frame_view(frame)
+        if view.nbytes > max_message_bytes:
+            raise DecodeError(f"message of {view.nbytes} bytes is over the {max_message_bytes} cap")
+        decoder = _Decoder([view], max_container_len, max_message_bytes, False, object_hook)
+        return decoder.unpack(view, _no_plain_ext)
+    except DecodeError:
+        raise
+    except Exception as e:  # msgpack, numpy and the hook's own errors alike
+        raise DecodeError(f"malformed message: {type(e).__name__}: {str(e)[:200]}") from e
+
+
 def _frame_view(frame: object) -> memoryview:
     view = memoryview(frame)  # type: ignore[arg-type]
     if not view.c_contiguous:
@@ -237,13 +263,19 @@ class _Tuple:
 
 
 class _Decoder:
-    __slots__ = ("adopt", "budget", "count", "frames", "length", "made", "used")
+    __slots__ = ("adopt", "budget", "count", "frames", "length", "made", "object_hook", "used")
 
     def __init__(
-        self, frames: list[memoryview], max_container_len: int, budget: int, adopt: bool
+        self,
+        frames: list[memoryview],
+        max_container_len: int,
+        budget: int,
+        adopt: bool,
+        object_hook: Callable[[dict[Any, Any]], object] | None = None,
     ) -> None:
         self.frames = frames
         self.adopt = adopt
+        self.object_hook = object_hook  # decode_plain's; our own format has no use for one
         self.used = [False] * len(frames)
         self.made = 0  # _Tuples handed out so far
         # Ext payloads are copied once per nesting level; the budget bounds that amplification.
@@ -260,6 +292,7 @@ class _Decoder:
             use_list=True,
             timestamp=1,  # msgpack's built-in ext -1 becomes a plain float, not a Timestamp
             ext_hook=ext_hook,
+            object_hook=self.object_hook,
             max_str_len=self.length,
             max_bin_len=self.length,
             max_ext_len=self.length,
@@ -279,12 +312,12 @@ class _Decoder:
         if type(fields) is not list:
             raise DecodeError(f"ext {code} payload is not a list")
         if code == EXT_ARRAY and len(fields) == 3 and type(fields[2]) is bytes:
-            return _array_from(fields[0], fields[1], fields[2])
+            return array_from(fields[0], fields[1], fields[2])
         if code == EXT_BUFFER and len(fields) == 3:
             frame = self.take(fields[2])
-            return _array_from(fields[0], fields[1], frame, copy=frame.readonly or not self.adopt)
+            return array_from(fields[0], fields[1], frame, copy=frame.readonly or not self.adopt)
         if code == EXT_SCALAR and len(fields) == 2 and type(fields[1]) is bytes:
-            return _array_from(fields[0], [], fields[1])[()]
+            return array_from(fields[0], [], fields[1])[()]
         raise DecodeError(f"unknown ext code {code} or bad payload")
 
     def expand(self, root: object) -> object:
@@ -347,9 +380,17 @@ def _no_ext(code: int, data: bytes) -> object:
     raise DecodeError(f"ext {code} inside an array payload")
 
 
-def _array_from(
+def _no_plain_ext(code: int, data: bytes) -> object:
+    raise DecodeError(f"ext type {code} in a plain msgpack message")
+
+
+def array_from(
     dtype_name: object, shape: object, buf: bytes | memoryview, copy: bool = True
 ) -> np.ndarray[Any, Any]:
+    """The array a sender described, checked before numpy sees anything: ``dtype_name`` a
+    str naming a bool/int/uint/float/complex dtype (``'<f4'``), ``shape`` a list of at most
+    64 non-negative ints whose product times the itemsize is ``len(buf)``; a writeable copy
+    of ``buf`` unless ``copy`` is false and it can be a view. ``DecodeError`` otherwise."""
     dtype = _dtype(dtype_name)
     if type(shape) is not list or len(shape) > _MAX_NDIM:
         raise DecodeError("array shape is not a list of at most 64 dims")

@@ -7,6 +7,10 @@ the next sequence number goes first. Each replica's output is in order, so once 
 holds a later item, the missing one can never come (it was lost with a crashed replica): it
 is skipped and counted. When the inputs go quiet right after such a loss, the wait is
 bounded by ``reorder_timeout``.
+
+With ``foreign``, the senders are programs outside PyStream (wire/formats.py): a message
+has no envelope, so it gets one when it is read, with the next of this receiver's own
+sequence numbers; there is no end-of-stream marker, and nothing to order by.
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ class Inputs:
         burst: int = 64,
         reorder_timeout: float = REORDER_TIMEOUT,
         first_seq: int | None = 0,
+        foreign: bool = False,
     ) -> None:
         self.sockets = sockets
-        self.ordered = ordered and len(sockets) > 1
+        self.foreign = foreign
+        self._numbered = 0  # foreign: messages given a sequence number so far
+        self.ordered = ordered and len(sockets) > 1 and not foreign
         self._burst = burst
         self._reorder_timeout = reorder_timeout
         self._eos_from: dict[int, set[int]] = {}  # token -> inputs that delivered it
@@ -105,7 +112,11 @@ class Inputs:
                 message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if self._passes(message, index):
+            if self.foreign:
+                envelope = transport.pack_envelope(transport.KIND_DATA, self._numbered, time.time())
+                self._numbered += 1
+                yield [envelope, *message]
+            elif self._passes(message, index):
                 yield message
 
     def _passes(self, message: Message, index: int) -> bool:

@@ -20,9 +20,8 @@ from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
 from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
 from pystream_zmq.throttle import Throttled
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, formats, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
-from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker import memory
 from pystream_zmq.worker.sending import Sender, share_received_frames
 from pystream_zmq.worker.spec import WorkerSpec
@@ -59,9 +58,12 @@ class Worker:
         self.bound = [sock.getsockopt_string(zmq.LAST_ENDPOINT) for sock in pulls]
         burst = _LATEST_BATCH if spec.drop_policy == transport.LATEST else _BURST
         self.inputs = Inputs(
-            pulls, ordered=spec.ordered_input, burst=burst, first_seq=spec.first_seq
-        )
-        self.outputs = Outputs(pushes)
+            pulls, ordered=spec.ordered_input, burst=burst, first_seq=spec.first_seq,
+            foreign=spec.input_format == formats.MSGPACK_NUMPY,
+        )  # fmt: skip
+        self.outputs = formats.outputs(spec.output_format, pushes)
+        self._decode = formats.decoder(spec.input_format, spec.max_message_bytes)
+        self._pack = formats.packer(spec.output_format, spec.max_message_bytes)
         self._sender = Sender(self.outputs, self._between_waits)
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
@@ -171,13 +173,12 @@ class Worker:
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
                 self._drop(seq, sent_at, "expired")
                 return
-            # adopt: the frames were just received, and are ours alone.
-            data = codec.decode(
-                transport.payload(frames), max_message_bytes=self.spec.max_message_bytes, adopt=True
-            )
+            data = self._decode(frames)
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
+            if self.inputs.foreign:  # numbered here: a marker in its place, as for every drop
+                self._sender.send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
             return
         try:
             self._run_stages(frames, data, seq, sent_at, arrive)
@@ -194,7 +195,7 @@ class Worker:
             self._sender.send(self._failure_frames(out, sent_at))
             return
         try:
-            out_frames = codec.encode(out, max_message_bytes=self.spec.max_message_bytes)
+            message = self._pack(transport.KIND_DATA, seq, sent_at, out)
         except PyStreamError as e:
             self.counters["encode_errors"] += 1
             path = self.chain.leaves[-1][0]
@@ -206,7 +207,6 @@ class Worker:
             self._sender.send(self._failure_frames(failure, sent_at))
             return
         self.counters["processed"] += 1
-        message = transport.pack_message(transport.KIND_DATA, seq, sent_at, out_frames)
         shared = len(message) > 1 and share_received_frames(message, frames)
         self._sender.send(message, tracked=not shared)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
 from pystream_zmq.plan import Limits
-from pystream_zmq.wire import codec, security, transport
+from pystream_zmq.wire import codec, formats, security, transport
 
 _LENGTH = struct.Struct("<Q")
 
@@ -59,6 +59,10 @@ class WorkerSpec:
     status: str | None = None
     process: int = -1
     limits: dict[str, Limits] = field(default_factory=dict)  # {leaf path: its limits}
+    # Standalone only (pystream-worker --input-format/--output-format): a link to a program
+    # outside PyStream, in msgpack-numpy's layout; see wire/formats.py.
+    input_format: str = formats.PYSTREAM
+    output_format: str = formats.PYSTREAM
 
 
 def write_spec(stream: IO[bytes], spec: WorkerSpec, stages_blob: bytes) -> None:

@@ -2,8 +2,10 @@
 
 Each ``*.msgpack`` file is ``{"target": ..., "frames": [bytes, ...], "note": str}``, where
 target is ``message`` (what a worker's data socket reads: envelope and codec header in the
-first frame, then out-of-band buffers) or
-``events`` (the one payload frame of a profile EVENTS message). Every entry must give a
+first frame, then out-of-band buffers),
+``events`` (the one payload frame of a profile EVENTS message) or ``msgpack-numpy`` (what a
+``--input-format msgpack-numpy`` receiver reads from a program outside PyStream: one plain
+msgpack frame, replayed by tests/test_interop.py). Every entry must give a
 ``DecodeError``. Run ``python tests/corpus/make_corpus.py`` to rewrite the files; a fuzz
 failure worth keeping is added to ENTRIES below.
 
@@ -49,6 +51,11 @@ def as_array(fields: dict[bytes, Any]) -> bytes:
 
 def message(*frames: bytes) -> list[bytes]:
     return [ENVELOPE + frames[0], *frames[1:]]
+
+
+def foreign(item: Any) -> tuple[str, list[bytes]]:
+    """A frame as a program outside PyStream sends it, from msgpack-numpy's own encoder."""
+    return "msgpack-numpy", [packb(item, default=msgpack_numpy.encode)]
 
 
 OBJECT = mn(np.array([1, None], dtype=object))  # kind b"O": msgpack-numpy pickle.loads this
@@ -137,6 +144,84 @@ ENTRIES: dict[str, tuple[str, list[bytes], str]] = {
         message(b"\xc6\xff\xff\xff\xff" + b"\0" * 16),
         "bin header claims 4 GB",
     ),
+    # msgpack-numpy frames straight from a foreign sender: no envelope, no ext types.
+    "fmn_kind_O_pickle": (
+        *foreign({"img": np.array([1, None], dtype=object)}),
+        "msgpack-numpy #57: its decoder pickle.loads this",
+    ),
+    "fmn_kind_O_top_level": (*foreign(np.array([{"a": 1}], dtype=object)), "the whole item"),
+    "fmn_object_dtype_with_data": (
+        *foreign({"a": mn(np.zeros(2, "i8"), type="|O")}),
+        "dtype |O with 16 bytes of data: numpy segfault",
+    ),
+    "fmn_object_scalar": (
+        *foreign({"a": {b"nd": False, b"type": "|O", b"data": b"\0" * 8}}),
+        "an object scalar",
+    ),
+    "fmn_S_shape_minus_one": (
+        *foreign({"a": mn(np.zeros(3, "S1"), shape=(-1,))}),
+        "dtype S with shape (-1,): SIGFPE",
+    ),
+    "fmn_S_zero_itemsize": (
+        *foreign({"a": mn(np.zeros(3, "S1"), type="S0", shape=(-1,))}),
+        "itemsize 0",
+    ),
+    "fmn_structured": (
+        *foreign({"a": np.zeros(2, [("x", "<f4"), ("y", "<i4")])}),
+        "kind V: a structured dtype, its descr a list",
+    ),
+    "fmn_structured_no_kind": (
+        *foreign({"a": mn(np.zeros(2, [("x", "<f4")]), kind=b"")}),
+        "a structured descr under an empty kind",
+    ),
+    "fmn_dtype_syntax_error": (
+        *foreign({"a": mn(np.zeros(1, "f4"), type="(i4,")}),
+        "np.dtype raises SyntaxError",
+    ),
+    "fmn_unicode_dtype": (*foreign({"a": np.array(["abc"])}), "dtype <U3: not a number"),
+    "fmn_shape_data_mismatch": (
+        *foreign({"a": mn(np.zeros(3, "f4"), data=b"\0" * 8)}),
+        "3 floats in 8 bytes",
+    ),
+    "fmn_shape_negative": (*foreign({"a": mn(np.zeros(2, "f4"), shape=(-1, -2))}), "-1 x -2"),
+    "fmn_shape_product_overflow": (
+        *foreign({"a": mn(np.zeros(0, "f8"), shape=(2**62, 2**62))}),
+        "shape product past 2**64",
+    ),
+    "fmn_data_str": (
+        *foreign({"a": {**mn(np.zeros(2, "u1")), b"data": "\0\0"}}),
+        "data sent as str (use_bin_type=False)",
+    ),
+    "fmn_nd_not_bool": (*foreign({"a": mn(np.zeros(2, "u1"), nd=1)}), "b'nd' is 1"),
+    "fmn_no_data": (*foreign({"a": {b"nd": True, b"type": "<f4", b"shape": [1]}}), "no data"),
+    "fmn_complex_not_str": (*foreign({"z": {b"complex": True, b"data": 5}}), "complex of an int"),
+    "fmn_ext_type": ("msgpack-numpy", [packb({"a": ExtType(2, b"x")})], "an ext type"),
+    "fmn_bin_len_bomb": (
+        "msgpack-numpy",
+        [b"\x81\xa1a\xc6\xff\xff\xff\xff" + b"\0" * 16],
+        "bin header claims 4 GB",
+    ),
+    "fmn_array_len_bomb": (
+        "msgpack-numpy",
+        [b"\xdd\xff\xff\xff\xff" + b"\xc0" * 64],
+        "array header claims 2**32-1 items",
+    ),
+    "fmn_map_len_bomb": (
+        "msgpack-numpy",
+        [b"\xdf\xff\xff\xff\xff" + b"\xc0" * 64],
+        "map header claims 2**32-1 pairs",
+    ),
+    "fmn_nested_deep": ("msgpack-numpy", [b"\x91" * 5000 + b"\xc0"], "5000 nested lists"),
+    "fmn_truncated": (
+        "msgpack-numpy",
+        [packb({"a": np.zeros(4, "f4")}, default=msgpack_numpy.encode)[:-3]],
+        "cut short",
+    ),
+    "fmn_pickle": ("msgpack-numpy", [pickle.dumps({"x": 1})], "a pickle, not msgpack"),
+    "fmn_int_key": ("msgpack-numpy", [packb({1: 2})], "a map key that is not a str"),
+    "fmn_two_frames": ("msgpack-numpy", [packb({"x": 1})] * 2, "one frame per item, not two"),
+    "fmn_ours": ("msgpack-numpy", message(packb({"x": 1})), "our envelope and header"),
+    "fmn_empty": ("msgpack-numpy", [b""], "an empty frame"),
     "events_garbage": ("events", [b"\x97\x01"], "7-list cut short"),
     "events_ragged": (
         "events",
