@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,15 @@ import pytest
 import zmq
 from conftest import wait_until
 from test_seed_notebook import _env
-from test_worker_cli import BIN, free_port_range
+from test_worker_cli import (  # noqa: F401  (run_honcho and honcho_env: fixtures)
+    BIN,
+    Honcho,
+    free_port_range,
+    honcho_env,
+    run_honcho,
+    stopped_after,
+    stopped_codes,
+)
 
 from pystream_zmq import Pipeline, Stage
 from pystream_zmq.media import ImageFolder, ImageFolderWriter, VideoSource, VideoWriter
@@ -197,3 +206,31 @@ def test_pystream_worker_source_sends_a_video_file_frame_by_frame(
         proc.terminate()
         proc.wait(timeout=15)
         ctx.destroy(linger=0)
+
+
+def test_a_procfile_over_a_video_file_ends_by_itself(
+    video: Path,
+    tmp_path: Path,
+    run_honcho: Callable[[Path], Honcho],  # noqa: F811
+) -> None:
+    """source -> two stages -> sink under honcho: every frame comes
+    out, then the end of the file goes down the chain and every process exits 0, with
+    nobody stopping them."""
+    base = free_port_range(5)
+    ep = [f"tcp://127.0.0.1:{base + i}" for i in range(5)]
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(
+        f"source: exec pystream-worker source pystream_zmq.media:VideoSource"
+        f" --param source={video} --period 0 --push {ep[0]}\n"
+        f"Blur: exec pystream-worker stage test_media:blur --pull {ep[0]} --push {ep[1]}\n"
+        f"Detect: exec pystream-worker stage test_media:Detect --pull {ep[1]} --push {ep[2]}\n"
+        f"sink: exec pystream-worker sink --pull {ep[2]}\n"
+    )
+    honcho = run_honcho(procfile)
+    assert honcho.proc.wait(timeout=60) == 0, honcho.output()
+    output = honcho.output()
+    assert stopped_codes(output) == {"source": 0, "Blur": 0, "Detect": 0, "sink": 0}, output
+    sink = stopped_after(output, "sink")
+    assert sink is not None and int(sink.group(1)) == FRAMES, output
+    assert "the input stream ended: stopping" in output
+    assert "Traceback" not in output

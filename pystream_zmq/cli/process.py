@@ -33,6 +33,14 @@ def start(name: str, verbose: bool, drain_timeout: float) -> Stopping:
     return stopping
 
 
+def leaving() -> None:
+    """The role is over: a stop signal now (honcho stops every process once one has ended)
+    must not turn this exit into death by signal, which it would once the interpreter has
+    put the default handlers back at shutdown."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def watch_signals(stopping: Stopping) -> None:
     """Turn SIGTERM/SIGINT/SIGQUIT into a stop request, a second one into an immediate exit.
 

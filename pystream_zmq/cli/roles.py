@@ -14,6 +14,7 @@ marker): closing a sender earlier can lose what the receiver had not read yet.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from pystream_zmq.worker.spec import WorkerSpec
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often a blocked send looks at the stop flag
+_SLICE = 0.1  # seconds: how often a wait for the next process looks at its deadline
 ACK_TIMEOUT = 1.0  # after the drain, how long to wait for the next process to leave
 # After a drain that timed out, how long a stage still reads (and counts as dropped) what
 # upstream sends, waiting for its end of stream; the sink waits a little longer for the
@@ -60,7 +62,13 @@ class Stopping:
         return self.requested_at + self.drain_timeout - time.monotonic()
 
     def ack_deadline(self) -> float:
-        return self.requested_at + self.drain_timeout + ACK_TIMEOUT
+        """Counted from the request; from now when the stream ended without one."""
+        start = self.requested_at if self.stop.is_set() else time.monotonic()
+        return start + self.drain_timeout + ACK_TIMEOUT
+
+    def deadline_once_stopped(self) -> float:
+        """No deadline until a stop is requested; then ``ack_deadline()``."""
+        return self.ack_deadline() if self.stop.is_set() else math.inf
 
 
 class _Drain:
@@ -74,6 +82,11 @@ class _Drain:
         self._logged = False
 
     def __call__(self) -> bool:
+        if self._worker.upstream_done and self._worker.last_eos == transport.END_OF_DATA:
+            if not self._logged:
+                self._logged = True
+                log.info("the input stream ended: stopping")
+            return True
         if not self._stopping.stop.is_set():
             return False
         if not self._logged:
@@ -87,28 +100,35 @@ class _Drain:
         return False
 
 
-def _end_streams(pushes: list[zmq.Socket[Any]], deadline: float) -> None:
-    """End the stream on every output (each replica downstream needs its own marker)."""
+def _end_streams(
+    pushes: list[zmq.Socket[Any]], deadline: Callable[[], float], seq: int = 0
+) -> None:
+    """End the stream on every output (each replica downstream needs its own marker):
+    ``seq`` 0 for a stop, END_OF_DATA when the source's items have all been sent."""
     for push in pushes:
-        _end_stream(push, deadline)
+        _end_stream(push, deadline, seq)
 
 
-def _end_stream(push: zmq.Socket[Any], deadline: float) -> None:
-    """Send an end-of-stream marker and wait (until ``deadline``, a monotonic time) until
-    the next process disconnects, having read it. ``push`` must have IMMEDIATE set, so that
-    with nobody connected the marker cannot be sent and there is nothing to wait for."""
+def _end_stream(push: zmq.Socket[Any], deadline: Callable[[], float], seq: int) -> None:
+    """Send an end-of-stream marker and wait (until ``deadline()``, a monotonic time, looked
+    at every 0.1 s) until the next process disconnects, having read it. ``push`` must have
+    IMMEDIATE set, so that with nobody connected the marker cannot be sent and there is
+    nothing to wait for."""
 
-    def left_ms() -> int:
-        return max(0, int((deadline - time.monotonic()) * 1000))
+    def wait(sock: zmq.Socket[Any], flags: int) -> bool:
+        while (left := deadline() - time.monotonic()) > 0:
+            if sock.poll(int(min(left, _SLICE) * 1000), flags):
+                return True
+        return False
 
     monitor = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
-        marker = transport.pack_envelope(transport.KIND_EOS, 0, time.time())
-        if not push.poll(left_ms(), zmq.POLLOUT):
+        marker = transport.pack_envelope(transport.KIND_EOS, seq, time.time())
+        if not wait(push, zmq.POLLOUT):
             log.info("nobody downstream takes the end of stream; not waiting")
             return
         push.send(marker, zmq.NOBLOCK)
-        if not monitor.poll(left_ms()):
+        if not wait(monitor, zmq.POLLIN):
             log.warning("the next process did not stop in time")
     finally:
         push.disable_monitor()
@@ -142,7 +162,12 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         if worker.profile is not None:
             _end_profile(worker, stopping.ack_deadline())
         if spec.output_format == formats.PYSTREAM:  # a foreign receiver knows no end of stream
-            _end_streams(worker.outputs.sockets, stopping.ack_deadline())
+            if worker.last_eos == transport.END_OF_DATA:  # pass it on, and wait as the source
+                _end_streams(
+                    worker.outputs.sockets, stopping.deadline_once_stopped, transport.END_OF_DATA
+                )
+            else:
+                _end_streams(worker.outputs.sockets, stopping.ack_deadline)
         log.info(
             "stopped after %d items (%d stage errors%s)",
             worker.counters["processed"],
@@ -249,10 +274,11 @@ def run_source(
             sent += 1  # even if the stop came just after: it went out
             if pacer.wait(stop):
                 break
-        if not stop.is_set():
-            log.info("sent all %d items; waiting to be stopped", sent)
-            stop.wait()
-        _end_streams(outputs.sockets, stopping.ack_deadline())
+        if stop.is_set():
+            _end_streams(outputs.sockets, stopping.ack_deadline)
+        else:  # the end of the data: it goes through the chain, which ends by itself
+            log.info("sent all %d items; the end of the stream goes downstream", sent)
+            _end_streams(outputs.sockets, stopping.deadline_once_stopped, transport.END_OF_DATA)
         log.info("stopped after %d items", sent)
     finally:
         ctx.destroy(linger=0)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # After the drain's deadline, how long the sink waits for the workers' last profile records:
 # with the writer's ACK_TIMEOUT to store them, well inside honcho's 5 s before SIGKILL.
 _LAST_RECORDS_WAIT = 0.5
+_SLICE = 0.1  # seconds: how often the sink looks for a stop or the end of the data
 
 
 @dataclass
@@ -105,15 +106,23 @@ def run_sink(
         profiles = collector.profile_endpoint or "off"
         log.info("ready: input %s, profiles %s%s", inputs, profiles, " (CURVE)" * bool(curve))
         progress = _Progress(collector, on_latest)
-        while not stopping.stop.wait(report_every):
-            progress.report()
-        if input_format == formats.PYSTREAM:  # a foreign sender sends no end of stream
+        next_report = time.monotonic() + report_every
+        while not stopping.stop.wait(min(_SLICE, max(0.0, next_report - time.monotonic()))):
+            if collector.data_ended():
+                log.info("the input stream ended: stopping")
+                break
+            if time.monotonic() >= next_report:
+                progress.report()
+                next_report += report_every
+        ended = collector.data_ended()  # then everything came: the end was the last message
+        if not ended and input_format == formats.PYSTREAM:  # a foreign sender sends no end
             log.info("stopping: waiting for the items in flight")
             if not collector.wait_for_end(max(0.0, stopping.drain_left())):
                 log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
         progress.report()
         if recorder is not None:
-            drain_end = stopping.requested_at + stopping.drain_timeout
+            stopped_at = stopping.requested_at if stopping.stop.is_set() else time.monotonic()
+            drain_end = stopped_at + stopping.drain_timeout
             _wait_for_last_records(collector, drain_end + _LAST_RECORDS_WAIT)
         collector.stop()  # hands the recorder its last MainPipeline events
         if recorder is not None:

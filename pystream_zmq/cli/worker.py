@@ -65,6 +65,7 @@ class _WorkerGroup(click.Group):
             sys.exit(e.exit_code)
         except click.Abort:
             sys.exit(EXIT_USAGE)
+        process.leaving()
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

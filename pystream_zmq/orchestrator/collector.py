@@ -185,6 +185,11 @@ class Collector(threading.Thread):
         with self._cond:
             return self._cond.wait_for(lambda: self._eos_seen >= token, timeout)
 
+    def data_ended(self) -> bool:
+        """The last message was a standalone source's end of data (transport.END_OF_DATA)."""
+        with self._cond:
+            return self._ended and self._eos_seen == transport.END_OF_DATA
+
     def wait_for_end(self, timeout: float) -> bool:
         """Wait until the last message received is an end-of-stream marker."""
         with self._cond:

@@ -30,6 +30,10 @@ KIND_DATA = 0
 KIND_EOS = 1
 KIND_DROPPED = 2  # dropped by a stage (it raised), a drop policy or the deadline; no payload
 KIND_FAILED = 3  # a stage raised under on_error="raise": payload describes the error
+# The sequence number of an end-of-stream marker between pystream-worker processes that
+# says the source's items have all been sent (the chain then ends by itself), not that a
+# process is stopping (0).
+END_OF_DATA = 2**64 - 1
 _KINDS = (KIND_DATA, KIND_EOS, KIND_DROPPED, KIND_FAILED)
 _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it
 

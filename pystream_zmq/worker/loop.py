@@ -93,6 +93,7 @@ class Worker:
         self._done: Callable[[], bool] = _never
         # True once an end-of-stream marker passed with no data after it: upstream finished.
         self.upstream_done = False
+        self.last_eos: int | None = None  # the sequence number of the last marker passed on
         self._counters_sent = time.monotonic()
         # At most a line per interval: a peer whose CURVE key is refused reconnects (and is
         # dropped again) every 10-20 ms.
@@ -167,6 +168,7 @@ class Worker:
                 marker = transport.pack_envelope(kind, seq, sent_at)  # anything after: dropped
                 self._sender.send([marker], everywhere=True)  # every replica's
                 self.upstream_done = True  # only now: done() may end the loop on it
+                self.last_eos = seq
                 return
             self.upstream_done = False
             self._last_seq = seq
