@@ -27,60 +27,22 @@ from test_worker_cli import (  # noqa: F401  (run_honcho and honcho_env: fixture
     stopped_codes,
 )
 
-from pystream_zmq import Pipeline, Stage
+from pystream_zmq import Pipeline
 from pystream_zmq.media import ImageFolder, ImageFolderWriter, VideoSource, VideoWriter
 from pystream_zmq.wire import codec, transport
+from services.video import Detect, blur, make_demo_video
 
 FRAMES, WIDTH, HEIGHT = 300, 160, 120
-GREEN = (0, 255, 0)
 
 
 def make_video(path: Path, frames: int = FRAMES) -> Path:
-    """A white square crossing a dark background, one frame per step."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (WIDTH, HEIGHT))
-    for i in range(frames):
-        frame = np.full((HEIGHT, WIDTH, 3), 30, np.uint8)
-        x = 10 + i * 3 % (WIDTH - 40)
-        cv2.rectangle(frame, (x, 40), (x + 20, 60), (255, 255, 255), -1)
-        writer.write(frame)
-    writer.release()
+    make_demo_video(path, frames, size=(WIDTH, HEIGHT))
     return path
 
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_video(tmp_path_factory.mktemp("video") / "in.avi")
-
-
-def blur(data: dict[str, Any]) -> dict[str, Any]:
-    data["blurred"] = cv2.GaussianBlur(data["image"], (5, 5), 0)
-    return data
-
-
-class Detect(Stage):
-    """Background subtraction; a green box around each moving blob (its state, the
-    background model, lives in one worker and sees the frames in order)."""
-
-    def __init__(self) -> None:
-        self.name = "Detect"
-        self.model: Any = None
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self.model is None:
-            self.model = cv2.createBackgroundSubtractorMOG2(history=50, detectShadows=False)
-        mask = self.model.apply(data.pop("blurred"))
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        boxes = [cv2.boundingRect(c) for c in contours if cv2.contourArea(c) > 50]
-        for x, y, w, h in boxes:
-            cv2.rectangle(data["image"], (x, y), (x + w, y + h), GREEN, 2)
-        data["boxes"] = len(boxes)
-        return data
-
-    def cleanup(self) -> None:
-        self.model = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "model": None}  # made again where it runs
 
 
 def read_frames(path: Path) -> list[np.ndarray[Any, Any]]:
@@ -222,8 +184,8 @@ def test_a_procfile_over_a_video_file_ends_by_itself(
     procfile.write_text(
         f"source: exec pystream-worker source pystream_zmq.media:VideoSource"
         f" --param source={video} --period 0 --push {ep[0]}\n"
-        f"Blur: exec pystream-worker stage test_media:blur --pull {ep[0]} --push {ep[1]}\n"
-        f"Detect: exec pystream-worker stage test_media:Detect --pull {ep[1]} --push {ep[2]}\n"
+        f"Blur: exec pystream-worker stage services.video:blur --pull {ep[0]} --push {ep[1]}\n"
+        f"Detect: exec pystream-worker stage services.video:Detect --pull {ep[1]} --push {ep[2]}\n"
         f"sink: exec pystream-worker sink --pull {ep[2]}\n"
     )
     honcho = run_honcho(procfile)
