@@ -182,13 +182,19 @@ class ImageSaver:
     readers never see half an image."""
 
     def __init__(self, path: Path, key: str | None) -> None:
+        try:
+            import cv2  # only the sink that saves images needs it
+        except ImportError as e:
+            raise ValueError(
+                "--save-latest needs OpenCV: pip install 'pystream-zmq[opencv]', or have "
+                "opencv-python installed"
+            ) from e
+        self._imwrite = cv2.imwrite
         self._path = path
         self._key = key
         self._warned = False
 
     def __call__(self, output: Any) -> None:
-        import cv2  # only the sink that saves images needs it
-
         image = output.get(self._key) if isinstance(output, dict) and self._key else None
         if image is None and isinstance(output, dict) and not self._key:
             image = next((v for v in output.values() if _is_image(v)), None)
@@ -201,7 +207,7 @@ class ImageSaver:
                 self._warned = True
             return
         partial = self._path.with_name(f".{self._path.stem}.partial{self._path.suffix}")
-        if not cv2.imwrite(str(partial), image):
+        if not self._imwrite(str(partial), image):
             log.warning("cv2.imwrite could not write %s", partial)
             return
         os.replace(partial, self._path)

@@ -221,7 +221,10 @@ def sink(verbose: bool, **opts: Any) -> int:
         profile = sink_role.ProfileTarget(Path(folder) / store.DB_FILENAME, opts["run_name"], names)
     on_latest = None
     if opts["save_latest"]:
-        on_latest = sink_role.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        try:
+            on_latest = sink_role.ImageSaver(Path(opts["save_latest"]), opts["image_key"])
+        except ValueError as e:
+            raise click.UsageError(str(e)) from e
     stopping = process.start("sink", verbose, opts["drain_timeout"])
     return _run(
         verbose,

@@ -1,6 +1,14 @@
 """Sources and sinks for vision pipelines: video files, cameras, streams and image folders
 (OpenCV's video I/O)."""
 
+try:
+    import cv2  # noqa: F401
+except ImportError as e:  # a clear word instead of "No module named 'cv2'"
+    raise ImportError(
+        "pystream_zmq.media needs OpenCV: pip install 'pystream-zmq[opencv]' (the headless "
+        "build), or have opencv-python (the GUI build) installed already"
+    ) from e
+
 from pystream_zmq.media.sinks import ImageFolderWriter, VideoWriter
 from pystream_zmq.media.sources import ImageFolder, VideoSource
 
