@@ -1,12 +1,13 @@
 """The live view: the page, the MJPEG stream (each new frame; a slow viewer skips frames
-and holds nothing up), the figures (from a profiled pipeline, from stats()), the loopback
-rule, and a real headless Chromium showing the moving scene and the figures changing. Real
-sockets, processes and browser."""
+and holds nothing up), the figures (from a profiled pipeline, from stats(), from the sink
+of standalone processes), the loopback rule, and a real headless Chromium showing the
+moving scene and the figures changing. Real sockets, processes and browser."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 import urllib.request
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 from browser import Chromium, find_chromium
 from conftest import wait_until
+from test_seed_notebook import _env
+from test_worker_cli import BIN, free_port, free_port_range
 
 from pystream_zmq import Pipeline, SecurityError
 from pystream_zmq.media import LiveView
@@ -253,6 +256,81 @@ def test_the_table_says_why_when_the_figures_fail(view: LiveView) -> None:
     view.figures(broken)
     answer = stats(view)
     assert answer["stages"] == [] and answer["error"] == "RuntimeError: no database here"
+
+
+# -- pystream-worker sink --live-view --------------------------------------------------------
+def test_pystream_worker_sink_serves_the_live_view(tmp_path: Path) -> None:
+    """source -> stage -> sink as three processes; the sink, profiling, serves the view:
+    the stream's frames differ, the table has both paths and its figures move."""
+    first, profile_port = free_port_range(2), free_port()
+    commands = {
+        "sink": ["sink", "--pull", f"tcp://127.0.0.1:{first + 1}", "--live-view", "127.0.0.1:0",
+                 "--profile-pull", f"tcp://127.0.0.1:{profile_port}", "--stages", "Resize",
+                 "--profile-dir", str(tmp_path), "--image-key", "frame"],
+        "stage": ["stage", "services.vision:Resize", "--name", "Resize", "--param", "width=200",
+                  "--param", "height=150", "--pull", f"tcp://127.0.0.1:{first}", "--push",
+                  f"tcp://127.0.0.1:{first + 1}", "--profile", f"tcp://127.0.0.1:{profile_port}"],
+        "source": ["source", "services.vision:MovingScene", "--period", "0.02",
+                   "--push", f"tcp://127.0.0.1:{first}"],
+    }  # fmt: skip
+    procs = []
+    try:
+        for name, args in commands.items():
+            with (tmp_path / f"{name}.log").open("wb") as log:
+                procs.append(subprocess.Popen([BIN / "pystream-worker", *args], stdout=log,
+                                              stderr=log, env=_env()))  # fmt: skip
+        sink_log = tmp_path / "sink.log"
+        assert wait_until(lambda: "live view at" in sink_log.read_text(), timeout=TIMEOUT)
+        found = re.search(r"live view at (http://127\.0\.0\.1:\d+/)", sink_log.read_text())
+        assert found, sink_log.read_text()
+        url = found.group(1)
+
+        def view_stats() -> dict[str, Any]:
+            answer: dict[str, Any] = json.loads(get(url + "stats.json")[1])
+            return answer
+
+        def flowing() -> bool:
+            rows = {row["stage"]: row for row in view_stats()["stages"]}
+            return all((rows.get(s, {}).get("items_per_s") or 0) > 5
+                       for s in ("MainPipeline", "Resize"))  # fmt: skip
+
+        assert wait_until(flowing, timeout=30), (view_stats(), sink_log.read_text())
+        before = view_stats()
+        stream = Stream(url)
+        try:
+            one, two = stream.next_jpeg(), stream.next_jpeg()
+        finally:
+            stream.close()
+        images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in (one, two)]
+        assert all(image.shape == (150, 200, 3) for image in images)  # the stage's output
+        assert np.abs(images[0].astype(int) - images[1]).mean() > 0.5  # the scene moved
+        assert wait_until(lambda: view_stats()["frames"] > before["frames"], timeout=TIMEOUT)
+        rows = {row["stage"]: row for row in view_stats()["stages"]}
+        assert rows["Resize"]["p95_ms"] is not None
+    finally:
+        for proc in reversed(procs):  # the source first, as honcho would
+            proc.terminate()
+        codes = [proc.wait(timeout=15) for proc in reversed(procs)]
+    assert codes == [0, 0, 0]
+    with pytest.raises(OSError):  # the sink closed its view
+        get(url)
+
+
+def test_pystream_worker_sink_refuses_a_public_live_view_and_names_a_busy_port() -> None:
+    def sink(live_view: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [BIN / "pystream-worker", "sink", "--pull", f"tcp://127.0.0.1:{free_port()}",
+             "--live-view", live_view],
+            capture_output=True, text=True, timeout=30, env=_env(),
+        )  # fmt: skip
+
+    public = sink("0.0.0.0:0")
+    assert public.returncode == 2, public.stderr
+    assert "refusing to serve the live view on 0.0.0.0" in public.stderr
+    with LiveView() as taken:
+        busy = sink(f"127.0.0.1:{taken.port}")
+    assert busy.returncode == 4, busy.stderr
+    assert f"cannot serve the live view on 127.0.0.1:{taken.port}" in busy.stderr
 
 
 # -- a real browser --------------------------------------------------------------------------

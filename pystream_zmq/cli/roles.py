@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -34,6 +34,9 @@ from pystream_zmq.wire import codec, security, transport
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from pystream_zmq.media.live import LiveView
 
 log = logging.getLogger(__name__)
 
@@ -240,15 +243,19 @@ def run_sink(
     on_latest: Callable[[Any], None] | None = None,
     hwm: int = transport.DEFAULT_HWM,
     curve: security.Curve | None = None,
+    live_view: LiveView | None = None,
 ) -> Any:
     """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
-    the latest output to ``on_latest``. Returns the latest output."""
+    the latest output to ``on_latest``; show each output as it comes, and the figures
+    (from the profile database when profiling), in ``live_view``. Returns the latest
+    output."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
     writer: store.ProfileWriter | None = None
     collector: Collector | None = None
     try:
         recorder = None
+        run_id = None
         if profile is not None and profile_endpoint is not None:
             writer = store.ProfileWriter(profile.db_path)
             run_id = writer.start_run(profile.run_name, "parallel", profile.layout())
@@ -277,9 +284,10 @@ def run_sink(
         inputs = ", ".join(collector.sink_endpoints)
         profiles = collector.profile_endpoint or "off"
         log.info("ready: input %s, profiles %s%s", inputs, profiles, " (CURVE)" * bool(curve))
-        progress = _Progress(collector, on_latest)
-        while not stopping.stop.wait(report_every):
-            progress.report()
+        if live_view is not None:
+            _live_figures(live_view, collector, profile, run_id)
+        progress = _Progress(collector, on_latest, None if live_view is None else live_view.show)
+        progress.follow(stopping.stop, report_every)
         log.info("stopping: waiting for the items in flight")
         if not collector.wait_for_end(max(0.0, stopping.drain_left())):
             log.warning("no end of stream in %g s; stopping anyway", stopping.drain_timeout)
@@ -295,24 +303,67 @@ def run_sink(
         ctx.destroy(linger=0)
 
 
+def _live_figures(
+    view: LiveView, collector: Collector, profile: ProfileTarget | None, run_id: int | None
+) -> None:
+    """The live view's table: per stage from the profile database the sink writes, else
+    the outputs' rate from the sink's own counters."""
+    from pystream_zmq.media.live import counter_figures, profile_figures  # cv2: only here
+
+    if profile is not None and run_id is not None:
+        view.figures(profile_figures(profile.db_path, run_id))
+    else:
+        view.figures(counter_figures(collector.counters))
+
+
 class _Progress:
-    def __init__(self, collector: Collector, on_latest: Callable[[Any], None] | None) -> None:
+    """The sink's reports, and what it hands the newest output to: ``on_latest`` at each
+    report, ``on_output`` as soon as it comes (the newest, when several came at once)."""
+
+    def __init__(
+        self,
+        collector: Collector,
+        on_latest: Callable[[Any], None] | None,
+        on_output: Callable[[Any], None] | None = None,
+    ) -> None:
         self._collector = collector
         self._on_latest = on_latest
+        self._on_output = on_output
         self._count = 0
         self._at = time.monotonic()
         self.latest: Any = None
+        self._fresh = False  # a latest output that on_latest has not had
+
+    def follow(self, stop: threading.Event, report_every: float) -> None:
+        """Report every ``report_every`` seconds until ``stop``."""
+        if self._on_output is None:
+            while not stop.wait(report_every):
+                self.report()
+            return
+        next_report = time.monotonic() + report_every
+        while not stop.is_set():
+            wait = min(_POLL_MS / 1000, max(0.0, next_report - time.monotonic()))
+            self._take(wait)
+            if time.monotonic() >= next_report:
+                self.report()
+                next_report = time.monotonic() + report_every
 
     def report(self) -> None:
         now, count = time.monotonic(), self._collector.delivered
         rate = (count - self._count) / max(now - self._at, 1e-9)
         log.info("%d items received, %.1f items/s", count, rate)
         self._count, self._at = count, now
-        latest = self._collector.take_latest(0.0)
+        self._take(0.0)
+        if self._fresh and self._on_latest is not None:
+            self._on_latest(self.latest)
+        self._fresh = False
+
+    def _take(self, timeout: float) -> None:
+        latest = self._collector.take_latest(timeout)
         if latest is not None:
-            self.latest = latest
-            if self._on_latest is not None:
-                self._on_latest(latest)
+            self.latest, self._fresh = latest, True
+            if self._on_output is not None:
+                self._on_output(latest)
 
 
 class ImageSaver:
