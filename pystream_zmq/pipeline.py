@@ -386,6 +386,13 @@ class Pipeline:
         self.cleanup()
 
     # -- profiles ------------------------------------------------------------------------
+    @property
+    def profile_run(self) -> store.ProfileRun | None:
+        """The profile database and run id this pipeline records into (its last run after
+        cleanup()); None without profiling. For tools that read the database as it grows
+        (``pystream_zmq.profiling.report.build_report(db_path, run_id, since=...)``)."""
+        return self._profile_run
+
     def get_profiles(self) -> tuple[dict[str, float], dict[str, float]]:
         """(latency in s, throughput in items/s) per stage path, as PyStream defines them."""
         if self._profile_run is None:

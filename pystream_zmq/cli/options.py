@@ -42,6 +42,27 @@ class _EndpointType(click.ParamType):
 _ENDPOINT = _EndpointType()
 
 
+class _HostPortType(click.ParamType):
+    """``HOST:PORT`` (``[HOST]:PORT`` for IPv6), as (host, port); PORT 0: a free one."""
+
+    name = "host:port"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        host, _, port = str(value).rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not port.isdigit() or int(port) > 65535:
+            self.fail(f"{value!r} is not HOST:PORT", param, ctx)
+        return host, int(port)
+
+
+_HOST_PORT = _HostPortType()
+
+
 def stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
     """Several options as one decorator, in --help in the order given."""
 
@@ -240,6 +261,15 @@ image_key = _option(
     "--image-key",
     envvar="PYSTREAM_IMAGE_KEY",
     help="Key of the image in output dicts (default: the first uint8 image).",
+)
+live_view = _option(
+    "--live-view",
+    envvar="PYSTREAM_LIVE_VIEW",
+    type=_HOST_PORT,
+    metavar="HOST:PORT",
+    help="Serve the outputs' images and the figures (per stage with --profile-pull) to a "
+    "browser at http://HOST:PORT/ (PORT 0: a free one, logged); a HOST other than "
+    "loopback needs --insecure.",
 )
 report_every = _option(
     "--report-every",

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -24,6 +24,9 @@ from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR
 from pystream_zmq.wire import formats, security, transport
+
+if TYPE_CHECKING:
+    from pystream_zmq.media.live import LiveView
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,13 @@ def run_sink(
     hwm: int = transport.DEFAULT_HWM,
     curve: security.Curve | None = None,
     input_format: str = formats.PYSTREAM,
+    live_view: LiveView | None = None,
 ) -> Any:
-    """Receive outputs until stopped; log progress every ``report_every`` seconds and hand
-    the latest output to ``on_latest``. Returns the latest output. ``input_format``
-    msgpack-numpy: from a program outside PyStream, whose end of stream is not waited for."""
+    """Receive outputs until stopped, or until a source's end of data; log progress every
+    ``report_every`` seconds and hand the latest output to ``on_latest``; show each output
+    as it comes, and the figures (from the profile database when profiling), in
+    ``live_view``. Returns the latest output. ``input_format`` msgpack-numpy: from a
+    program outside PyStream, whose end of stream is not waited for."""
     ctx: zmq.Context[Any] = zmq.Context()
     auth = security.start_authenticator(ctx, curve)
     recorder: store.RunRecorder | None = None
@@ -105,12 +111,19 @@ def run_sink(
         inputs = ", ".join(collector.sink_endpoints)
         profiles = collector.profile_endpoint or "off"
         log.info("ready: input %s, profiles %s%s", inputs, profiles, " (CURVE)" * bool(curve))
-        progress = _Progress(collector, on_latest)
+        if live_view is not None:
+            _live_figures(live_view, collector, profile, recorder)
+        progress = _Progress(collector, on_latest, live_view.show if live_view else None)
         next_report = time.monotonic() + report_every
-        while not stopping.stop.wait(min(_SLICE, max(0.0, next_report - time.monotonic()))):
+        while not stopping.stop.is_set():
             if collector.data_ended():
                 log.info("the input stream ended: stopping")
                 break
+            wait = min(_SLICE, max(0.0, next_report - time.monotonic()))
+            if live_view is not None:
+                progress.take(wait)  # each new output to the view as soon as it comes
+            else:
+                stopping.stop.wait(wait)
             if time.monotonic() >= next_report:
                 progress.report()
                 next_report += report_every
@@ -157,24 +170,57 @@ def _wait_for_last_records(collector: Collector, deadline: float) -> None:
         )  # fmt: skip
 
 
+def _live_figures(
+    view: LiveView,
+    collector: Collector,
+    profile: ProfileTarget | None,
+    recorder: store.RunRecorder | None,
+) -> None:
+    """The live view's table: per stage from the profile database the sink writes, else
+    the outputs' rate from the sink's own counters."""
+    from pystream_zmq.media.live import counter_figures, profile_figures  # cv2: only here
+
+    if profile is not None and recorder is not None:
+        view.figures(profile_figures(profile.db_path, recorder.run_id))
+    else:
+        view.figures(counter_figures(collector.counters))
+
+
 class _Progress:
-    def __init__(self, collector: Collector, on_latest: Callable[[Any], None] | None) -> None:
+    """The sink's reports, and what it hands the newest output to: ``on_latest`` at each
+    report, ``on_output`` as soon as it comes (the newest, when several came at once)."""
+
+    def __init__(
+        self,
+        collector: Collector,
+        on_latest: Callable[[Any], None] | None,
+        on_output: Callable[[Any], None] | None = None,
+    ) -> None:
         self._collector = collector
         self._on_latest = on_latest
+        self._on_output = on_output
         self._count = 0
         self._at = time.monotonic()
         self.latest: Any = None
+        self._fresh = False  # a latest output that on_latest has not had
 
     def report(self) -> None:
         now, count = time.monotonic(), self._collector.delivered
         rate = (count - self._count) / max(now - self._at, 1e-9)
         log.info("%d items received, %.1f items/s", count, rate)
         self._count, self._at = count, now
-        latest = self._collector.take_latest(0.0)
+        self.take(0.0)
+        if self._fresh and self._on_latest is not None:
+            self._on_latest(self.latest)
+        self._fresh = False
+
+    def take(self, timeout: float) -> None:
+        """The newest output, if one comes within ``timeout``."""
+        latest = self._collector.take_latest(timeout)
         if latest is not None:
-            self.latest = latest
-            if self._on_latest is not None:
-                self._on_latest(latest)
+            self.latest, self._fresh = latest, True
+            if self._on_output is not None:
+                self._on_output(latest)
 
 
 class ImageSaver:

@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import zmq
@@ -29,11 +29,15 @@ from pystream_zmq.cli.loader import (
     load,
     parse_params,
 )
+from pystream_zmq.errors import SecurityError
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.profiling import store
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, PATH_SEPARATOR, check_stage_name
 from pystream_zmq.wire import formats
 from pystream_zmq.worker.spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from pystream_zmq.media.live import LiveView
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +203,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
     options.stages,
     options.save_latest,
     options.image_key,
+    options.live_view,
     options.report_every,
     options.drain_timeout(options.SINK_DRAIN_TIMEOUT),
     options.hwm,
@@ -208,7 +213,8 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
 )
 @click.pass_obj
 def sink(verbose: bool, **opts: Any) -> int:
-    """Receive the outputs, report items/s, keep the latest (and save it)."""
+    """Receive the outputs, report items/s, keep the latest (and save it, or show it
+    live in a browser)."""
     pulls = _pull_endpoints(opts)
     curve = curve_options.settings(opts, [*pulls, *filter(None, [opts["profile_pull"]])], [])
     profile = None
@@ -226,24 +232,47 @@ def sink(verbose: bool, **opts: Any) -> int:
         except ValueError as e:
             raise click.UsageError(str(e)) from e
     stopping = process.start("sink", verbose, opts["drain_timeout"])
-    return _run(
-        verbose,
-        lambda: sink_role.run_sink(
-            pulls,
-            stopping,
-            ordered=opts["ordered"],
-            profile_endpoint=opts["profile_pull"],
-            profile=profile,
-            report_every=opts["report_every"],
-            on_latest=on_latest,
-            hwm=opts["hwm"],
-            curve=curve,
-            input_format=opts["input_format"],
-        ),
-    )
+    live_view = _live_view(opts)
+    try:
+        return _run(
+            verbose,
+            lambda: sink_role.run_sink(
+                pulls,
+                stopping,
+                ordered=opts["ordered"],
+                profile_endpoint=opts["profile_pull"],
+                profile=profile,
+                report_every=opts["report_every"],
+                on_latest=on_latest,
+                hwm=opts["hwm"],
+                curve=curve,
+                input_format=opts["input_format"],
+                live_view=live_view,
+            ),
+        )
+    finally:
+        if live_view is not None:
+            live_view.close()
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _live_view(opts: dict[str, Any]) -> LiveView | None:
+    """The sink's live view (--live-view), serving from now on; None without it."""
+    if opts["live_view"] is None:
+        return None
+    from pystream_zmq.media.live import LiveView  # imports cv2: only the sink that shows
+
+    host, port = opts["live_view"]
+    try:
+        view = LiveView(host, port, key=opts["image_key"], insecure=opts["insecure"])
+    except SecurityError as e:
+        raise click.UsageError(str(e)) from e
+    except OSError as e:  # the port is taken, the address is not this host's
+        raise _AddressFailed(f"cannot serve the live view on {host}:{port}: {e}") from e
+    log.info("live view at %s", view.url)
+    return view
+
+
 def _params(opts: dict[str, Any]) -> dict[str, Any]:
     try:
         return parse_params(opts["param_pairs"], opts["params_json"])
