@@ -6,7 +6,9 @@ OpenCV's video I/O and worker processes."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,3 +198,17 @@ def test_a_procfile_over_a_video_file_ends_by_itself(
     assert sink is not None and int(sink.group(1)) == FRAMES, output
     assert "the input stream ended: stopping" in output
     assert "Traceback" not in output
+
+
+def test_the_readmes_video_job_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = re.search(r"```python\n(from pystream_zmq import Pipeline\n.*?)```", readme, re.S)
+    assert example is not None
+    script = tmp_path / "job.py"
+    script.write_text(example.group(1))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env=_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    frames, boxed_frames = re.fullmatch(r"(\d+) frames, (\d+) with a box\n", result.stdout).groups()
+    assert int(frames) == 100 and int(boxed_frames) > 80, result.stdout
+    assert len(read_frames(tmp_path / "out.avi")) == 100
