@@ -327,3 +327,19 @@ def leaf_limits(tree: Tree, outer: Limits) -> Iterator[Limits]:
             yield limits
         else:
             yield from leaf_limits(entry.child, limits)
+
+
+def unit_leaves(tree: Tree, prefix: str) -> list[tuple[str, tuple[Leaf, ...]]]:
+    """(unit path, its leaves) of each unit ``units`` would make, in chain order: what
+    ``serialize()`` reads to check each unit's output as ``parallelize()`` would send it.
+    Unlike a plan it refuses no layout: replicas and order do not apply to stages inline."""
+    found: list[tuple[str, tuple[Leaf, ...]]] = []
+    for entry in tree.entries:
+        path = prefix + PATH_SEPARATOR + entry.name
+        if entry.child is None:
+            found.append((path, ((path, entry.stage),)))
+        elif entry.child.mode == "parallel":
+            found += unit_leaves(entry.child, path)
+        else:
+            found.append((path, tuple(leaves(entry.child, path))))
+    return found

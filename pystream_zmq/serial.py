@@ -1,10 +1,15 @@
-"""Serial mode: every stage runs inline, in the caller's thread."""
+"""Serial mode: every stage runs inline, in the caller's thread.
+
+What may pass between stages is what ``parallelize()`` could send (``Pipeline.serialize``,
+``check_sendable``): the input of ``forward()`` and the output of each unit of the plan
+(a stage, or a serialized child pipeline's stages together) are checked with
+``codec.check``, which refuses exactly what ``codec.encode`` would, in the same words."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pystream_zmq.errors import StageError
@@ -12,6 +17,7 @@ from pystream_zmq.every import EveryOutput
 from pystream_zmq.profiling.store import ProfileRun
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, Event, EventBuffer, Leaf, StageChain
 from pystream_zmq.stats import PipelineStats
+from pystream_zmq.wire import codec
 
 _COUNTERS_INTERVAL = 1.0  # at most this often, a batch of events brings a counters snapshot
 _KEPT = 4  # outputs a results() reader may leave unread before forward() waits for it
@@ -19,14 +25,32 @@ _READER_WAIT = 10.0  # seconds forward() waits for the reader, then returns Fals
 
 
 class SerialRunner:
+    """Runs ``units`` ((unit path, leaves), in chain order) one after the other on each
+    item. With ``max_message_bytes`` (``check_sendable``), what ``codec.check`` refuses as
+    ``forward()``'s input makes ``forward()`` raise, and as a unit's output is the error of
+    the unit's last stage, as in a worker: logged, counted (``encode_errors`` under the
+    unit's path), the item dropped."""
+
     def __init__(
-        self, leaves: Sequence[Leaf], profile: ProfileRun | None, raising: frozenset[str]
+        self,
+        units: Sequence[tuple[str, Sequence[Leaf]]],
+        profile: ProfileRun | None,
+        raising: frozenset[str],
+        max_message_bytes: int | None = None,
     ) -> None:
         recorder = profile.open_recorder() if profile is not None else None
         self._recorder = recorder
         self._raising = raising
         self._events = EventBuffer(self._record) if recorder is not None else None
-        self._chain = StageChain(leaves, self._events.add if self._events else None)
+        self._check = None if max_message_bytes is None else _checker(max_message_bytes)
+        # A unit without stages hands on what it was given, which was checked already.
+        ends = {unit[-1][0]: path for path, unit in units if unit}
+        self._chain = StageChain(
+            [leaf for _, unit in units for leaf in unit],
+            self._events.add if self._events else None,
+            self._check,
+            ends,
+        )
         self._run_lock = threading.Lock()  # one item through the stages at a time
         self._latest_lock = threading.Lock()  # get_results() need not wait for a forward()
         self._next_seq = 0
@@ -37,6 +61,8 @@ class SerialRunner:
         self.every = EveryOutput(threading.Condition(), capacity=_KEPT)
 
     def forward(self, data: Any) -> bool:
+        if self._check is not None:  # raises as parallelize()'s forward() would: nothing taken
+            self._check(data)
         if not self.every.wait_for_room(_READER_WAIT):
             return False  # a results() reader fell behind
         with self._run_lock:
@@ -64,6 +90,13 @@ class SerialRunner:
     def take_output(self, timeout: float) -> tuple[bool, Any]:
         return self.every.take(timeout)
 
+    def _stage_counters(self) -> dict[str, dict[str, int]]:
+        """{path: {name: value}}: each stage's errors, and each unit's refused outputs."""
+        counters = {path: {"stage_errors": n} for path, n in self._chain.errors.items()}
+        for path, n in self._chain.encode_errors.items():
+            counters.setdefault(path, {})["encode_errors"] = n
+        return counters
+
     def get_results(self) -> Any:
         with self._latest_lock:
             if not self._has_new:
@@ -73,15 +106,14 @@ class SerialRunner:
 
     def stats(self) -> PipelineStats:
         with self._run_lock:
-            errors = {path: {"stage_errors": n} for path, n in self._chain.errors.items()}
-            dropped = self._next_seq - self._delivered  # a stage raised on each of them
+            dropped = self._next_seq - self._delivered  # a stage raised, or its output was refused
             return PipelineStats(
                 mode="serial",
                 forwarded=self._next_seq,
                 delivered=self._delivered,
                 dropped=dropped,
                 out=self._next_seq,
-                stages=errors,
+                stages=self._stage_counters(),
             )
 
     def flush_profile(self) -> None:
@@ -116,5 +148,11 @@ class SerialRunner:
             "delivered": self._delivered,
             "dropped_events": self._recorder.writer.dropped_events,
         }
-        errors = {path: {"stage_errors": n} for path, n in self._chain.errors.items()}
-        self._recorder.counters({MAIN_PIPELINE_NAME: main, **errors})
+        self._recorder.counters({MAIN_PIPELINE_NAME: main, **self._stage_counters()})
+
+
+def _checker(max_message_bytes: int) -> Callable[[Any], None]:
+    def check(data: Any) -> None:
+        codec.check(data, max_message_bytes=max_message_bytes)
+
+    return check

@@ -74,8 +74,12 @@ class Input:
         return True
 
     def finished(self) -> bool:
-        """The stream has ended and the loop, if any, is over (raises what stopped it)."""
-        return self.ended and self.wait_for_loop(0.0)
+        """The stream has ended and the loop, if any, is over; raises what stopped the
+        loop early."""
+        loop = self.loop
+        if loop is not None and not loop.is_alive():
+            raise_error(loop)
+        return self.ended and (loop is None or not loop.is_alive())
 
 
 def raise_error(loop: InputLoop | None) -> None:

@@ -6,11 +6,11 @@ import abc
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pystream_zmq.errors import StageNameError
+from pystream_zmq.errors import PyStreamError, StageNameError
 
 MAIN_PIPELINE_NAME = "MainPipeline"
 PATH_SEPARATOR = "__"
@@ -69,25 +69,54 @@ class StageFailure:
     traceback: str
 
 
+def unsendable(path: str, seq: int, error: Exception) -> StageFailure:
+    """The output of stage ``path`` on item ``seq`` cannot be sent (``error`` is what the
+    codec raised): log it, in the same words under ``serialize()`` and ``parallelize()``,
+    and return the failure that stands for the dropped item. Call it where ``error`` is
+    caught, so that the failure carries its traceback."""
+    log.error(
+        "stage %s returned what cannot be sent (item %d dropped): %s",
+        path, seq, error, extra={"stage": path, "seq": seq},
+    )  # fmt: skip
+    return StageFailure(path, seq, f"{type(error).__name__}: {error}", traceback.format_exc())
+
+
 class StageChain:
     """Runs leaves one after the other on an item, timing each one.
 
     A stage that raises drops the item: the error is logged with the stage path and the
     item's sequence number, counted, and the chain stays usable for the next item. ``run``
     then returns the failure, for stages whose policy is to raise it to the user.
+
+    ``check`` and ``ends`` ({leaf path: unit path}), for ``serialize()``: after each of
+    those leaves, ``check(output)``; an output it refuses (a ``PyStreamError``, what
+    sending it would raise) fails the same way, counted in ``encode_errors`` by unit path.
     """
 
-    def __init__(self, leaves: Sequence[Leaf], record: Callable[[Event], None] | None) -> None:
+    def __init__(
+        self,
+        leaves: Sequence[Leaf],
+        record: Callable[[Event], None] | None,
+        check: Callable[[Any], None] | None = None,
+        ends: Mapping[str, str] | None = None,
+    ) -> None:
         self.leaves = list(leaves)
         self._record = record
+        self._check = check
+        ends = ends if check is not None and ends else {}
+        # (path, stage, unit path if its output is checked else None), in order
+        self._steps = [(path, stage, ends.get(path)) for path, stage in self.leaves]
         self.errors = {path: 0 for path, _ in self.leaves}  # items each stage dropped by raising
+        self.encode_errors = dict.fromkeys(ends.values(), 0)  # outputs refused, by unit
         # (path, seq, time.time() at start) of the stage call under way, None between calls:
         # a worker's watchdog thread reads it while the stage runs (worker/watchdog.py).
         self.current: tuple[str, int, float] | None = None
 
     def run(self, data: Any, seq: int, arrive: float) -> tuple[bool, Any]:
-        """(True, output), or (False, StageFailure) when a stage raised."""
-        for path, stage in self.leaves:
+        """(True, output), or (False, StageFailure) when a stage raised or ``check``
+        refused its output. The check's time counts as the next stage's wait, as a send's
+        would."""
+        for path, stage, unit in self._steps:
             start = time.time()
             self.current = (path, seq, start)
             try:
@@ -106,6 +135,13 @@ class StageChain:
             if self._record is not None:
                 self._record((path, seq, arrive, start, end))
             arrive = end
+            if unit is not None:
+                try:
+                    self._check(data)  # type: ignore[misc]  # set wherever a unit is
+                except PyStreamError as e:
+                    self.current = None
+                    self.encode_errors[unit] += 1
+                    return False, unsendable(path, seq, e)
         self.current = None
         return True, data
 

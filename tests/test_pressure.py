@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import stages
 
-from pystream_zmq import ItemTooLargeError, Pipeline, Stage
+from pystream_zmq import ItemTooLargeError, Pipeline, Stage, UnsupportedTypeError
 from pystream_zmq.wire import codec
 
 _OVER_THE_CAP = codec.DEFAULT_MAX_MESSAGE_BYTES + 2**20  # np.zeros: pages never touched
@@ -161,3 +161,27 @@ def test_quick_small_items_get_a_wider_window_up_to_the_cap() -> None:
         pipeline.stop_loop()
         assert pipeline.stats().delivered == 20000
     assert 4 < widest <= 50
+
+
+def surrogate(data: dict[str, Any]) -> dict[str, Any]:
+    """Returns text os.fsdecode would make of an undecodable file name, for item 1."""
+    if data["x"] == 1:
+        return {"name": b"caf\xe9".decode("utf-8", "surrogateescape")}
+    return data
+
+
+def test_text_that_is_not_valid_utf8_is_refused_not_a_crash() -> None:
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(UnsupportedTypeError, match="not valid UTF-8"):
+        codec.encode({"name": name})
+    with Pipeline() as pipeline:
+        pipeline.add(surrogate)
+        pipeline.parallelize()
+        with pytest.raises(UnsupportedTypeError, match="not valid UTF-8"):
+            pipeline.forward({"name": name})
+        for x in range(3):
+            assert pipeline.forward({"x": x})
+        pipeline.stop_loop()
+        stats = pipeline.stats()
+        assert (stats.delivered, stats.dropped, stats.lost) == (2, 1, 0)
+        assert all(worker.restarts == 0 for worker in stats.workers)

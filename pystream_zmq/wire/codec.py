@@ -1,4 +1,5 @@
-"""Wire format of data items: ``encode(obj) -> frames`` and ``decode(frames) -> obj``.
+"""Wire format of data items: ``encode(obj) -> frames`` and ``decode(frames) -> obj``;
+``check(obj)`` raises what ``encode`` would, without encoding (``serialize()``'s check).
 
 A message is a list of ZeroMQ frames. ``frames[0]`` is a msgpack header holding the object
 tree; dicts (str keys), lists, str, bytes, int, float, bool and None are plain msgpack. The
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_DEPTH",
     "OUT_OF_BAND_MIN_BYTES",
     "array_from",
+    "check",
     "decode",
     "decode_plain",
     "encode",
@@ -86,25 +88,68 @@ def encode(
     refuse is refused here, as ``ItemTooLargeError``: a container of more than
     ``max_container_len`` items, or frames of more than ``max_message_bytes`` in all.
     """
-    buffers: list[bytes | memoryview] = []
+    arrays: list[np.ndarray[Any, Any]] = []
     try:
-        tree = _walk(obj, buffers, 0, max_container_len)
+        tree = _walk(obj, arrays, 0, max_container_len)
     except _Refused as e:
-        path = "data" + "".join(f"[{key!r}]" for key in reversed(e.keys))
-        raise e.error(f"{path}: {e.reason}") from None
-    header = msgpack.packb(tree)
+        raise _error(e) from None
+    try:
+        header = msgpack.packb(tree)
+    except UnicodeEncodeError as e:  # a lone surrogate (os.fsdecode of undecodable bytes)
+        bad = e.object[e.start : e.end]
+        raise UnsupportedTypeError(f"data: a str that is not valid UTF-8 ({bad!r})") from None
     size = len(header)
-    for buffer in buffers:
-        size += buffer.nbytes  # type: ignore[union-attr]  # _array() makes memoryviews
+    for arr in arrays:
+        size += arr.nbytes
     if size > max_message_bytes:
-        raise ItemTooLargeError(
-            f"data: {size} bytes encoded, over the {max_message_bytes}-byte message limit "
-            "(max_message_bytes)"
-        )
-    return [header, *buffers]
+        raise _too_large(size, max_message_bytes)
+    frames: list[bytes | memoryview] = [header]
+    for arr in arrays:  # copied only now that the whole item is known sendable
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)  # the one copy; contiguous arrays go as they are
+        # A uint8 view: the buffer protocol refuses some dtypes (e.g. non-native longdouble).
+        frames.append(arr.reshape(-1).view(np.uint8).data)
+    return frames
 
 
-def _walk(obj: object, buffers: list[bytes | memoryview], depth: int, limit: int) -> object:
+def check(
+    obj: object,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+) -> None:
+    """Raise what ``encode`` would raise for ``obj`` under the same limits, the same error
+    with the same message, and nothing else; build no frames, copy no large array.
+
+    A walk by ``encode``'s rules that adds up a bound of the encoded size as it goes: some
+    60 % of ``encode``'s time on a small dict, a fifth on a dict holding an image (even a
+    non-contiguous one, which ``encode`` copies). Only when the bound is over
+    ``max_message_bytes`` is the header encoded, large arrays left out, for the exact size.
+    """
+    try:
+        bound = _bound(obj, 0, max_container_len)
+    except _Refused as e:
+        raise _error(e) from None
+    if bound > max_message_bytes:  # the exact size, from the header and the arrays' sizes
+        arrays: list[np.ndarray[Any, Any]] = []
+        size = len(msgpack.packb(_walk(obj, arrays, 0, max_container_len)))
+        size += sum(arr.nbytes for arr in arrays)
+        if size > max_message_bytes:
+            raise _too_large(size, max_message_bytes)
+
+
+def _too_large(size: int, limit: int) -> ItemTooLargeError:
+    return ItemTooLargeError(
+        f"data: {size} bytes encoded, over the {limit}-byte message limit (max_message_bytes)"
+    )
+
+
+def _error(refused: _Refused) -> Exception:
+    path = "data" + "".join(f"[{key!r}]" for key in reversed(refused.keys))
+    return refused.error(f"{path}: {refused.reason}")
+
+
+def _walk(obj: object, arrays: list[np.ndarray[Any, Any]], depth: int, limit: int) -> object:
     kind = type(obj)
     if kind in _PLAIN:
         return obj
@@ -112,27 +157,24 @@ def _walk(obj: object, buffers: list[bytes | memoryview], depth: int, limit: int
         return _int(obj)  # type: ignore[arg-type]
     if isinstance(obj, (dict, list, tuple)):
         if depth >= MAX_DEPTH:
-            raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+            raise _Refused(_TOO_DEEP)
         if len(obj) > limit:
-            raise _Refused(
-                f"a {kind.__name__} of {len(obj)} items, over the limit of {limit} per container",
-                ItemTooLargeError,
-            )
+            raise _Refused(_too_long(obj, limit), ItemTooLargeError)
         if isinstance(obj, dict):
-            return _walk_dict(obj, buffers, depth + 1, limit)
+            return _walk_dict(obj, arrays, depth + 1, limit)
         items = []
         for index, item in enumerate(obj):
             try:
-                items.append(_walk(item, buffers, depth + 1, limit))
+                items.append(_walk(item, arrays, depth + 1, limit))
             except _Refused as e:
                 e.keys.append(index)
                 raise
         return items if isinstance(obj, list) else msgpack.ExtType(EXT_TUPLE, msgpack.packb(items))
     if kind is np.ndarray:
-        return _array(obj, buffers)  # type: ignore[arg-type]
+        return _array(obj, arrays)  # type: ignore[arg-type]
     if isinstance(obj, np.generic):
         if obj.dtype.kind not in _KINDS:
-            raise _Refused(f"cannot send a numpy {kind.__name__}")
+            raise _Refused(_numpy_scalar(obj))
         return msgpack.ExtType(EXT_SCALAR, msgpack.packb((obj.dtype.str, obj.tobytes())))
     if isinstance(obj, int):
         return _int(obj)
@@ -142,20 +184,101 @@ def _walk(obj: object, buffers: list[bytes | memoryview], depth: int, limit: int
 
 
 def _walk_dict(
-    obj: dict[Any, Any], buffers: list[bytes | memoryview], depth: int, limit: int
+    obj: dict[Any, Any], arrays: list[np.ndarray[Any, Any]], depth: int, limit: int
 ) -> object:
     out = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise _Refused(
-                f"dict key {_show(key)} is a {type(key).__name__}; only str keys can be sent"
-            )
+            raise _Refused(_key_reason(key))
         try:
-            out[key] = _walk(value, buffers, depth, limit)
+            out[key] = _walk(value, arrays, depth, limit)
         except _Refused as e:
             e.keys.append(key)
             raise
     return out
+
+
+# What _bound counts: a msgpack header (str, bin, array, map, ext) takes at most 6 bytes, a
+# number at most 9, a str at most 4 bytes per character. _ITEM is at least a number, or the
+# headers of a str, bytes or container (a tuple's ext and list); _ARRAY_HEADER at least an
+# array's or numpy scalar's ext and fields, but its data and 9 bytes per dim of its shape.
+_ITEM, _ARRAY_HEADER = 11, 40
+_NONE = type(None)
+
+
+def _bound(obj: object, depth: int, limit: int) -> int:
+    """At least the bytes ``obj`` takes in the header and out-of-band frames; raises the
+    _Refused that ``_walk`` would, since it takes the same branches in the same order
+    (the exact-type tests come first in both, and exact types exclude each other)."""
+    kind = type(obj)
+    if kind is str or kind is bytes:
+        return _ITEM + 4 * len(obj)  # type: ignore[arg-type]
+    if kind is float or kind is bool or kind is _NONE:
+        return _ITEM
+    if kind is int:
+        _int(obj)  # type: ignore[arg-type]
+        return _ITEM
+    if isinstance(obj, (dict, list, tuple)):
+        if depth >= MAX_DEPTH:
+            raise _Refused(_TOO_DEEP)
+        if len(obj) > limit:
+            raise _Refused(_too_long(obj, limit), ItemTooLargeError)
+        size = _ITEM
+        depth += 1
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if not isinstance(key, str):
+                    raise _Refused(_key_reason(key))
+                try:
+                    size += _ITEM + 4 * len(key) + _bound(value, depth, limit)
+                except _Refused as e:
+                    e.keys.append(key)
+                    raise
+            return size
+        for index, item in enumerate(obj):
+            try:
+                size += _bound(item, depth, limit)
+            except _Refused as e:
+                e.keys.append(index)
+                raise
+        return size
+    if kind is np.ndarray:
+        if obj.dtype.kind not in _KINDS:  # type: ignore[attr-defined]
+            raise _Refused(_numpy_array(obj))  # type: ignore[arg-type]
+        return _ARRAY_HEADER + 9 * obj.ndim + obj.nbytes  # type: ignore[attr-defined]
+    if isinstance(obj, np.generic):
+        if obj.dtype.kind not in _KINDS:
+            raise _Refused(_numpy_scalar(obj))
+        return _ARRAY_HEADER + obj.nbytes
+    if isinstance(obj, int):
+        _int(obj)
+        return _ITEM
+    if isinstance(obj, (str, bytes)):
+        return _ITEM + 4 * len(obj)
+    if isinstance(obj, float):
+        return _ITEM
+    raise _Refused(f"cannot send a {kind.__name__}")
+
+
+# -- what both walks say when they refuse ----------------------------------------------------
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
+
+
+def _too_long(obj: dict[Any, Any] | list[Any] | tuple[Any, ...], limit: int) -> str:
+    kind = type(obj).__name__
+    return f"a {kind} of {len(obj)} items, over the limit of {limit} per container"
+
+
+def _key_reason(key: object) -> str:
+    return f"dict key {_show(key)} is a {type(key).__name__}; only str keys can be sent"
+
+
+def _numpy_array(arr: np.ndarray[Any, Any]) -> str:
+    return f"cannot send a numpy array of dtype {arr.dtype}"
+
+
+def _numpy_scalar(value: np.generic[Any]) -> str:
+    return f"cannot send a numpy {type(value).__name__}"
 
 
 def _int(value: int) -> int:
@@ -164,17 +287,14 @@ def _int(value: int) -> int:
     return value
 
 
-def _array(arr: np.ndarray[Any, Any], buffers: list[bytes | memoryview]) -> msgpack.ExtType:
+def _array(arr: np.ndarray[Any, Any], arrays: list[np.ndarray[Any, Any]]) -> msgpack.ExtType:
     if arr.dtype.kind not in _KINDS:
-        raise _Refused(f"cannot send a numpy array of dtype {arr.dtype}")
+        raise _Refused(_numpy_array(arr))
     shape = list(arr.shape)
     if arr.nbytes < OUT_OF_BAND_MIN_BYTES:
         return msgpack.ExtType(EXT_ARRAY, msgpack.packb((arr.dtype.str, shape, arr.tobytes())))
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)  # the one copy; contiguous arrays go out as they are
-    # A uint8 view, since the buffer protocol refuses some dtypes (e.g. non-native longdouble).
-    buffers.append(arr.reshape(-1).view(np.uint8).data)
-    return msgpack.ExtType(EXT_BUFFER, msgpack.packb((arr.dtype.str, shape, len(buffers))))
+    arrays.append(arr)  # a frame of its own (encode), no copy yet
+    return msgpack.ExtType(EXT_BUFFER, msgpack.packb((arr.dtype.str, shape, len(arrays))))
 
 
 def _show(value: object) -> str:

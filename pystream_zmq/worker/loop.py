@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,15 @@ import zmq
 from pystream_zmq import child
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
-from pystream_zmq.stage import REPLICA_MARK, Event, EventBuffer, Leaf, StageChain, StageFailure
+from pystream_zmq.stage import (
+    REPLICA_MARK,
+    Event,
+    EventBuffer,
+    Leaf,
+    StageChain,
+    StageFailure,
+    unsendable,
+)
 from pystream_zmq.throttle import Throttled
 from pystream_zmq.wire import codec, formats, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
@@ -200,12 +207,7 @@ class Worker:
             message = self._pack(transport.KIND_DATA, seq, sent_at, out)
         except PyStreamError as e:
             self.counters["encode_errors"] += 1
-            path = self.chain.leaves[-1][0]
-            log.error(
-                "stage %s returned what cannot be sent (item %d dropped): %s",
-                path, seq, e, extra={"stage": path, "seq": seq},
-            )  # fmt: skip
-            failure = StageFailure(path, seq, f"{type(e).__name__}: {e}", traceback.format_exc())
+            failure = unsendable(self.chain.leaves[-1][0], seq, e)
             self._sender.send(self._failure_frames(failure, sent_at))
             return
         self.counters["processed"] += 1
