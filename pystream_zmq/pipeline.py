@@ -167,6 +167,7 @@ class Pipeline:
         curve: bool = False,
         insecure: bool = False,
         pin_cpus: bool = False,
+        native_threads: int | str | None = "auto",
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. ``hwm`` bounds each link's queue (backpressure), and with it the
@@ -200,7 +201,13 @@ class Pipeline:
         ``pin_cpus=True``: keep each worker process on one CPU, and this process's ZeroMQ
         and collector threads on another, round-robin over the CPUs this process may use
         (your own threads stay free). Worth it when the pipeline is the machine's main load
-        and there are about as many CPUs as workers; otherwise leave it off."""
+        and there are about as many CPUs as workers; otherwise leave it off.
+
+        ``native_threads``: the size of each worker's native thread pools (OpenCV, OpenBLAS,
+        MKL, OpenMP), which otherwise each start as many threads as the machine has CPUs in
+        every worker. ``"auto"`` (default): a fair share, ``max(1, usable CPUs // worker
+        processes)``, 1 under ``pin_cpus``; a number: that many; ``None`` or 0: leave them
+        as the libraries and the environment make them. Your own process is never touched."""
         settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
@@ -219,6 +226,7 @@ class Pipeline:
             curve=curve,
             insecure=insecure,
             pin_cpus=pin_cpus,
+            native_threads=native_threads,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

@@ -14,6 +14,7 @@ class WorkerStats:
     pid: int  # of the process running now (a restart changes it)
     alive: bool  # running, and it has said it is ready
     restarts: int  # how often it was started again after dying
+    native_threads: int | None = None  # its native thread pools' size; None: left alone
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,9 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         worker = Worker(spec, list(leaves), ctx)
         inputs = ", ".join(worker.bound)
         outputs = ", ".join((spec.push, *spec.more_pushes))
-        log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
+        threads = f", native threads {spec.native_threads}" if spec.native_threads else ""
+        curve = " (CURVE)" * bool(spec.curve)
+        log.info("ready: input %s, output %s%s%s", inputs, outputs, threads, curve)
         worker.run(done=_Drain(worker, stopping))
         if worker.events is not None:
             worker.events.flush()

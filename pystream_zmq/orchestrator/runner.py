@@ -287,6 +287,7 @@ class ParallelRunner:
                 proc.pid,
                 not self._closed and index in launcher.ready and proc.poll() is None,
                 self.supervisor.restarts[index],
+                launcher.native_threads,
             )
             for index, (name, proc) in enumerate(zip(launcher.names, launcher.procs, strict=True))
         )
