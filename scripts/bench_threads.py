@@ -1,0 +1,197 @@
+"""Native thread pools per worker (issue 15): frames/s serial against parallel, with the
+workers' pools limited to a fair share (parallelize's default, ``native_threads="auto"``)
+and left alone (``native_threads=None``), on two OpenCV jobs:
+
+- seed: the seed notebook's five DummyStage stages (100 cv2.filter2D on a 480x720x3 image
+  each, services/demo.py);
+- vision: GaussianBlur -> MOG2 background subtraction -> findContours -> rectangles drawn,
+  four stages, on synthetic 640x480 frames of a square moving over a noisy background.
+
+Serial runs in this process, whose pools are never limited. Every run is a fresh pipeline
+(its start-up and one warm-up frame not timed); the variants alternate within each repeat,
+so that a drifting load hits all alike; frames/s are medians, and each ratio is the median
+of the ratios paired within a repeat.
+
+    .venv/bin/python scripts/bench_threads.py [--jobs seed,vision] [--repeats 5]
+        [--seed-frames 12] [--vision-frames 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pystream_zmq import Pipeline
+from services.demo import DummyStage
+
+Item = dict[str, Any]
+VARIANTS = ("serial", "parallel, limited", "parallel, left alone")
+SETTINGS: dict[str, dict[str, Any]] = {
+    "serial": {},
+    "parallel, limited": {"native_threads": "auto"},
+    "parallel, left alone": {"native_threads": None},
+}
+
+
+# -- the seed job ----------------------------------------------------------------------------
+def seed_pipeline() -> Pipeline:
+    np.random.seed(0)  # the same kernels in every run
+    pipeline = Pipeline()
+    for i in range(5):
+        pipeline.add(DummyStage(f"Stage{i + 1}"))
+    return pipeline
+
+
+def seed_frames(count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, size=(480, 720, 3), dtype=np.uint8) for _ in range(count)]
+
+
+# -- the vision job --------------------------------------------------------------------------
+def blur(item: Item) -> Item:
+    item["blurred"] = cv2.GaussianBlur(item["frame"], (7, 7), 0)
+    return item
+
+
+def background_subtractor() -> Callable[[Item], Item]:
+    """MOG2 keeps a model of the background from frame to frame: made in the process that
+    runs it (cv2 objects cannot be pickled), on its first frame."""
+    model: list[Any] = []
+
+    def background(item: Item) -> Item:
+        if not model:
+            model.append(cv2.createBackgroundSubtractorMOG2(history=100, detectShadows=True))
+        item["mask"] = model[0].apply(item.pop("blurred"))
+        return item
+
+    return background
+
+
+def contours(item: Item) -> Item:
+    _, mask = cv2.threshold(item.pop("mask"), 200, 255, cv2.THRESH_BINARY)  # no shadows
+    found, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    item["boxes"] = [cv2.boundingRect(c) for c in found if cv2.contourArea(c) > 100]
+    return item
+
+
+def draw(item: Item) -> Item:
+    for x, y, w, h in item["boxes"]:
+        cv2.rectangle(item["frame"], (x, y), (x + w, y + h), (0, 255, 0), 2)
+    return item
+
+
+def vision_pipeline() -> Pipeline:
+    pipeline = Pipeline()
+    pipeline.add(blur, "Blur")
+    pipeline.add(background_subtractor(), "Background")
+    pipeline.add(contours, "Contours")
+    pipeline.add(draw, "Draw")
+    return pipeline
+
+
+def vision_frames(count: int) -> list[np.ndarray]:
+    """A 60x60 square crossing a noisy grey scene, 8 pixels a frame."""
+    rng = np.random.default_rng(0)
+    scene = rng.integers(90, 130, size=(480, 640, 3), dtype=np.uint8)
+    frames = []
+    for i in range(count):
+        frame = scene + rng.integers(0, 6, size=scene.shape, dtype=np.uint8)
+        x = 20 + i * 8 % 560
+        frame[200:260, x : x + 60] = (30, 200, 240)
+        frames.append(frame)
+    return frames
+
+
+# -- one run ---------------------------------------------------------------------------------
+class Job:
+    """A pipeline to build afresh for each run, its frames and the key its stages read."""
+
+    def __init__(self, name: str, make: Callable[[], Pipeline], key: str, frames: list[Any]):
+        self.name, self.make, self.key, self.frames = name, make, key, frames
+
+    def item(self, index: int) -> Item:
+        return {self.key: self.frames[index % len(self.frames)].copy()}  # stages draw on it
+
+
+def run(job: Job, items: int, variant: str) -> tuple[float, list[int | None]]:
+    """Frames/s of ``items`` frames through a fresh pipeline, and the workers' native
+    thread pool sizes."""
+    pipeline = job.make()
+    if variant == "serial":
+        pipeline.serialize()
+    else:
+        pipeline.parallelize(drain_timeout=600, **SETTINGS[variant])
+    try:
+        pipeline.forward(job.item(-1))  # warm-up: the first call of each stage
+        pipeline.stop_loop()
+        sizes = [worker.native_threads for worker in pipeline.stats().workers]
+        started = time.perf_counter()
+        for i in range(items):
+            pipeline.forward(job.item(i))
+        pipeline.stop_loop()  # delivers everything still in flight
+        return items / (time.perf_counter() - started), sizes
+    finally:
+        pipeline.cleanup()
+
+
+def bench(job: Job, items: int, repeats: int) -> None:
+    runs: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    sizes: dict[str, list[int | None]] = {}
+    for _ in range(repeats):
+        for variant in VARIANTS:  # alternate, so drifting load hits all alike
+            rate, sizes[variant] = run(job, items, variant)
+            runs[variant].append(rate)
+    median = {variant: statistics.median(values) for variant, values in runs.items()}
+    print(f"{job.name}: {items} frames per run, {repeats} repeats, load average {_load()}")
+    for variant, values in runs.items():
+        shown = ", ".join(f"{v:.1f}" if v >= 10 else f"{v:.2f}" for v in values)
+        pools = "" if variant == "serial" else f", pools {_pools(sizes[variant])}"
+        print(f"  {variant:21} {median[variant]:7.2f} frames/s  (runs: {shown}{pools})")
+
+    def ratio(a: str, b: str) -> str:
+        paired = statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
+        return f"{paired:.2f}x paired (ratio of medians {median[a] / median[b]:.2f}x)"
+
+    print(f"  parallel limited / serial     = {ratio('parallel, limited', 'serial')}")
+    print(f"  parallel left alone / serial  = {ratio('parallel, left alone', 'serial')}")
+    limited = ratio("parallel, limited", "parallel, left alone")
+    print(f"  limited / left alone          = {limited}")
+
+
+def _pools(sizes: list[int | None]) -> str:
+    if all(size is None for size in sizes):
+        return f"left alone (cv2 default {cv2.getNumThreads()})"
+    return "x".join(str(size) for size in sizes) + " threads"
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="seed,vision", help="comma-separated: seed, vision")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed-frames", type=int, default=12)
+    parser.add_argument("--vision-frames", type=int, default=300)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load {_load()}")
+    jobs = args.jobs.split(",")
+    if "seed" in jobs:
+        seed = Job("seed (5 x DummyStage)", seed_pipeline, "data", seed_frames(4))
+        bench(seed, args.seed_frames, args.repeats)
+    if "vision" in jobs:
+        vision = Job("vision (blur, MOG2, contours, draw)", vision_pipeline, "frame",
+                     vision_frames(70))  # fmt: skip
+        bench(vision, args.vision_frames, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
