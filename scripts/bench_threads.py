@@ -10,7 +10,9 @@ and left alone (``native_threads=None``), on two OpenCV jobs:
 Serial runs in this process, whose pools are never limited. Every run is a fresh pipeline
 (its start-up and one warm-up frame not timed); the variants alternate within each repeat,
 so that a drifting load hits all alike; frames/s are medians, and each ratio is the median
-of the ratios paired within a repeat.
+of the ratios paired within a repeat. CPU time per frame (every process of the pipeline,
+all its threads) shows what idle or spinning pool threads cost, which frames/s on a machine
+shared with other work can hide.
 
     .venv/bin/python scripts/bench_threads.py [--jobs seed,vision] [--repeats 5]
         [--seed-frames 12] [--vision-frames 300]
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+import psutil
 
 from pystream_zmq import Pipeline
 from services.demo import DummyStage
@@ -120,9 +125,15 @@ class Job:
         return {self.key: self.frames[index % len(self.frames)].copy()}  # stages draw on it
 
 
-def run(job: Job, items: int, variant: str) -> tuple[float, list[int | None]]:
-    """Frames/s of ``items`` frames through a fresh pipeline, and the workers' native
-    thread pool sizes."""
+@dataclass
+class Result:
+    rate: float  # frames/s
+    cpu: float  # CPU seconds per frame, every process of the pipeline (threads included)
+    sizes: list[int | None]  # the workers' native thread pool sizes
+
+
+def run(job: Job, items: int, variant: str) -> Result:
+    """``items`` frames through a fresh pipeline."""
     pipeline = job.make()
     if variant == "serial":
         pipeline.serialize()
@@ -131,38 +142,57 @@ def run(job: Job, items: int, variant: str) -> tuple[float, list[int | None]]:
     try:
         pipeline.forward(job.item(-1))  # warm-up: the first call of each stage
         pipeline.stop_loop()
-        sizes = [worker.native_threads for worker in pipeline.stats().workers]
+        workers = pipeline.stats().workers
+        procs = [psutil.Process(worker.pid) for worker in workers]
+        cpu_before = _cpu_seconds(procs)
         started = time.perf_counter()
         for i in range(items):
             pipeline.forward(job.item(i))
         pipeline.stop_loop()  # delivers everything still in flight
-        return items / (time.perf_counter() - started), sizes
+        elapsed = time.perf_counter() - started
+        cpu = (_cpu_seconds(procs) - cpu_before) / items
+        return Result(items / elapsed, cpu, [worker.native_threads for worker in workers])
     finally:
         pipeline.cleanup()
 
 
+def _cpu_seconds(workers: list[psutil.Process]) -> float:
+    """User and system time of this process and of ``workers``, all their threads."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    times = [proc.cpu_times() for proc in workers]
+    return own.ru_utime + own.ru_stime + sum(t.user + t.system for t in times)
+
+
 def bench(job: Job, items: int, repeats: int) -> None:
-    runs: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    sizes: dict[str, list[int | None]] = {}
+    runs: dict[str, list[Result]] = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
         for variant in VARIANTS:  # alternate, so drifting load hits all alike
-            rate, sizes[variant] = run(job, items, variant)
-            runs[variant].append(rate)
-    median = {variant: statistics.median(values) for variant, values in runs.items()}
+            runs[variant].append(run(job, items, variant))
+    rate = {v: statistics.median(r.rate for r in results) for v, results in runs.items()}
+    cpu = {v: statistics.median(r.cpu for r in results) for v, results in runs.items()}
     print(f"{job.name}: {items} frames per run, {repeats} repeats, load average {_load()}")
-    for variant, values in runs.items():
-        shown = ", ".join(f"{v:.1f}" if v >= 10 else f"{v:.2f}" for v in values)
-        pools = "" if variant == "serial" else f", pools {_pools(sizes[variant])}"
-        print(f"  {variant:21} {median[variant]:7.2f} frames/s  (runs: {shown}{pools})")
+    for variant, results in runs.items():
+        shown = ", ".join(f"{r.rate:.1f}" if r.rate >= 10 else f"{r.rate:.2f}" for r in results)
+        pools = "" if variant == "serial" else f"; pools {_pools(results[-1].sizes)}"
+        # CPUs busy = CPU s per frame x frames/s: on 2 idle CPUs a parallel run could use 2.
+        busy = statistics.median(r.cpu * r.rate for r in results)
+        print(
+            f"  {variant:21} {rate[variant]:7.2f} frames/s, {cpu[variant] * 1000:6.1f} CPU ms "
+            f"per frame, {busy:.2f} CPUs busy  (frames/s: {shown}{pools})"
+        )
 
-    def ratio(a: str, b: str) -> str:
-        paired = statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
-        return f"{paired:.2f}x paired (ratio of medians {median[a] / median[b]:.2f}x)"
+    def ratio(a: str, b: str, of: str = "rate") -> str:
+        pairs = zip(runs[a], runs[b], strict=True)
+        paired = statistics.median(getattr(x, of) / getattr(y, of) for x, y in pairs)
+        medians = rate if of == "rate" else cpu
+        return f"{paired:.2f}x paired (ratio of medians {medians[a] / medians[b]:.2f}x)"
 
-    print(f"  parallel limited / serial     = {ratio('parallel, limited', 'serial')}")
-    print(f"  parallel left alone / serial  = {ratio('parallel, left alone', 'serial')}")
+    print(f"  frames/s, parallel limited / serial     = {ratio('parallel, limited', 'serial')}")
+    print(f"  frames/s, parallel left alone / serial  = {ratio('parallel, left alone', 'serial')}")
     limited = ratio("parallel, limited", "parallel, left alone")
-    print(f"  limited / left alone          = {limited}")
+    print(f"  frames/s, limited / left alone          = {limited}")
+    limited = ratio("parallel, limited", "parallel, left alone", "cpu")
+    print(f"  CPU per frame, limited / left alone     = {limited}")
 
 
 def _pools(sizes: list[int | None]) -> str:
