@@ -1,21 +1,23 @@
-"""Native thread pools per worker (issue 15): frames/s serial against parallel, with the
+"""Native thread pools per worker (issue 15): items/s serial against parallel, with the
 workers' pools limited to a fair share (parallelize's default, ``native_threads="auto"``)
-and left alone (``native_threads=None``), on two OpenCV jobs:
+and left alone (``native_threads=None``), on three jobs:
 
 - seed: the seed notebook's five DummyStage stages (100 cv2.filter2D on a 480x720x3 image
-  each, services/demo.py);
+  each, services/demo.py); an item is a frame;
 - vision: GaussianBlur -> MOG2 background subtraction -> findContours -> rectangles drawn,
-  four stages, on synthetic 640x480 frames of a square moving over a noisy background.
+  four stages, on synthetic 640x480 frames of a square moving over a noisy background;
+- blas: four stages of 20 x (256x256 matrix product, tanh) with numpy: OpenBLAS threads
+  wait for work by spinning, the case threadpoolctl is known for.
 
 Serial runs in this process, whose pools are never limited. Every run is a fresh pipeline
-(its start-up and one warm-up frame not timed); the variants alternate within each repeat,
-so that a drifting load hits all alike; frames/s are medians, and each ratio is the median
-of the ratios paired within a repeat. CPU time per frame (every process of the pipeline,
-all its threads) shows what idle or spinning pool threads cost, which frames/s on a machine
+(its start-up and one warm-up item not timed); the variants alternate within each repeat,
+so that a drifting load hits all alike; items/s are medians, and each ratio is the median
+of the ratios paired within a repeat. CPU time per item (every process of the pipeline,
+all its threads) shows what idle or spinning pool threads cost, which items/s on a machine
 shared with other work can hide.
 
-    .venv/bin/python scripts/bench_threads.py [--jobs seed,vision] [--repeats 5]
-        [--seed-frames 12] [--vision-frames 300]
+    .venv/bin/python scripts/bench_threads.py [--jobs seed,vision,blas] [--repeats 5]
+        [--seed-items 12] [--vision-items 300] [--blas-items 40]
 """
 
 from __future__ import annotations
@@ -114,26 +116,46 @@ def vision_frames(count: int) -> list[np.ndarray]:
     return frames
 
 
+# -- the BLAS job ----------------------------------------------------------------------------
+def products(item: Item) -> Item:
+    a = item["a"]
+    for _ in range(20):
+        a = np.tanh(a @ a)
+    item["a"] = a
+    return item
+
+
+def blas_pipeline() -> Pipeline:
+    pipeline = Pipeline()
+    for i in range(4):
+        pipeline.add(products, f"Products{i + 1}")
+    return pipeline
+
+
+def blas_matrices() -> list[np.ndarray]:
+    return [np.random.default_rng(0).standard_normal((256, 256)) / 16]
+
+
 # -- one run ---------------------------------------------------------------------------------
 class Job:
-    """A pipeline to build afresh for each run, its frames and the key its stages read."""
+    """A pipeline to build afresh for each run, its items' arrays and the key they go under."""
 
-    def __init__(self, name: str, make: Callable[[], Pipeline], key: str, frames: list[Any]):
-        self.name, self.make, self.key, self.frames = name, make, key, frames
+    def __init__(self, name: str, make: Callable[[], Pipeline], key: str, arrays: list[Any]):
+        self.name, self.make, self.key, self.arrays = name, make, key, arrays
 
     def item(self, index: int) -> Item:
-        return {self.key: self.frames[index % len(self.frames)].copy()}  # stages draw on it
+        return {self.key: self.arrays[index % len(self.arrays)].copy()}  # stages draw on it
 
 
 @dataclass
 class Result:
-    rate: float  # frames/s
-    cpu: float  # CPU seconds per frame, every process of the pipeline (threads included)
+    rate: float  # items/s
+    cpu: float  # CPU seconds per item, every process of the pipeline (threads included)
     sizes: list[int | None]  # the workers' native thread pool sizes
 
 
 def run(job: Job, items: int, variant: str) -> Result:
-    """``items`` frames through a fresh pipeline."""
+    """``items`` items through a fresh pipeline."""
     pipeline = job.make()
     if variant == "serial":
         pipeline.serialize()
@@ -170,15 +192,15 @@ def bench(job: Job, items: int, repeats: int) -> None:
             runs[variant].append(run(job, items, variant))
     rate = {v: statistics.median(r.rate for r in results) for v, results in runs.items()}
     cpu = {v: statistics.median(r.cpu for r in results) for v, results in runs.items()}
-    print(f"{job.name}: {items} frames per run, {repeats} repeats, load average {_load()}")
+    print(f"{job.name}: {items} items per run, {repeats} repeats, load average {_load()}")
     for variant, results in runs.items():
         shown = ", ".join(f"{r.rate:.1f}" if r.rate >= 10 else f"{r.rate:.2f}" for r in results)
         pools = "" if variant == "serial" else f"; pools {_pools(results[-1].sizes)}"
-        # CPUs busy = CPU s per frame x frames/s: on 2 idle CPUs a parallel run could use 2.
+        # CPUs busy = CPU s per item x items/s: on 2 idle CPUs a parallel run could use 2.
         busy = statistics.median(r.cpu * r.rate for r in results)
         print(
-            f"  {variant:21} {rate[variant]:7.2f} frames/s, {cpu[variant] * 1000:6.1f} CPU ms "
-            f"per frame, {busy:.2f} CPUs busy  (frames/s: {shown}{pools})"
+            f"  {variant:21} {rate[variant]:7.2f} items/s, {cpu[variant] * 1000:6.1f} CPU ms "
+            f"per item, {busy:.2f} CPUs busy  (items/s: {shown}{pools})"
         )
 
     def ratio(a: str, b: str, of: str = "rate") -> str:
@@ -187,17 +209,17 @@ def bench(job: Job, items: int, repeats: int) -> None:
         medians = rate if of == "rate" else cpu
         return f"{paired:.2f}x paired (ratio of medians {medians[a] / medians[b]:.2f}x)"
 
-    print(f"  frames/s, parallel limited / serial     = {ratio('parallel, limited', 'serial')}")
-    print(f"  frames/s, parallel left alone / serial  = {ratio('parallel, left alone', 'serial')}")
+    print(f"  items/s, parallel limited / serial     = {ratio('parallel, limited', 'serial')}")
+    print(f"  items/s, parallel left alone / serial  = {ratio('parallel, left alone', 'serial')}")
     limited = ratio("parallel, limited", "parallel, left alone")
-    print(f"  frames/s, limited / left alone          = {limited}")
+    print(f"  items/s, limited / left alone          = {limited}")
     limited = ratio("parallel, limited", "parallel, left alone", "cpu")
-    print(f"  CPU per frame, limited / left alone     = {limited}")
+    print(f"  CPU per item, limited / left alone     = {limited}")
 
 
 def _pools(sizes: list[int | None]) -> str:
     if all(size is None for size in sizes):
-        return f"left alone (cv2 default {cv2.getNumThreads()})"
+        return f"left alone ({len(sizes)} workers)"
     return "x".join(str(size) for size in sizes) + " threads"
 
 
@@ -207,20 +229,24 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default="seed,vision", help="comma-separated: seed, vision")
+    parser.add_argument("--jobs", default="seed,vision,blas", help="any of seed,vision,blas")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed-frames", type=int, default=12)
-    parser.add_argument("--vision-frames", type=int, default=300)
+    parser.add_argument("--seed-items", type=int, default=12)
+    parser.add_argument("--vision-items", type=int, default=300)
+    parser.add_argument("--blas-items", type=int, default=40)
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load {_load()}")
     jobs = args.jobs.split(",")
     if "seed" in jobs:
         seed = Job("seed (5 x DummyStage)", seed_pipeline, "data", seed_frames(4))
-        bench(seed, args.seed_frames, args.repeats)
+        bench(seed, args.seed_items, args.repeats)
     if "vision" in jobs:
         vision = Job("vision (blur, MOG2, contours, draw)", vision_pipeline, "frame",
                      vision_frames(70))  # fmt: skip
-        bench(vision, args.vision_frames, args.repeats)
+        bench(vision, args.vision_items, args.repeats)
+    if "blas" in jobs:
+        blas = Job("blas (4 x numpy matrix products)", blas_pipeline, "a", blas_matrices())
+        bench(blas, args.blas_items, args.repeats)
 
 
 if __name__ == "__main__":
