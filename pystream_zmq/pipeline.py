@@ -205,6 +205,7 @@ class Pipeline:
         curve: bool = False,
         insecure: bool = False,
         pin_cpus: bool = False,
+        native_threads: int | str | None = "auto",
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. The settings, in short (docs/api.md has each in full):
@@ -221,7 +222,9 @@ class Pipeline:
           what happens when a stage cannot keep up (docs/realtime.md);
         - ``endpoint="tcp://HOST"``, ``curve``, ``insecure``: tcp links, under CURVE with
           keys made for the run (docs/security.md);
-        - ``pin_cpus``: a CPU per worker, for a pipeline that is the machine's main load."""
+        - ``pin_cpus``: a CPU per worker, for a pipeline that is the machine's main load;
+        - ``native_threads``: each worker's OpenCV/BLAS/OpenMP pools, ``"auto"``: a fair
+          share of the CPUs; ``None`` or 0: left alone."""
         settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
@@ -240,6 +243,7 @@ class Pipeline:
             curve=curve,
             insecure=insecure,
             pin_cpus=pin_cpus,
+            native_threads=native_threads,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

@@ -21,6 +21,7 @@ class WorkerStats:
     # afresh), as it last reported them; None when it did not answer
     rss_bytes: int | None = None
     rss_peak_bytes: int | None = None
+    native_threads: int | None = None  # its native thread pools' size; None: left alone
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,18 @@ def record_pid(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def native_threads(data: dict[str, Any]) -> dict[str, Any]:
+    """Appends [OpenCV's threads, sorted sizes of the BLAS pools] as this process sees them;
+    cv2 is imported here, as a stage's own code loads it, after its worker has started."""
+    import cv2
+    import threadpoolctl
+
+    pools = threadpoolctl.threadpool_info()
+    blas = sorted({pool["num_threads"] for pool in pools if pool["user_api"] == "blas"})
+    data.setdefault("threads", []).append([cv2.getNumThreads(), blas])
+    return data
+
+
 class Counter(Stage):
     def __init__(self, name: str | None = None) -> None:
         if name is not None:

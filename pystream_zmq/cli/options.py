@@ -176,6 +176,15 @@ factory = _option(
 name = _option(
     "--name", envvar="PYSTREAM_NAME", help="Name in profiles and logs (default: from ATTR)."
 )
+native_threads = _option(
+    "--native-threads",
+    envvar="PYSTREAM_NATIVE_THREADS",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Size this process's native thread pools (OpenCV, BLAS, OpenMP) to N threads; "
+    "0 leaves them alone. Several processes on one machine: its CPUs divided among them.",
+)
 
 # -- stage -----------------------------------------------------------------------------------
 profile = _option(

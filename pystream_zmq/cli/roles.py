@@ -145,7 +145,9 @@ def run_worker(spec: WorkerSpec, leaves: Sequence[Leaf], stopping: Stopping) -> 
         worker = Worker(spec, list(leaves), ctx)
         inputs = ", ".join(worker.bound)
         outputs = ", ".join((spec.push, *spec.more_pushes))
-        log.info("ready: input %s, output %s%s", inputs, outputs, " (CURVE)" * bool(spec.curve))
+        threads = f", native threads {spec.native_threads}" if spec.native_threads else ""
+        curve = " (CURVE)" * bool(spec.curve)
+        log.info("ready: input %s, output %s%s%s", inputs, outputs, threads, curve)
         worker.run(done=_Drain(worker, stopping))
         queued = 0
         if not worker.upstream_done:  # the drain timed out, or a foreign sender sends no end

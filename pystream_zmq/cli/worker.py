@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import zmq
 
+from pystream_zmq import threads
 from pystream_zmq.cli import curve_options, options, process, roles, sink_role
 from pystream_zmq.cli.loader import (
     LoadError,
@@ -84,7 +85,9 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 _input_options = options.stack(options.pull, options.ordered, options.port)
-_build_options = options.stack(options.param_pairs, options.params_json, options.factory)
+_build_options = options.stack(
+    options.param_pairs, options.params_json, options.factory, options.native_threads
+)
 _stage_options = options.stack(
     _input_options,
     options.push,
@@ -117,6 +120,7 @@ _stage_options = options.stack(
 @click.pass_obj
 def stage(verbose: bool, ref: str, **opts: Any) -> int:
     """Run one stage: a function, a Stage class (built from the params) or a factory."""
+    _limit_native_threads(opts)
     obj = _build(verbose, ref, opts)
     name = _name(opts["name"], obj, ref)
     path = MAIN_PIPELINE_NAME + PATH_SEPARATOR + name
@@ -133,6 +137,7 @@ def stage(verbose: bool, ref: str, **opts: Any) -> int:
 @click.pass_obj
 def pipeline_(verbose: bool, ref: str, **opts: Any) -> int:
     """Run a sub-pipeline inline: ATTR is called (with the params) and returns a Pipeline."""
+    _limit_native_threads(opts)
     params = _params(opts)
     made = _guard(verbose, ref, lambda: load(ref)(**params))
     if not isinstance(made, Pipeline):
@@ -164,6 +169,7 @@ def source(verbose: bool, ref: str, **opts: Any) -> int:
     params), a class made with the params whose instances are iterable (a source such as
     pystream_zmq.media:VideoSource), or a function or class instance called for each
     item. Its end is the end of the stream."""
+    _limit_native_threads(opts)
     obj = _guard(verbose, ref, lambda: load(ref))
     if isinstance(obj, Iterator):
         items = obj
@@ -273,6 +279,12 @@ def _live_view(opts: dict[str, Any]) -> LiveView | None:
     return view
 
 
+def _limit_native_threads(opts: dict[str, Any]) -> None:
+    """Before MODULE is imported, so that the libraries it loads see the limit."""
+    if opts["native_threads"]:
+        threads.limit(opts["native_threads"])
+
+
 def _params(opts: dict[str, Any]) -> dict[str, Any]:
     try:
         return parse_params(opts["param_pairs"], opts["params_json"])
@@ -350,6 +362,7 @@ def _serve_worker(
         curve=curve,
         input_format=opts["input_format"],
         output_format=opts["output_format"],
+        native_threads=opts["native_threads"] or None,
     )
     stopping = process.start(name, verbose, opts["drain_timeout"])
     return _run(verbose, lambda: roles.run_worker(spec, leaves, stopping))

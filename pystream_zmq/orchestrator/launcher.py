@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from pystream_zmq import child
+from pystream_zmq import child, threads
 from pystream_zmq.errors import WorkerStartupError
 from pystream_zmq.orchestrator import links
 from pystream_zmq.orchestrator.control import Control
@@ -85,6 +85,10 @@ class Launcher:
         self._profile = profile
         self._worker_cpus = list(worker_cpus)
         self.names = [p.name for p in plan.processes]
+        # The size of every worker's native thread pools; None: left alone.
+        self.native_threads = threads.per_worker(
+            settings.native_threads, len(plan.processes), pinned=settings.pin_cpus
+        )
         self.procs: list[subprocess.Popen[bytes]] = []  # the supervisor watches this list
         self.ready: set[int] = set()  # the processes that said READY: they answer commands
         self._blobs: list[bytes] = []  # each unit's stages, cloudpickled once
@@ -117,7 +121,7 @@ class Launcher:
                 raise WorkerStartupError(
                     unit.name, f"it cannot be sent to a worker process ({e!r})"
                 ) from e
-        self.procs.extend(_start_process() for _ in self._plan.processes)
+        self.procs.extend(self._start_process() for _ in self._plan.processes)
         batches = [[p.index for p in self._plan.processes]]
         if self.links.bind_first:
             units = reversed(range(len(self._plan.units)))
@@ -135,7 +139,7 @@ class Launcher:
         if old.stdin is not None:
             with contextlib.suppress(OSError):
                 old.stdin.close()
-        self.procs[index] = _start_process()
+        self.procs[index] = self._start_process()
         self._send_spec(index, restarted=True)
 
     def kill(self, index: int, pid: int | None = None) -> None:
@@ -187,6 +191,7 @@ class Launcher:
             max_age=self._settings.max_age,
             curve=self.links.curve,
             cpu=self._worker_cpus[index],
+            native_threads=self.native_threads,
             status=self.links.endpoint("status"),
             process=index,
             limits=unit.limits_by_path(),
@@ -197,6 +202,12 @@ class Launcher:
             write_spec(stdin, spec, self._blobs[process.unit])
         except OSError as e:  # the process died before reading its spec
             raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
+
+    def _start_process(self) -> subprocess.Popen[bytes]:
+        env = {**_MALLOC_KEEP_FREED, **os.environ}
+        if self.native_threads:  # in the environment: the libraries read it as they load
+            env.update(threads.environment(self.native_threads))
+        return child.start("pystream_zmq.worker.main", env=env)
 
     def _wait_ready(self, control: Control, waiting: set[int], deadline: Deadline) -> None:
         while waiting:
@@ -225,10 +236,6 @@ class Launcher:
                 raise WorkerStartupError(
                     names, f"not ready after {self._settings.startup_timeout:g} s"
                 )
-
-
-def _start_process() -> subprocess.Popen[bytes]:
-    return child.start("pystream_zmq.worker.main", env={**_MALLOC_KEEP_FREED, **os.environ})
 
 
 def _teardown(

@@ -303,6 +303,7 @@ class ParallelRunner:
                 dict(self.supervisor.restart_reasons[index]),
                 stages.get(name, {}).get(RSS),
                 stages.get(name, {}).get(RSS_PEAK),
+                launcher.native_threads,
             )
             for index, (name, proc) in enumerate(zip(launcher.names, launcher.procs, strict=True))
         )

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from pystream_zmq import threads
 from pystream_zmq.orchestrator import links
 from pystream_zmq.wire import codec, transport
 
@@ -34,6 +35,9 @@ class ParallelSettings:
     # Workers' log records at or above it come out of this process's logging (a level name
     # or number; worker/logs.py); those below go to the workers' stderr.
     worker_log_level: int | str = logging.WARNING
+    # Each worker's native thread pools (OpenCV, BLAS, OpenMP): "auto" for a fair share of
+    # the CPUs, a number of threads, or None to leave them alone (threads.py).
+    native_threads: int | str | None = threads.AUTO
 
     def credit_window(self, workers: int) -> tuple[int, int]:
         """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
@@ -63,5 +67,6 @@ class ParallelSettings:
         if self.max_age is not None and not self.max_age > 0:
             raise ValueError(f"max_age must be a positive number of seconds, not {self.max_age!r}")
         links.check(self.endpoint, curve=self.curve, insecure=self.insecure)
+        threads.check(self.native_threads)
         if self.pin_cpus and not hasattr(os, "sched_setaffinity"):
             raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")

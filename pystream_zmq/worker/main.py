@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from pystream_zmq import child, cpus
+from pystream_zmq import child, cpus, threads
 from pystream_zmq.wire import security, transport
 from pystream_zmq.worker import logs
 from pystream_zmq.worker.loop import Worker
@@ -85,6 +85,9 @@ def main() -> None:
         cpus.pin_this_thread(spec.cpu)
     sys.path[:0] = [p for p in spec.sys_path if p not in sys.path]
     repeats = logs.to_stderr(spec.name, spec.log_level)
+    if spec.native_threads:  # before the stages are unpickled, and load their libraries
+        loaded = threads.limit(spec.native_threads)
+        log.info("native thread pools: %d threads (loaded: %s)", spec.native_threads, loaded)
     # Ctrl-C in a terminal reaches the whole process group: the orchestrator decides what
     # happens, and it stops its workers through the control channel or by closing stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

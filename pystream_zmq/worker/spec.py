@@ -54,6 +54,7 @@ class WorkerSpec:
     replica: int | None = None  # which replica of its stage, for per-replica counters
     curve: security.Curve | None = None  # CURVE on every socket; None: plaintext
     cpu: int | None = None  # pin_cpus: the CPU this process runs on
+    native_threads: int | None = None  # its native thread pools' size; None: left alone
     # Orchestrated: where the watchdog reports a stage call that runs long (a PUSH to the
     # orchestrator's "status" link), and this process's index in the plan, which it names.
     status: str | None = None
