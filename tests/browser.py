@@ -68,24 +68,24 @@ class Chromium:
             )
         for fd in theirs:
             os.close(fd)
-        self._commands, self._answers = commands_w, answers_r
-        self._buffer = b""
-        self._next_id = 0
+        self.commands, self.answers = commands_w, answers_r
+        self.buffer = b""
+        self.next_id = 0
 
     def call(self, method: str, params: dict[str, Any] | None = None, *,
              session: str | None = None, timeout: float = 10.0) -> dict[str, Any]:  # fmt: skip
         """Send one command and return its result; events in between are skipped."""
-        self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        self.next_id += 1
+        message: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
         if session is not None:
             message["sessionId"] = session
-        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + timeout
         while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
                 answer = json.loads(raw)
-                if answer.get("id") != self._next_id:
+                if answer.get("id") != self.next_id:
                     continue
                 if "error" in answer:
                     raise BrowserError(f"{method}: {answer['error']}")
@@ -94,11 +94,11 @@ class Chromium:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BrowserError(f"{method}: no answer in {timeout} s")
-            if select.select([self._answers], [], [], left)[0]:
-                chunk = os.read(self._answers, 1 << 20)
+            if select.select([self.answers], [], [], left)[0]:
+                chunk = os.read(self.answers, 1 << 20)
                 if not chunk:
                     raise BrowserError(f"the browser left: {self.log_path.read_text()[-2000:]}")
-                self._buffer += chunk
+                self.buffer += chunk
 
     def open(self, url: str) -> Page:
         target = self.call("Target.createTarget", {"url": url})["targetId"]
@@ -114,7 +114,7 @@ class Chromium:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, 9)
             self.proc.wait()
-        for fd in (self._commands, self._answers):
+        for fd in (self.commands, self.answers):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -127,14 +127,14 @@ class Chromium:
 
 class Page:
     def __init__(self, browser: Chromium, session: str) -> None:
-        self._browser, self._session = browser, session
+        self.browser, self.session = browser, session
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression (JSON-able)."""
-        result = self._browser.call(
+        result = self.browser.call(
             "Runtime.evaluate",
             {"expression": expression, "returnByValue": True},
-            session=self._session,
+            session=self.session,
         )
         if "exceptionDetails" in result:
             raise BrowserError(f"{expression}: {result['exceptionDetails']}")
@@ -145,5 +145,5 @@ class Page:
         params: dict[str, Any] = {"format": "png"}
         if clip is not None:
             params["clip"] = {**clip, "scale": 1}
-        data = self._browser.call("Page.captureScreenshot", params, session=self._session)
+        data = self.browser.call("Page.captureScreenshot", params, session=self.session)
         return base64.b64decode(data["data"])

@@ -329,19 +329,19 @@ class Sockets:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.made: list[zmq.Socket[Any]] = []
 
-    def _socket(self, kind: int) -> zmq.Socket[Any]:
+    def open_socket(self, kind: int) -> zmq.Socket[Any]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         self.made.append(sock)
         return sock
 
     def pull(self, port: int) -> zmq.Socket[Any]:
-        sock = self._socket(zmq.PULL)
+        sock = self.open_socket(zmq.PULL)
         sock.bind(tcp(port))
         return sock
 
     def push(self, port: int) -> zmq.Socket[Any]:
-        sock = self._socket(zmq.PUSH)
+        sock = self.open_socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDTIMEO, TIMEOUT_MS)
         sock.connect(tcp(port))
         return sock

@@ -204,14 +204,14 @@ class Running:
         view.watch(self.pipeline)
         outputs = self.pipeline.results()
         self.pipeline.start_loop(period)
-        self._thread = threading.Thread(target=lambda: [view.show(out) for out in outputs])
-        self._thread.start()
+        self.thread = threading.Thread(target=lambda: [view.show(out) for out in outputs])
+        self.thread.start()
 
     def stop(self) -> None:
         self.pipeline.stop_loop()
         self.pipeline.cleanup()
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture

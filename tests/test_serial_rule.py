@@ -279,7 +279,7 @@ def test_check_raises_exactly_what_encode_raises(
     limits = {"max_message_bytes": max_message_bytes, "max_container_len": max_container_len}
     want = _outcome(lambda: codec.encode(tree, **limits))
     assert _outcome(lambda: codec.check(tree, **limits)) == want
-    if want[0] == "ok":  # and the bound the check relies on is a bound
+    if want[0] == "ok":  # private: the size bound check() relies on must be a bound
         assert codec._bound(tree, 0, max_container_len) >= sum(
             memoryview(frame).nbytes for frame in codec.encode(tree, **limits)
         )

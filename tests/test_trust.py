@@ -99,7 +99,7 @@ class Rogue(threading.Thread):
         self.sock.setsockopt(zmq.ROUTING_ID, b"0")
         self.connected = connect(self.sock, endpoint)
         self.received: list[list[bytes]] = []
-        self._done = threading.Event()
+        self.done = threading.Event()
 
     def run(self) -> None:
         if not self.connected:
@@ -107,7 +107,7 @@ class Rogue(threading.Thread):
             # failing aborted libzmq 4.3.5 once, on Python 3.10 in CI.)
             return
         self.sock.send_multipart([transport.READY, bytes(16)])  # a token it never had
-        while not self._done.is_set():
+        while not self.done.is_set():
             if not self.sock.poll(20):
                 continue
             message = self.sock.recv_multipart()
@@ -117,7 +117,7 @@ class Rogue(threading.Thread):
             self.sock.send_multipart([transport.STATE, *echo, bytes(8), *state])
 
     def stop(self) -> None:
-        self._done.set()
+        self.done.set()
         self.join(timeout=10)
         self.sock.close(linger=0)
 
