@@ -25,7 +25,7 @@ from pystream_zmq import (
 )
 from pystream_zmq.plan import unit_leaves
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
-from pystream_zmq.wire import codec
+from pystream_zmq.wire import codec, encoding
 
 MODES = ("serialize", "parallelize")
 _REFUSED_LINE = re.compile(r"stage \S+ returned what cannot be sent \(item \d+ dropped\): .*")
@@ -280,7 +280,7 @@ def test_check_raises_exactly_what_encode_raises(
     want = _outcome(lambda: codec.encode(tree, **limits))
     assert _outcome(lambda: codec.check(tree, **limits)) == want
     if want[0] == "ok":  # private: the size bound check() relies on must be a bound
-        assert codec._bound(tree, 0, max_container_len) >= sum(
+        assert encoding._bound(tree, 0, max_container_len) >= sum(
             memoryview(frame).nbytes for frame in codec.encode(tree, **limits)
         )
 
