@@ -26,7 +26,7 @@ import zmq
 
 from pystream_zmq import cpus
 from pystream_zmq.errors import PipelineStateError
-from pystream_zmq.orchestrator import ingress
+from pystream_zmq.orchestrator import ingress, observe
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.orchestrator.control import Control, decode_counters
 from pystream_zmq.orchestrator.copyback import CopyBack
@@ -38,10 +38,10 @@ from pystream_zmq.orchestrator.stalls import StallBoard
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
-from pystream_zmq.profiling.store import RSS, RSS_PEAK, ProfileRun, Recorder, RunRecorder
+from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_handle import ProfileProcess
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
-from pystream_zmq.stats import PipelineStats, WorkerStats
+from pystream_zmq.stats import PipelineStats
 from pystream_zmq.wire import codec, security, status, transport
 
 __all__ = ["ParallelRunner", "ParallelSettings"]
@@ -293,45 +293,15 @@ class ParallelRunner:
         if not self._closed:
             for reply in self.control.ask_all(transport.GET_COUNTERS, _STATS_TIMEOUT).values():
                 stages.update(decode_counters(reply, transport.COUNTERS) or {})
-        launcher = self.launcher
-        workers = tuple(
-            WorkerStats(
-                name,
-                proc.pid,
-                not self._closed and index in launcher.ready and proc.poll() is None,
-                self.supervisor.restarts[index],
-                dict(self.supervisor.restart_reasons[index]),
-                stages.get(name, {}).get(RSS),
-                stages.get(name, {}).get(RSS_PEAK),
-                launcher.native_threads,
-            )
-            for index, (name, proc) in enumerate(zip(launcher.names, launcher.procs, strict=True))
-        )
+        workers = observe.worker_stats(self.launcher, self.supervisor, stages, closed=self._closed)
         counters = self.main_counters()
         with self.collector.locked():
             ledger = self.collector.ledger
             lost_ranges, out = tuple(ledger.lost_ranges), ledger.next_seq
-        curve = launcher.links.curve
-        return PipelineStats(
-            mode="parallel",
-            forwarded=counters["forwarded"],
-            refused=counters["refused"],
-            replaced=counters["replaced"],
-            delivered=counters["delivered"],
-            dropped=counters["dropped"],
-            lost=counters["lost"],
-            rogue=counters["rogue"],
-            rogue_control=counters["rogue_control"],
-            lost_ranges=lost_ranges,
-            out=out,
-            max_in_flight=self.max_in_flight,
-            decode_errors=counters["decode_errors"],
-            workers=workers,
-            stages=stages,
-            endpoints=launcher.links.bound(),
-            socket_dir=launcher.socket_dir,
-            curve_public_key=curve.public if curve is not None else None,
-        )
+        return observe.pipeline_stats(
+            counters, workers, stages, self.launcher,
+            lost_ranges=lost_ranges, out=out, max_in_flight=self.max_in_flight,
+        )  # fmt: skip
 
     def main_counters(self) -> dict[str, int]:
         """The orchestrator's counters, recorded under MainPipeline."""
