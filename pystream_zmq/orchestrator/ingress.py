@@ -73,7 +73,7 @@ class Credits:
     Items in flight when a worker restarts may be lost and come out only as a gap once a
     later item does, so a restart gives their credits back."""
 
-    QUEUE_TIME = 0.01  # seconds of work that may wait in the queues, above the floor
+    QUEUE_TIME = 0.03  # seconds of work that may wait in the queues, above the floor
     _MEASURE_EVERY = 0.05  # seconds between measurements of the rate items come out
 
     def __init__(
