@@ -18,33 +18,13 @@ import time
 import timeit
 from typing import Any
 
-import cv2
 import numpy as np
 
-from pystream_zmq import Pipeline, Stage
+from pystream_zmq import Pipeline
 from pystream_zmq.wire import codec
+from services.demo import DummyStage
 
 SMALL = {"seq": 12, "t": 1.5, "name": "camera-1", "box": [1, 2, 3, 4], "ok": True}
-
-
-class DummyStage(Stage):
-    """The seed notebook's stage: 100 convolutions of the image, and a count."""
-
-    def __init__(self, name: str) -> None:
-        self.count = 0
-        self.name = name
-        self.kernel = np.random.randint(-10, 10, size=(5, 5))
-
-    def __call__(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        img = data["data"]
-        for _ in range(100):
-            img = cv2.filter2D(src=img, ddepth=-1, kernel=self.kernel)
-        data["data"] = img
-        self.count += 1
-        return data
-
-    def cleanup(self) -> None:
-        self.count = 0
 
 
 def noop(data: Any) -> Any:
