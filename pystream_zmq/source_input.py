@@ -76,10 +76,8 @@ class Input:
     def finished(self) -> bool:
         """The stream has ended and the loop, if any, is over; raises what stopped the
         loop early."""
-        loop = self.loop
-        if loop is not None and not loop.is_alive():
-            raise_error(loop)
-        return self.ended and (loop is None or not loop.is_alive())
+        loop_over = self.wait_for_loop(0.0)  # raises what stopped it, even before the end
+        return self.ended and loop_over
 
 
 def raise_error(loop: InputLoop | None) -> None:
