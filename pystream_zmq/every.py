@@ -39,7 +39,9 @@ class EveryOutput:
             self._queue.append(output)
 
     def add(self, output: Any) -> None:
-        """``put()`` for a caller that does not hold ``cond``."""
+        """``put()`` for a caller that does not hold ``cond``; no lock while nobody reads."""
+        if not self.subscribed:
+            return
         with self._cond:
             self.put(output)
             self._cond.notify_all()
@@ -50,7 +52,7 @@ class EveryOutput:
     def wait_for_room(self, timeout: float) -> bool:
         """Whether the queue is below its capacity, waiting up to ``timeout`` seconds."""
         capacity = self._capacity
-        if capacity is None:
+        if capacity is None or not self.subscribed:
             return True
         with self._cond:
             return self._cond.wait_for(lambda: len(self._queue) < capacity, timeout)
