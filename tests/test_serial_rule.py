@@ -46,6 +46,8 @@ class Spoil(Stage):
             return data
         if self.bad == "set":
             return {"x": 1, "items": [0, 1, 2, {1, 2}]}
+        if self.bad == "text":  # what os.fsdecode makes of a file name that is not UTF-8
+            return {"x": 1, "files": ("ok.png", b"caf\xe9".decode("utf-8", "surrogateescape"))}
         return {"x": 1, "meta": {"box": MyBox()}}
 
     def cleanup(self) -> None:
@@ -90,6 +92,7 @@ def run(mode: str, bad: str, capfd: pytest.CaptureFixture[str], caplog: pytest.L
     [
         ("set", "data['items'][3]: cannot send a set"),
         ("object", "data['meta']['box']: cannot send a MyBox"),
+        ("text", "data['files'][1]: a str that is not valid UTF-8 ('\\udce9')"),
     ],
 )
 def test_a_stage_output_parallel_would_refuse_is_refused_serially_the_same_way(
@@ -111,6 +114,7 @@ def test_a_stage_output_parallel_would_refuse_is_refused_serially_the_same_way(
     [
         ("set", "data['items'][3]: cannot send a set"),
         ("object", "data['meta']['box']: cannot send a MyBox"),
+        ("text", "data['files'][1]: a str that is not valid UTF-8 ('\\udce9')"),
     ],
 )
 def test_under_on_error_raise_both_modes_raise_the_same_stage_error(bad: str, message: str) -> None:
@@ -248,6 +252,7 @@ def leaves_good_and_bad() -> st.SearchStrategy[object]:
         st.integers(-(2**65), 2**65),  # past the 64-bit range at both ends
         st.floats(),
         st.text(max_size=8),
+        st.sampled_from(["caf\udce9", "\udcff"]),  # lone surrogates: not valid UTF-8
         st.binary(max_size=8),
         numbers,
         numbers.map(lambda a: a[..., ::2]),  # non-contiguous
@@ -259,7 +264,8 @@ def leaves_good_and_bad() -> st.SearchStrategy[object]:
 
 
 def trees_good_and_bad() -> st.SearchStrategy[object]:
-    keys = st.one_of(st.text(max_size=4), st.integers(0, 3))  # an int key is refused
+    # an int key is refused, so is a lone surrogate
+    keys = st.one_of(st.text(max_size=4), st.integers(0, 3), st.just("\udcff"))
     return st.recursive(
         leaves_good_and_bad(),
         lambda children: st.one_of(

@@ -57,11 +57,7 @@ def encode(
         tree = _walk(obj, arrays, 0, max_container_len)
     except _Refused as e:
         raise _error(e) from None
-    try:
-        header = msgpack.packb(tree)
-    except UnicodeEncodeError as e:  # a lone surrogate (os.fsdecode of undecodable bytes)
-        bad = e.object[e.start : e.end]
-        raise UnsupportedTypeError(f"data: a str that is not valid UTF-8 ({bad!r})") from None
+    header = msgpack.packb(tree)
     size = len(header)
     for arr in arrays:
         size += arr.nbytes
@@ -115,6 +111,8 @@ def _error(refused: _Refused) -> Exception:
 
 def _walk(obj: object, arrays: list[np.ndarray[Any, Any]], depth: int, limit: int) -> object:
     kind = type(obj)
+    if kind is str:
+        return _text(obj)  # type: ignore[arg-type]
     if kind in PLAIN:
         return obj
     if kind is int:
@@ -142,7 +140,9 @@ def _walk(obj: object, arrays: list[np.ndarray[Any, Any]], depth: int, limit: in
         return msgpack.ExtType(EXT_SCALAR, msgpack.packb((obj.dtype.str, obj.tobytes())))
     if isinstance(obj, int):
         return _int(obj)
-    if isinstance(obj, (str, bytes, float)):
+    if isinstance(obj, str):
+        return _text(obj)
+    if isinstance(obj, (bytes, float)):
         return obj
     raise _Refused(f"cannot send a {kind.__name__}")
 
@@ -155,6 +155,7 @@ def _walk_dict(
         if not isinstance(key, str):
             raise _Refused(_key_reason(key))
         try:
+            _text(key)
             out[key] = _walk(value, arrays, depth, limit)
         except _Refused as e:
             e.keys.append(key)
@@ -175,7 +176,9 @@ def _bound(obj: object, depth: int, limit: int) -> int:
     _Refused that ``_walk`` would, since it takes the same branches in the same order
     (the exact-type tests come first in both, and exact types exclude each other)."""
     kind = type(obj)
-    if kind is str or kind is bytes:
+    if kind is str:
+        return _ITEM + 4 * len(_text(obj))  # type: ignore[arg-type]
+    if kind is bytes:
         return _ITEM + 4 * len(obj)  # type: ignore[arg-type]
     if kind is float or kind is bool or kind is _NONE:
         return _ITEM
@@ -194,7 +197,7 @@ def _bound(obj: object, depth: int, limit: int) -> int:
                 if not isinstance(key, str):
                     raise _Refused(_key_reason(key))
                 try:
-                    size += _ITEM + 4 * len(key) + _bound(value, depth, limit)
+                    size += _ITEM + 4 * len(_text(key)) + _bound(value, depth, limit)
                 except _Refused as e:
                     e.keys.append(key)
                     raise
@@ -217,7 +220,9 @@ def _bound(obj: object, depth: int, limit: int) -> int:
     if isinstance(obj, int):
         _int(obj)
         return _ITEM
-    if isinstance(obj, (str, bytes)):
+    if isinstance(obj, str):
+        return _ITEM + 4 * len(_text(obj))
+    if isinstance(obj, bytes):
         return _ITEM + 4 * len(obj)
     if isinstance(obj, float):
         return _ITEM
@@ -249,6 +254,18 @@ def _int(value: int) -> int:
     if not INT_MIN <= value <= INT_MAX:
         raise _Refused(f"int of {value.bit_length()} bits is outside the 64-bit range")
     return value
+
+
+def _text(text: str) -> str:
+    """``text`` if msgpack can send it: not a lone surrogate (``os.fsdecode`` of bytes that
+    are not UTF-8 makes them). ``isascii`` costs nothing: CPython knows it of every str."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end]
+            raise _Refused(f"a str that is not valid UTF-8 ({bad!r})") from None
+    return text
 
 
 def _array(arr: np.ndarray[Any, Any], arrays: list[np.ndarray[Any, Any]]) -> msgpack.ExtType:
