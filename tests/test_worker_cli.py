@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -468,6 +469,41 @@ def test_honcho_runs_a_generated_procfile_with_replicas_in_order(
     assert all(int(share.group(1)) > 0 for share in shares if share)
     assert sum(int(share.group(1)) for share in shares if share) == int(sent.group(1))
     assert not [proc for proc in honcho.seen.values() if proc.is_running()]
+
+
+def test_honcho_runs_a_generated_procfile_whose_sink_serves_the_live_view(
+    run_honcho: Callable[[Path], Honcho], tmp_path: Path
+) -> None:
+    """`pystream procfile --live-view`: the sink serves the pipeline's latest frame."""
+    base, view = free_port_range(6), free_port()
+    procfile = tmp_path / "Procfile"
+    args = ["procfile", "services.vision:vision_pipeline", "--base-port", str(base)]
+    args += ["--live-view", f"127.0.0.1:{view}", "-o", str(procfile)]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    honcho = run_honcho(procfile)
+
+    def frame() -> np.ndarray | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{view}/frame.jpg", timeout=5) as r:
+                return cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR)
+        except OSError:  # not serving yet, or no frame yet (404)
+            return None
+
+    assert wait_until(lambda: frame() is not None, timeout=60, interval=0.1), honcho.output()
+    image = frame()
+    assert image is not None and image.shape == (240, 320, 3)
+    assert image.max() > 200  # the overlay's green edges: not a black frame
+    assert honcho.stop() == 128 + signal.SIGTERM
+    assert stopped_codes(honcho.output())["sink"] == 0, honcho.output()
+    assert not [proc for proc in honcho.seen.values() if proc.is_running()]
+
+
+def test_procfile_refuses_a_live_view_the_network_could_reach() -> None:
+    args = ["procfile", "services.vision:vision_pipeline", "--live-view", "0.0.0.0:8000"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code != 0
+    assert "--live-view 0.0.0.0:8000: not a loopback address" in result.output
 
 
 def test_modules_are_imported_from_the_working_directory(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ class _HostPortType(click.ParamType):
         return host, int(port)
 
 
-_HOST_PORT = _HostPortType()
+HOST_PORT = _HostPortType()
 
 
 def stack(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
@@ -274,7 +274,7 @@ image_key = _option(
 live_view = _option(
     "--live-view",
     envvar="PYSTREAM_LIVE_VIEW",
-    type=_HOST_PORT,
+    type=HOST_PORT,
     metavar="HOST:PORT",
     help="Serve the outputs' images and the figures (per stage with --profile-pull) to a "
     "browser at http://HOST:PORT/ (PORT 0: a free one, logged); a HOST other than "

@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from pystream_zmq.cli import options
 from pystream_zmq.cli.loader import (
     LoadError,
     default_name,
@@ -51,9 +52,11 @@ def procfile(
     base_port: int,
     host: str = "127.0.0.1",
     save_latest: str | None = None,
+    live_view: tuple[str, int] | None = None,
     curve_dir: str | None = None,
 ) -> str:
     """The Procfile text; raises LoadError for what cannot be imported by name.
+    ``live_view``: (host, port) where the sink serves its live view.
     ``curve_dir``: every entry gets CURVE options naming the key files there (which
     ``write_curve_keys`` makes)."""
     if pipeline.input_generator is None:
@@ -94,6 +97,14 @@ def procfile(
         sink += ["--profile-pull", profile_endpoint, "--run-name", run_name, "--stages", stages]
     if save_latest:
         sink += ["--save-latest", save_latest]
+    if live_view is not None:
+        address = _host_port(*live_view)
+        if not security.is_loopback_host(live_view[0]):
+            raise ValueError(
+                f"--live-view {address}: not a loopback address; the view has no "
+                "authentication (run the sink with --insecure by hand if you must)"
+            )
+        sink += ["--live-view", address]
     lines.append((_SINK, sink))
     if curve_dir is not None:
         lines = _with_curve(lines, planned, os.path.abspath(curve_dir), pipeline.use_profiler)
@@ -193,6 +204,10 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _process_name(stage_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", stage_name)
 
@@ -215,6 +230,13 @@ def _process_name(stage_name: str) -> str:
 )
 @click.option("--save-latest", metavar="FILE", help="Have the sink write the latest image here.")
 @click.option(
+    "--live-view",
+    type=options.HOST_PORT,
+    metavar="HOST:PORT",
+    help="Have the sink serve the outputs' images and per-stage figures to a browser at "
+    "http://HOST:PORT/ (loopback only: the view has no authentication).",
+)
+@click.option(
     "--run-name",
     metavar="NAME",
     help="What the sink calls its profile runs (pystream profile --list)  [default: ATTR]",
@@ -233,6 +255,7 @@ def procfile_command(
     period: float,
     base_port: int,
     save_latest: str | None,
+    live_view: tuple[str, int] | None,
     run_name: str | None,
     curve_dir: str | None,
     output: Any,
@@ -241,6 +264,7 @@ def procfile_command(
     command = ["pystream", "procfile", ref, "--period", f"{period:g}"]
     command += ["--base-port", str(base_port)]
     command += ["--save-latest", save_latest] if save_latest else []
+    command += ["--live-view", _host_port(*live_view)] if live_view else []
     command += ["--run-name", run_name] if run_name else []
     command += ["--curve", curve_dir] if curve_dir else []
     import_from_working_directory()
@@ -256,6 +280,7 @@ def procfile_command(
             period=period,
             base_port=base_port,
             save_latest=save_latest,
+            live_view=live_view,
             curve_dir=curve_dir,
         )
         if curve_dir is not None:  # once the Procfile can be written: it names these keys

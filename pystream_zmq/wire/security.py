@@ -90,12 +90,18 @@ def is_loopback(endpoint: str) -> bool:
         return False
     if parsed.scheme in (endpoints.IPC, endpoints.INPROC):
         return True
-    if parsed.scheme != endpoints.TCP or parsed.host is None:
-        return False
-    if parsed.host.lower() == "localhost":
+    return (
+        parsed.scheme == endpoints.TCP and parsed.host is not None and is_loopback_host(parsed.host)
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (without brackets) or localhost; not "" or "*" (every interface),
+    nor another name (it may be reachable)."""
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(parsed.host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

@@ -13,7 +13,6 @@ viewer skips frames), and a viewer that takes nothing for ``_CLIENT_TIMEOUT`` is
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import socket
@@ -29,6 +28,7 @@ from pystream_zmq.errors import SecurityError
 from pystream_zmq.media.live import page
 from pystream_zmq.media.live.figures import Figures, Rates, Row, pipeline_figures
 from pystream_zmq.media.live.frames import LatestFrame, is_image
+from pystream_zmq.wire import security
 
 if TYPE_CHECKING:
     from pystream_zmq.pipeline import Pipeline
@@ -61,7 +61,7 @@ class LiveView:
         quality: int = 80,
         title: str = "pystream_zmq live view",
     ) -> None:
-        if not (insecure or _is_loopback(host)):
+        if not (insecure or security.is_loopback_host(host)):
             raise SecurityError(
                 f"refusing to serve the live view on {host}: it is not a loopback address, "
                 "and anyone who can reach it would see the frames; pass insecure=True "
@@ -164,15 +164,6 @@ class LiveView:
             rows, error = [], text
         self._last_figures = (time.monotonic(), rows, error)
         return rows, error
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "" (every interface), or a host name: it may be reachable
-        return False
 
 
 def _find_image(item: Any, key: str | None) -> Any:
