@@ -54,6 +54,7 @@ def check_seed_output(output: str) -> None:
             assert float(latency) > 0 and float(throughput) > 0, line
 
 
+@pytest.mark.timeout(300)  # the whole seed demo: 30 s alone, 90 s on a busy machine
 def test_seed_notebook_as_a_plain_script(tmp_path: Path) -> None:
     env_dir = tmp_path / "profiles"
     result = subprocess.run(
@@ -108,6 +109,7 @@ def test_a_script_without_main_guard_defining_its_stages(tmp_path: Path) -> None
     assert result.stdout.strip() == "OUT True True 4 1"
 
 
+@pytest.mark.timeout(300)  # the whole seed demo: 30 s alone, 90 s on a busy machine
 def test_seed_notebook_in_a_jupyter_kernel(tmp_path: Path) -> None:
     jupyter_client = pytest.importorskip("jupyter_client")
     manager, client = jupyter_client.manager.start_new_kernel(
