@@ -5,7 +5,10 @@ Wall-clock rates swing by +-30 % on a shared VM; CPU time per item swings less a
 where the time goes (the orchestrator's main thread runs forward(), its second Python
 thread is the collector, ZMQbg/IO are ZeroMQ's I/O threads).
 
-    .venv/bin/python scripts/bench_small.py [--items 40000] [--repeats 7] [--hwm 2]
+    .venv/bin/python scripts/bench_small.py [--items 40000] [--repeats 7] [--hwm 2] [--reader]
+
+``--reader``: another thread reads every output with ``results()`` as they come (how a user
+writes it), and the run ends when it has read them all; without it, ``stop_loop()`` ends it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,7 +55,7 @@ def child_pids() -> list[int]:
     return pids
 
 
-def one_run(items: int, hwm: int) -> tuple[float, dict[str, float]]:
+def one_run(items: int, hwm: int, reader: bool) -> tuple[float, dict[str, float]]:
     pipeline = Pipeline()
     pipeline.add(noop, "Noop")
     pipeline.parallelize(block_output=True, output_timeout=30, hwm=hwm)
@@ -62,10 +66,18 @@ def one_run(items: int, hwm: int) -> tuple[float, dict[str, float]]:
         roles = {"orchestrator": os.getpid(), "worker": worker_pid}
         before = {role: thread_cpu(pid) for role, pid in roles.items()}
         batch = [dict(ITEM) for _ in range(items)]
+        read = threading.Thread(target=read_all, args=(pipeline, items), daemon=True)
         started = time.perf_counter()
+        if reader:
+            read.start()
         for item in batch:
             pipeline.forward(item)
-        pipeline.stop_loop()
+        if reader:
+            read.join(60)
+            if read.is_alive():
+                raise RuntimeError("the reader did not get every output in 60 s")
+        else:
+            pipeline.stop_loop()
         elapsed = time.perf_counter() - started
         per_item = {}
         for role, pid in roles.items():
@@ -77,15 +89,22 @@ def one_run(items: int, hwm: int) -> tuple[float, dict[str, float]]:
         pipeline.cleanup()
 
 
+def read_all(pipeline: Pipeline, items: int) -> None:
+    for count, _ in enumerate(pipeline.results(), 1):
+        if count == items:
+            return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--hwm", type=int, default=2)
+    parser.add_argument("--reader", action="store_true", help="read outputs in another thread")
     args = parser.parse_args()
     rates, cpu = [], defaultdict(list)
     for _ in range(args.repeats):
-        rate, per_item = one_run(args.items, args.hwm)
+        rate, per_item = one_run(args.items, args.hwm, args.reader)
         rates.append(rate)
         for thread, micros in per_item.items():
             cpu[thread].append(micros)
