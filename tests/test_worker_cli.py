@@ -290,6 +290,15 @@ def stopped_after(output: str, process: str) -> re.Match[str] | None:
     return re.search(rf"{process}\.1 .* stopped after (\d+) items", output)
 
 
+def live_frame(address: str) -> np.ndarray | None:
+    """The frame a live view at ``address`` shows now; None before it serves one."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/frame.jpg", timeout=5) as response:
+            return cv2.imdecode(np.frombuffer(response.read(), np.uint8), cv2.IMREAD_COLOR)
+    except OSError:  # not serving yet, or no frame yet (404)
+        return None
+
+
 def event_counts(db: Path) -> dict[str, int]:
     if not db.exists():
         return {}
@@ -315,6 +324,8 @@ def test_honcho_runs_the_shipped_procfile_which_ends_by_itself(
     image = cv2.imread(str(latest))
     assert image is not None and image.shape == (480, 640, 3)
     assert image.mean() > 30  # the scene, not a black square
+    shown = live_frame("127.0.0.1:5790")  # the sink's --live-view, while the video plays
+    assert shown is not None and shown.shape == (480, 640, 3) and shown.mean() > 30
     assert honcho.proc.wait(timeout=60) == 0, honcho.output()  # 300 frames at 30/s: 10 s
     output = honcho.output()
     assert stopped_codes(output) == dict.fromkeys(["source", "Blur", "Detect", "sink"], 0), output
@@ -483,15 +494,11 @@ def test_honcho_runs_a_generated_procfile_whose_sink_serves_the_live_view(
     assert result.exit_code == 0, result.output
     honcho = run_honcho(procfile)
 
-    def frame() -> np.ndarray | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{view}/frame.jpg", timeout=5) as r:
-                return cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR)
-        except OSError:  # not serving yet, or no frame yet (404)
-            return None
-
-    assert wait_until(lambda: frame() is not None, timeout=60, interval=0.1), honcho.output()
-    image = frame()
+    address = f"127.0.0.1:{view}"
+    assert wait_until(lambda: live_frame(address) is not None, timeout=60, interval=0.1), (
+        honcho.output()
+    )
+    image = live_frame(address)
     assert image is not None and image.shape == (240, 320, 3)
     assert image.max() > 200  # the overlay's green edges: not a black frame
     assert honcho.stop() == 128 + signal.SIGTERM
