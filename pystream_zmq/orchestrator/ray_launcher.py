@@ -221,7 +221,9 @@ class RayLauncher(BaseLauncher[RayWorker]):
         with contextlib.suppress(Exception):  # its actor may be gone: then so is the worker
             ray = ray_cluster.import_ray()
             ray.get(worker.actor.kill.remote(pid), timeout=_CALL_TIMEOUT)
-        worker.wait(1.0)  # so that it no longer counts as alive
+        worker.wait(
+            1.0
+        )  # so that it no longer counts as alive  # so that it no longer counts as alive
 
     # -- stopping ------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
@@ -245,7 +247,8 @@ class RayLauncher(BaseLauncher[RayWorker]):
         ray = ray_cluster.import_ray()
         if not ray.is_initialized():  # the connection is gone, and with it the actors
             return
-        stops = [worker.actor.stop.remote(grace) for worker in procs]
+        # An actor never placed (no node fits it) would take the call only once placed.
+        stops = [worker.actor.stop.remote(grace) for worker in procs if worker.node_address]
         with contextlib.suppress(Exception):
             ray.wait(stops, num_returns=len(stops), timeout=grace + _CALL_TIMEOUT)
         for worker in procs:

@@ -208,19 +208,24 @@ class ParallelRunner:
 
     def _relink(self, moved: dict[str, str]) -> None:
         """Called by the launcher as it restarts a worker on another cluster node: each
-        ``{link name: new endpoint}`` it now binds. The source connects there at once; a
-        worker that sends to it is restarted (it connects where the links now are), and
-        loses what it held, which the ledger counts as for any restart."""
-        first = self._ingress.first
+        ``{link name: new endpoint}`` it now binds. The source connects there; a worker
+        that sends to it is restarted at once, in this thread (it connects where the links
+        now are), and loses what it held, which the ledger counts as for any restart. Not
+        left to the supervisor's next round: the ingress may be blocked on that worker, with
+        the lock that the relaunch's drain.resend() needs."""
         for name, endpoint in moved.items():
-            if name in self.plan.source_connects:
-                first.relink(self.plan.source_connects.index(name), endpoint)
             for process in self.plan.processes:
-                pid = self.launcher.pid_of(process.index)
-                if name in process.connects and pid is not None:
-                    reason = f"it sends to {name}, which moved to {endpoint}"
-                    self.supervisor.expect_exit(process.index, pid, RELINKED, reason)
-                    self.launcher.kill(process.index, pid)
+                if name in process.connects:
+                    log.warning(
+                        "worker %s restarted: it sends to %s, which moved to %s",
+                        process.name, name, endpoint,
+                    )  # fmt: skip
+                    self.launcher.kill(process.index)
+                    self.supervisor.count_restart(process.index, RELINKED)
+                    self.stalls.forget(process.index)
+                    self.launcher.relaunch(process.index)
+            if name in self.plan.source_connects:
+                self._ingress.first.relink(self.plan.source_connects.index(name), endpoint)
 
     # -- stalls --------------------------------------------------------------------------
     def _answering(self) -> list[int]:

@@ -69,6 +69,13 @@ class Supervisor(threading.Thread):
         ``cause``."""
         self._expected[index] = (pid, cause, reason)
 
+    def count_restart(self, index: int, cause: str) -> None:
+        """Worker ``index`` was restarted on purpose, by the caller (RELINKED): count it."""
+        self.restarts[index] += 1
+        reasons = self.restart_reasons[index]
+        reasons[cause] = reasons.get(cause, 0) + 1
+        self.restarts_in_all += 1
+
     def restart_counters(self, indexes: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
         """Restarts, in all and past max_memory_mb, of these workers (default: of those
         restarted), as profile counters under each worker's path (beside its own counters,
