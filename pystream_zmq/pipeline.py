@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from pystream_zmq.errors import PipelineStateError, StageNameError
@@ -18,6 +18,7 @@ from pystream_zmq.orchestrator.settings import DEFAULT_MAX_IN_FLIGHT
 from pystream_zmq.plan import (
     Entry,
     Limits,
+    Placement,
     Plan,
     check_drop_policy,
     check_on_error,
@@ -89,6 +90,8 @@ class Pipeline:
         deadline: float | None = None,
         max_attribute_bytes: int | None = None,
         max_memory_mb: float | None = None,
+        resources: Mapping[str, float] | None = None,
+        num_cpus: float | None = None,
     ) -> None:
         """Append a stage: a ``Stage`` instance, a one-argument function, or another
         pipeline's ``as_stage()``; named ``name``, else its ``name`` attribute, else
@@ -99,7 +102,10 @@ class Pipeline:
         - ``stall_after`` (10 s): warn while a call runs longer; ``deadline``: restart the
           worker past it; ``max_attribute_bytes`` (64 MiB): copy back no larger attribute;
           ``max_memory_mb``: replace the worker once its resident memory is over it.
-          None: as the enclosing pipeline's entry; ``math.inf``: no limit."""
+          None: as the enclosing pipeline's entry; ``math.inf``: no limit;
+        - ``resources`` (``{"GPU": 1}``, ``{"camera0": 1}``), ``num_cpus`` (default 1): what
+          a node must have free for this stage's workers under ``parallelize(cluster=...)``
+          (docs/ray.md); checked here, and not read by a local ``parallelize()``."""
         if self._runner is not None:
             raise PipelineStateError("stages cannot be added while running; cleanup() first")
         if not callable(stage):
@@ -115,9 +121,10 @@ class Pipeline:
         if name in taken:
             raise StageNameError(f"a stage named {name!r} is already in this pipeline")
         limits = Limits(stall_after, deadline, max_attribute_bytes, max_memory_mb)
+        placement = Placement.of(resources, num_cpus)
         child = stage.pipeline if isinstance(stage, PipelineStage) else None
-        self._entries.append(  # Entry and Limits check themselves
-            Entry(name, stage, child, on_error, drop_policy, replicas, ordered, limits)
+        self._entries.append(  # Entry, Limits and Placement check themselves
+            Entry(name, stage, child, on_error, drop_policy, replicas, ordered, limits, placement)
         )
 
     @property
@@ -206,6 +213,7 @@ class Pipeline:
         insecure: bool = False,
         pin_cpus: bool = False,
         native_threads: int | str | None = "auto",
+        cluster: str | None = None,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. The settings, in short (docs/api.md has each in full):
@@ -224,7 +232,10 @@ class Pipeline:
           keys made for the run (docs/security.md);
         - ``pin_cpus``: a CPU per worker, for a pipeline that is the machine's main load;
         - ``native_threads``: each worker's OpenCV/BLAS/OpenMP pools, ``"auto"``: a fair
-          share of the CPUs; ``None`` or 0: left alone."""
+          share of the CPUs; ``None`` or 0: left alone;
+        - ``cluster="ray"`` (the current ``ray.init()`` connection) or a Ray address: every
+          worker runs on a node of a Ray cluster, placed by ``add(resources=, num_cpus=)``
+          (docs/ray.md)."""
         settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
@@ -244,6 +255,7 @@ class Pipeline:
             insecure=insecure,
             pin_cpus=pin_cpus,
             native_threads=native_threads,
+            cluster=cluster,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

@@ -14,7 +14,7 @@ into endpoints: ipc files, OS-chosen tcp ports, or the consecutive ports of a Pr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +72,48 @@ class Limits:
         return mb * MIB
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a cluster launcher may start a unit's workers (``add(resources=, num_cpus=)``):
+    logical resources a node must have free, as a cluster scheduler counts them (Ray's
+    ``{"GPU": 1}``, or a custom one naming a host's camera). Local ``parallelize()`` runs
+    every worker on this machine and reads none of it, so that one pipeline definition
+    runs both ways. None / (): as the enclosing entry's, else the launcher's default."""
+
+    resources: tuple[tuple[str, float], ...] = ()  # (name, amount), sorted by name
+    num_cpus: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, amount in self.resources:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a resource name must be a non-empty string, not {name!r}")
+            if name == "CPU":
+                raise ValueError("give CPUs as num_cpus=, not as resources={'CPU': ...}")
+            _check_amount(f"resources[{name!r}]", amount)
+        if self.num_cpus is not None:
+            _check_amount("num_cpus", self.num_cpus)
+
+    @classmethod
+    def of(cls, resources: Mapping[str, float] | None, num_cpus: float | None) -> Placement:
+        if resources is not None and not isinstance(resources, Mapping):
+            raise TypeError(f"resources must be a mapping of name to amount, not {resources!r}")
+        return cls(tuple(sorted((resources or {}).items())), num_cpus)
+
+    def under(self, outer: Placement) -> Placement:
+        """This placement, with what is not set taken from ``outer``."""
+        return Placement(
+            self.resources or outer.resources,
+            outer.num_cpus if self.num_cpus is None else self.num_cpus,
+        )
+
+
+def _check_amount(what: str, amount: object) -> None:
+    if not (isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0):
+        raise ValueError(f"{what} must be a number of at least 0, not {amount!r}")
+    if not math.isfinite(amount):
+        raise ValueError(f"{what} must be finite, not {amount!r}")
+
+
 # What a stage runs under when nothing is set: a stall WARNING after 10 s, no deadline, no
 # memory limit.
 DEFAULT_LIMITS = Limits(DEFAULT_STALL_AFTER, math.inf, DEFAULT_MAX_ATTRIBUTE_BYTES, math.inf)
@@ -89,6 +131,7 @@ class Entry:
     replicas: int = 1
     ordered: bool = True
     limits: Limits = Limits()  # what is not set: the enclosing entry's, else the default
+    placement: Placement = Placement()  # read by cluster launchers only
 
     def __post_init__(self) -> None:
         """Refuse what ``add()`` cannot take (Limits check themselves)."""
@@ -138,6 +181,7 @@ class Unit:
     ordered: bool = True  # the replicas' outputs are put back in input order
     # Each leaf's limits, in the order of ``leaves``, every field set; () for the defaults.
     limits: tuple[Limits, ...] = field(default=())
+    placement: Placement = Placement()  # where a cluster launcher may start its workers
 
     def limits_by_path(self) -> dict[str, Limits]:
         """{leaf path: its limits}, DEFAULT_LIMITS for a leaf with none recorded."""
@@ -294,6 +338,7 @@ def units(
     raising: frozenset[str],
     policy: str,
     outer: Limits = DEFAULT_LIMITS,
+    where: Placement = Placement(),
 ) -> Iterator[Unit]:
     """One unit per worker: a stage, a serialized child's stages together, or a
     parallelized child's units; ``policy`` is the drop policy of links not set per stage,
@@ -302,21 +347,28 @@ def units(
         path = prefix + PATH_SEPARATOR + entry.name
         mine = entry.drop_policy or policy
         limits = entry.limits.under(outer)
+        placement = entry.placement.under(where)
         if entry.child is None:
             own = ((path, entry.stage),)
-            yield Unit(path, own, raising & {path}, mine, entry.replicas, entry.ordered, (limits,))
+            yield Unit(
+                path, own, raising & {path}, mine, entry.replicas, entry.ordered, (limits,),
+                placement,
+            )  # fmt: skip
         elif entry.child.mode == "parallel":
             if entry.replicas > 1:
                 raise ValueError(
                     f"{path}: replicas apply to a stage or a serialized sub-pipeline; "
                     "give them to the parallel sub-pipeline's stages instead"
                 )
-            yield from units(entry.child, path, raising, mine, limits)
+            yield from units(entry.child, path, raising, mine, limits, placement)
         else:
             inline = tuple(leaves(entry.child, path))
             raise_on = raising & {leaf_path for leaf_path, _ in inline}
             inline_limits = tuple(leaf_limits(entry.child, limits))
-            yield Unit(path, inline, raise_on, mine, entry.replicas, entry.ordered, inline_limits)
+            yield Unit(
+                path, inline, raise_on, mine, entry.replicas, entry.ordered, inline_limits,
+                placement,
+            )  # fmt: skip
 
 
 def leaf_limits(tree: Tree, outer: Limits) -> Iterator[Limits]:

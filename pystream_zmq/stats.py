@@ -22,6 +22,9 @@ class WorkerStats:
     rss_bytes: int | None = None
     rss_peak_bytes: int | None = None
     native_threads: int | None = None  # its native thread pools' size; None: left alone
+    # parallelize(cluster=...): the id and address of the cluster node it runs on; else None
+    node_id: str | None = None
+    node_address: str | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ next sequence number, and the lock that a drain's end-of-stream marker takes too
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ class FirstStage:
         sockets = [transport.make_socket(ctx, zmq.PUSH, hwm) for _ in endpoints]
         for sock, endpoint in zip(sockets, endpoints, strict=True):
             security.connect(sock, endpoint, curve)
+        self.endpoints = list(endpoints)
+        self._curve = curve
         self.outputs = Outputs(sockets)
         self.lock = threading.Lock()
         self.next_seq = 0  # of the next item; every one below has been sent
@@ -55,6 +58,17 @@ class FirstStage:
     @property
     def sockets(self) -> list[zmq.Socket[Any]]:
         return self.outputs.sockets
+
+    def relink(self, position: int, endpoint: str) -> None:
+        """Connect the socket to the ``position``-th replica at ``endpoint`` instead: that
+        worker was restarted on another cluster node. What was queued for the old address
+        is lost, and counted so by the ledger, as with any restart."""
+        with self.lock:
+            sock = self.sockets[position]
+            with contextlib.suppress(zmq.ZMQError):  # not connected any more
+                sock.disconnect(self.endpoints[position])
+            security.connect(sock, endpoint, self._curve)
+            self.endpoints[position] = endpoint
 
     def check_open(self) -> None:
         if self.closed:

@@ -23,8 +23,8 @@ import tempfile
 import types
 import weakref
 from collections import ChainMap
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import cloudpickle
 
@@ -65,11 +65,25 @@ class _StagePickler(cloudpickle.Pickler):
     )
 
 
-class Launcher:
+class WorkerProcess(Protocol):
+    """What the supervisor and stats() read of a worker: a local ``Popen``, or a process a
+    cluster launcher started on a node (ray_launcher.RayWorker)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+P = TypeVar("P", bound=WorkerProcess)
+
+
+class BaseLauncher(Generic[P]):
     """The worker processes of ``plan``, one per ``plan.processes`` entry (same index), and
     where they meet: ``links`` names the endpoints, in the private folder ``socket_dir``.
     ``profile``: the workers send profile records to the "profile" link; ``worker_cpus``:
-    the CPU of each process (pin_cpus), or None."""
+    the CPU of each process (pin_cpus), or None. How a process is started, given its spec,
+    restarted and stopped is the subclass's (``Launcher``: local child processes)."""
 
     def __init__(
         self,
@@ -89,13 +103,17 @@ class Launcher:
         self.native_threads = threads.per_worker(
             settings.native_threads, len(plan.processes), pinned=settings.pin_cpus
         )
-        self.procs: list[subprocess.Popen[bytes]] = []  # the supervisor watches this list
+        self.procs: list[P] = []  # the supervisor watches this list
+        # Called with {link name: new endpoint} when a restarted process bound its inputs
+        # at another address (a cluster node): what sends to them must connect there.
+        self.on_moved: Callable[[dict[str, str]], None] = lambda moved: None
         self.ready: set[int] = set()  # the processes that said READY: they answer commands
         self._blobs: list[bytes] = []  # each unit's stages, cloudpickled once
         self._control: Control | None = None  # admits each process started (start())
         self.socket_dir = tempfile.mkdtemp(prefix="pystream-")
+        # type(self): a bound method would keep this object alive, and the finalizer unrun.
         self._finalizer = weakref.finalize(
-            self, _teardown, self.procs, self.socket_dir, owner=os.getpid()
+            self, type(self).teardown, self.procs, self.socket_dir, owner=os.getpid()
         )
         try:
             self.links = links.Links(self.socket_dir, host, settings.curve)
@@ -106,6 +124,11 @@ class Launcher:
     def alive(self, but: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """The processes that said READY and still run (``but`` those)."""
         return [i for i in sorted(self.ready - but) if self.procs[i].poll() is None]
+
+    def node_of(self, index: int) -> tuple[str | None, str | None]:
+        """(node id, node address) of the cluster node process ``index`` runs on; (None,
+        None) on this machine."""
+        return None, None
 
     def pid_of(self, index: int) -> int | None:
         return self.procs[index].pid if 0 <= index < len(self.procs) else None
@@ -121,7 +144,7 @@ class Launcher:
                 raise WorkerStartupError(
                     unit.name, f"it cannot be sent to a worker process ({e!r})"
                 ) from e
-        self.procs.extend(self._start_process() for _ in self._plan.processes)
+        self.procs.extend(self._start_process(p.index) for p in self._plan.processes)
         batches = [[p.index for p in self._plan.processes]]
         if self.links.bind_first:
             units = reversed(range(len(self._plan.units)))
@@ -135,36 +158,36 @@ class Launcher:
     def relaunch(self, index: int) -> None:
         """Start process ``index`` again, from its stage's original definition; it joins the
         stream where it is, and its READY is left to the control channel."""
-        old = self.procs[index]
-        if old.stdin is not None:
-            with contextlib.suppress(OSError):
-                old.stdin.close()
-        self.procs[index] = self._start_process()
-        self._send_spec(index, restarted=True)
+        raise NotImplementedError
 
     def kill(self, index: int, pid: int | None = None) -> None:
         """Kill process ``index`` now (only if it is still ``pid``): it is stuck in a stage
         call, and would answer nothing."""
-        proc = self.procs[index]
-        if (pid is None or proc.pid == pid) and proc.poll() is None:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(1.0)  # so that it no longer counts as alive
+        raise NotImplementedError
 
     def close(self, grace: float = 1.0) -> None:
-        """Let every process exit within ``grace`` (terminate, then kill, what does not);
-        remove the socket folder. Each exit code is logged (DEBUG)."""
-        self._finalizer.detach()
-        _teardown(self.procs, self.socket_dir, grace)
-        for name, proc in zip(self.names, self.procs, strict=False):
-            log.debug("worker %s (pid %d) exited with code %s", name, proc.pid, proc.returncode)
+        """Let every process exit within ``grace`` (terminate, then kill, what does not)."""
+        raise NotImplementedError
+
+    def _start_process(self, index: int) -> P:
+        """Start the process that will be ``plan.processes[index]`` (its spec comes later)."""
+        raise NotImplementedError
+
+    def _deliver(self, index: int, spec: WorkerSpec, blob: bytes) -> None:
+        """Hand process ``index`` its spec and its unit's stages; WorkerStartupError if it
+        cannot take them."""
+        raise NotImplementedError
+
+    def _input_endpoint(self, index: int, name: str) -> str:
+        """Where process ``index`` binds its input ``name``."""
+        return self.links.endpoint(name)
 
     def _send_spec(self, index: int, restarted: bool = False) -> None:
         process = self._plan.processes[index]
         unit = self._plan.units[process.unit]
         assert self._control is not None
         token = self._control.admit(index)
-        pulls = [self.links.endpoint(name) for name in process.binds]
+        pulls = [self._input_endpoint(index, name) for name in process.binds]
         pushes = [self.links.endpoint(name) for name in process.connects]
         spec = WorkerSpec(
             name=unit.name,
@@ -196,18 +219,21 @@ class Launcher:
             process=index,
             limits=unit.limits_by_path(),
         )
-        stdin = self.procs[index].stdin
-        assert stdin is not None
-        try:
-            write_spec(stdin, spec, self._blobs[process.unit])
-        except OSError as e:  # the process died before reading its spec
-            raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
+        self._deliver(index, spec, self._blobs[process.unit])
 
-    def _start_process(self) -> subprocess.Popen[bytes]:
-        env = {**_MALLOC_KEEP_FREED, **os.environ}
+    @staticmethod
+    def teardown(procs: list[Any], directory: str, grace: float = 1.0, owner: int = 0) -> None:
+        """Stop ``procs`` within ``grace`` and remove ``directory``; only in the ``owner``
+        process (when given): a child forked from it that exits must leave them. Also run,
+        by a finalizer, when the launcher is dropped without close()."""
+        raise NotImplementedError
+
+    def worker_environment(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(defaults, overrides) of a worker's environment around its parent's own."""
+        overrides: dict[str, str] = {}
         if self.native_threads:  # in the environment: the libraries read it as they load
-            env.update(threads.environment(self.native_threads))
-        return child.start("pystream_zmq.worker.main", env=env)
+            overrides = threads.environment(self.native_threads)
+        return dict(_MALLOC_KEEP_FREED), overrides
 
     def _wait_ready(self, control: Control, waiting: set[int], deadline: Deadline) -> None:
         while waiting:
@@ -247,3 +273,48 @@ def _teardown(
         return
     child.stop(procs, grace)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+class Launcher(BaseLauncher[subprocess.Popen[bytes]]):
+    """Worker processes on this machine, children of this one (``child.start``)."""
+
+    def relaunch(self, index: int) -> None:
+        """Start process ``index`` again, from its stage's original definition; it joins the
+        stream where it is, and its READY is left to the control channel."""
+        old = self.procs[index]
+        if old.stdin is not None:
+            with contextlib.suppress(OSError):
+                old.stdin.close()
+        self.procs[index] = self._start_process(index)
+        self._send_spec(index, restarted=True)
+
+    def kill(self, index: int, pid: int | None = None) -> None:
+        """Kill process ``index`` now (only if it is still ``pid``): it is stuck in a stage
+        call, and would answer nothing."""
+        proc = self.procs[index]
+        if (pid is None or proc.pid == pid) and proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)  # so that it no longer counts as alive
+
+    def close(self, grace: float = 1.0) -> None:
+        """Let every process exit within ``grace`` (terminate, then kill, what does not);
+        remove the socket folder. Each exit code is logged (DEBUG)."""
+        self._finalizer.detach()
+        self.teardown(self.procs, self.socket_dir, grace)
+        for name, proc in zip(self.names, self.procs, strict=False):
+            log.debug("worker %s (pid %d) exited with code %s", name, proc.pid, proc.returncode)
+
+    teardown = staticmethod(_teardown)
+
+    def _start_process(self, index: int) -> subprocess.Popen[bytes]:
+        defaults, overrides = self.worker_environment()
+        return child.start("pystream_zmq.worker.main", env={**defaults, **os.environ, **overrides})
+
+    def _deliver(self, index: int, spec: WorkerSpec, blob: bytes) -> None:
+        stdin = self.procs[index].stdin
+        assert stdin is not None
+        try:
+            write_spec(stdin, spec, blob)
+        except OSError as e:  # the process died before reading its spec
+            raise WorkerStartupError(spec.name, f"its process exited at start ({e})") from e

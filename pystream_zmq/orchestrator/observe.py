@@ -7,14 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pystream_zmq.orchestrator.launcher import Launcher
+from pystream_zmq.orchestrator.launcher import BaseLauncher
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.profiling.store import RSS, RSS_PEAK
 from pystream_zmq.stats import PipelineStats, WorkerStats
 
 
 def worker_stats(
-    launcher: Launcher, supervisor: Supervisor, stages: Mapping[str, Any], *, closed: bool
+    launcher: BaseLauncher[Any], supervisor: Supervisor, stages: Mapping[str, Any], *, closed: bool
 ) -> tuple[WorkerStats, ...]:
     """Each worker process: pid, whether it runs, restarts and why, memory, thread pools."""
     return tuple(
@@ -27,6 +27,7 @@ def worker_stats(
             stages.get(name, {}).get(RSS),
             stages.get(name, {}).get(RSS_PEAK),
             launcher.native_threads,
+            *launcher.node_of(index),
         )
         for index, (name, proc) in enumerate(zip(launcher.names, launcher.procs, strict=True))
     )
@@ -36,7 +37,7 @@ def pipeline_stats(
     counters: Mapping[str, int],
     workers: tuple[WorkerStats, ...],
     stages: dict[str, dict[str, int]],
-    launcher: Launcher,
+    launcher: BaseLauncher[Any],
     *,
     lost_ranges: tuple[tuple[int, int], ...],
     out: int,

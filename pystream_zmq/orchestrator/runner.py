@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -32,10 +33,10 @@ from pystream_zmq.orchestrator.control import Control, decode_counters
 from pystream_zmq.orchestrator.copyback import CopyBack
 from pystream_zmq.orchestrator.deadline import Deadline
 from pystream_zmq.orchestrator.drain import Drain
-from pystream_zmq.orchestrator.launcher import Launcher
+from pystream_zmq.orchestrator.launcher import BaseLauncher, Launcher
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.orchestrator.stalls import StallBoard
-from pystream_zmq.orchestrator.supervisor import Supervisor
+from pystream_zmq.orchestrator.supervisor import RELINKED, Supervisor
 from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
 from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
@@ -55,6 +56,8 @@ _EXIT_GRACE = 1.0  # at close, at least this long for workers that said BYE to e
 class ParallelRunner:
     """Runs ``plan`` in worker processes until ``close()``; see the module docstring."""
 
+    launcher: BaseLauncher[Any]
+
     def __init__(self, plan: Plan, settings: ParallelSettings, profile: ProfileRun | None) -> None:
         if not plan.units:
             raise PipelineStateError("a parallel pipeline needs at least one stage")
@@ -69,9 +72,7 @@ class ParallelRunner:
         count = len(plan.processes)
         cpu, worker_cpus = cpus.plan(count) if settings.pin_cpus else (None, [None] * count)
         with contextlib.ExitStack() as undo:  # what to undo if the start fails
-            self.launcher = Launcher(
-                plan, settings, profile=profile is not None, worker_cpus=worker_cpus
-            )
+            self.launcher = _launcher(plan, settings, profile is not None, worker_cpus)
             undo.callback(self.launcher.close)
             self._open_channels(undo, cpu)
             undo.callback(self._stop_workers, settings.stop_timeout)
@@ -136,6 +137,7 @@ class ParallelRunner:
             cap=self.max_in_flight,
         )
         undo.callback(self._ingress.close)
+        self.launcher.on_moved = self._relink
         self.collector.start()  # it records main_counters(), which reads the ingress
         self.supervisor.start()
         undo.callback(self.supervisor.stop)
@@ -203,6 +205,27 @@ class ParallelRunner:
         self._drain.resend()  # a drain's marker may have died with the old worker
         if self._sink_recorder is not None:
             self._sink_recorder.counters(self.supervisor.restart_counters([index]))
+
+    def _relink(self, moved: dict[str, str]) -> None:
+        """Called by the launcher as it restarts a worker on another cluster node: each
+        ``{link name: new endpoint}`` it now binds. The source connects there; a worker
+        that sends to it is restarted at once, in this thread (it connects where the links
+        now are), and loses what it held, which the ledger counts as for any restart. Not
+        left to the supervisor's next round: the ingress may be blocked on that worker, with
+        the lock that the relaunch's drain.resend() needs."""
+        for name, endpoint in moved.items():
+            for process in self.plan.processes:
+                if name in process.connects:
+                    log.warning(
+                        "worker %s restarted: it sends to %s, which moved to %s",
+                        process.name, name, endpoint,
+                    )  # fmt: skip
+                    self.launcher.kill(process.index)
+                    self.supervisor.count_restart(process.index, RELINKED)
+                    self.stalls.forget(process.index)
+                    self.launcher.relaunch(process.index)
+            if name in self.plan.source_connects:
+                self._ingress.first.relink(self.plan.source_connects.index(name), endpoint)
 
     # -- stalls --------------------------------------------------------------------------
     def _answering(self) -> list[int]:
@@ -379,3 +402,14 @@ class ParallelRunner:
         for reply in replies.values():
             self.worker_counters.update(decode_counters(reply, transport.BYE) or {})
         return len(replies)
+
+
+def _launcher(
+    plan: Plan, settings: ParallelSettings, profile: bool, worker_cpus: Sequence[int | None]
+) -> BaseLauncher[Any]:
+    """Local worker processes, or (``cluster=``) Ray actors' (imported only then)."""
+    if settings.cluster is None:
+        return Launcher(plan, settings, profile=profile, worker_cpus=worker_cpus)
+    from pystream_zmq.orchestrator.ray_launcher import RayLauncher
+
+    return RayLauncher(plan, settings, profile=profile)

@@ -38,6 +38,10 @@ class ParallelSettings:
     # Each worker's native thread pools (OpenCV, BLAS, OpenMP): "auto" for a fair share of
     # the CPUs, a number of threads, or None to leave them alone (threads.py).
     native_threads: int | str | None = threads.AUTO
+    # "ray" (the ray.init() connection, else RAY_ADDRESS or a local `ray start`), or a Ray
+    # address: every worker is started by a Ray actor on a node of that cluster
+    # (orchestrator/ray_launcher.py); None: local processes.
+    cluster: str | None = None
 
     def credit_window(self, workers: int) -> tuple[int, int]:
         """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
@@ -68,5 +72,9 @@ class ParallelSettings:
             raise ValueError(f"max_age must be a positive number of seconds, not {self.max_age!r}")
         links.check(self.endpoint, curve=self.curve, insecure=self.insecure)
         threads.check(self.native_threads)
+        if self.cluster is not None and (not isinstance(self.cluster, str) or not self.cluster):
+            raise ValueError(f"cluster must be 'ray' or a Ray address, not {self.cluster!r}")
+        if self.cluster is not None and self.pin_cpus:
+            raise ValueError("pin_cpus=True pins CPUs of this machine: not with cluster=")
         if self.pin_cpus and not hasattr(os, "sched_setaffinity"):
             raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")

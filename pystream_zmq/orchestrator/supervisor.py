@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from pystream_zmq.errors import WorkerCrashedError
+from pystream_zmq.orchestrator.launcher import WorkerProcess
 from pystream_zmq.profiling.store import MEMORY_RESTARTS, RESTARTS
 from pystream_zmq.worker.memory import EXIT_OVER_MEMORY
 from pystream_zmq.worker.watchdog import EXIT_PAST_DEADLINE
@@ -19,7 +19,10 @@ MIN_BACKOFF = 0.1
 MAX_BACKOFF = 2.0
 # Why a worker was restarted (WorkerStats.restart_reasons): it died of itself, or it was
 # ended on purpose, past its deadline or its memory limit.
-DIED, DEADLINE, MAX_MEMORY = "died", "deadline", "max_memory"
+# "relinked": ended so that it connects to a stage that moved to another cluster node.
+DIED, DEADLINE, MAX_MEMORY, RELINKED = "died", "deadline", "max_memory", "relinked"
+# Restarts that are not failures: max_restarts does not count them, and they wait 0.1 s.
+_ON_PURPOSE = (MAX_MEMORY, RELINKED)
 _EXIT_REASONS = {
     EXIT_PAST_DEADLINE: (DEADLINE, "a stage call ran past its deadline"),
     EXIT_OVER_MEMORY: (MAX_MEMORY, "its resident memory passed max_memory_mb"),
@@ -38,7 +41,7 @@ class Supervisor(threading.Thread):
 
     def __init__(
         self,
-        procs: list[subprocess.Popen[bytes]],
+        procs: Sequence[WorkerProcess],
         names: Sequence[str],
         relaunch: Callable[[int], None],
         max_restarts: int,
@@ -65,6 +68,13 @@ class Supervisor(threading.Thread):
         or MAX_MEMORY), for ``reason``: its restart is logged as such, and counted under
         ``cause``."""
         self._expected[index] = (pid, cause, reason)
+
+    def count_restart(self, index: int, cause: str) -> None:
+        """Worker ``index`` was restarted on purpose, by the caller (RELINKED): count it."""
+        self.restarts[index] += 1
+        reasons = self.restart_reasons[index]
+        reasons[cause] = reasons.get(cause, 0) + 1
+        self.restarts_in_all += 1
 
     def restart_counters(self, indexes: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
         """Restarts, in all and past max_memory_mb, of these workers (default: of those
@@ -98,8 +108,9 @@ class Supervisor(threading.Thread):
             cause, reason = _EXIT_REASONS.get(code, (DIED, ""))
         ended = f"was ended ({reason})" if reason else "died"
         reasons = self.restart_reasons[index]
-        failures = self.restarts[index] - reasons.get(MAX_MEMORY, 0)  # what max_restarts counts
-        if cause != MAX_MEMORY and failures >= self._max_restarts:
+        # what max_restarts counts
+        failures = self.restarts[index] - sum(reasons.get(c, 0) for c in _ON_PURPOSE)
+        if cause not in _ON_PURPOSE and failures >= self._max_restarts:
             detail = f"its worker {ended}, exit code {code}, after {self._max_restarts} restarts"
             log.error("stage %s: %s; the pipeline cannot go on", name, detail)
             self._give_up(WorkerCrashedError(name, detail))
@@ -107,11 +118,11 @@ class Supervisor(threading.Thread):
         self.restarts[index] += 1
         reasons[cause] = reasons.get(cause, 0) + 1
         self.restarts_in_all += 1
-        if cause == MAX_MEMORY:
+        if cause in _ON_PURPOSE:
             backoff = MIN_BACKOFF
             log.warning(
                 "worker of stage %s (pid %d) %s with exit code %d; replaced in %.1f s "
-                "(memory restart %d)", name, pid, ended, code, backoff, reasons[cause],
+                "(%s restart %d)", name, pid, ended, code, backoff, cause, reasons[cause],
             )  # fmt: skip
         else:
             backoff = min(MIN_BACKOFF * 2**failures, MAX_BACKOFF)

@@ -284,7 +284,13 @@ def run_keys(allow_dir: str) -> Curve:
     every socket that binds and as the client key of every socket that connects; the
     allow-list holds just its public key, so only the run's own processes get in."""
     public, secret = zmq.curve_keypair()
+    write_allow_dir(allow_dir, public)
+    return Curve(public, secret, allow=allow_dir, server_key=public)
+
+
+def write_allow_dir(allow_dir: str, public: bytes) -> None:
+    """A new allow-list directory (mode 0700) holding the run's one public key: made by the
+    orchestrator, and again on each cluster node, where the workers' ZAP handlers read it."""
     os.mkdir(allow_dir, 0o700)
     text = _PUBLIC_FILE.format(what="for one run", public=public.decode())
     write_key_file(Path(allow_dir) / f"run{PUBLIC_SUFFIX}", text, 0o644)
-    return Curve(public, secret, allow=allow_dir, server_key=public)
