@@ -221,9 +221,7 @@ class RayLauncher(BaseLauncher[RayWorker]):
         with contextlib.suppress(Exception):  # its actor may be gone: then so is the worker
             ray = ray_cluster.import_ray()
             ray.get(worker.actor.kill.remote(pid), timeout=_CALL_TIMEOUT)
-        worker.wait(
-            1.0
-        )  # so that it no longer counts as alive  # so that it no longer counts as alive
+        worker.wait(1.0)  # so that it no longer counts as alive
 
     # -- stopping ------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
