@@ -159,7 +159,7 @@ def test_the_drivers_exit_ends_every_actor_and_worker(
     try:
         assert driver.stdout is not None
         assert driver.stdout.readline() == b"ready\n"
-        assert len(_our_workers()) == 2
+        assert len(_our_workers()) >= 2  # (a third: one restarted, its old one leaving)
         os.kill(driver.pid, signal.SIGKILL)  # no cleanup(), no atexit
         driver.wait(10)
     finally:
