@@ -35,6 +35,7 @@ from pystream_zmq.orchestrator.control import Control
 from pystream_zmq.orchestrator.deadline import SLICE_MS, Deadline
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.plan import Plan
+from pystream_zmq.shm import pools
 from pystream_zmq.wire import transport
 from pystream_zmq.worker.spec import WorkerSpec, write_spec
 
@@ -94,10 +95,15 @@ class Launcher:
         self._blobs: list[bytes] = []  # each unit's stages, cloudpickled once
         self._control: Control | None = None  # admits each process started (start())
         self.socket_dir = tempfile.mkdtemp(prefix="pystream-")
+        # Shared-memory pools: the orchestrator's (0), then one per worker process (i + 1).
+        self.shm_fds: list[int] = []
         self._finalizer = weakref.finalize(
-            self, _teardown, self.procs, self.socket_dir, owner=os.getpid()
+            self, _teardown, self.procs, self.socket_dir, self.shm_fds, owner=os.getpid()
         )
         try:
+            if settings.uses_shm:
+                pool_bytes = int(settings.shm_pool_mb * 2**20)
+                self.shm_fds.extend(pools.create_pools(len(plan.processes) + 1, pool_bytes))
             self.links = links.Links(self.socket_dir, host, settings.curve)
         except BaseException:
             self._finalizer()
@@ -155,7 +161,7 @@ class Launcher:
         """Let every process exit within ``grace`` (terminate, then kill, what does not);
         remove the socket folder. Each exit code is logged (DEBUG)."""
         self._finalizer.detach()
-        _teardown(self.procs, self.socket_dir, grace)
+        _teardown(self.procs, self.socket_dir, self.shm_fds, grace)
         for name, proc in zip(self.names, self.procs, strict=False):
             log.debug("worker %s (pid %d) exited with code %s", name, proc.pid, proc.returncode)
 
@@ -195,6 +201,9 @@ class Launcher:
             status=self.links.endpoint("status"),
             process=index,
             limits=unit.limits_by_path(),
+            shm_fds=tuple(self.shm_fds),
+            shm_sends=index + 1 if self.shm_fds else None,
+            shm_receives=tuple(self.shm_receives(index)) if self.shm_fds else (),
         )
         stdin = self.procs[index].stdin
         assert stdin is not None
@@ -203,11 +212,19 @@ class Launcher:
         except OSError as e:  # the process died before reading its spec
             raise WorkerStartupError(unit.name, f"its process exited at start ({e})") from e
 
+    def shm_receives(self, index: int | None) -> list[int]:
+        """The pools process ``index`` (None: the sink, this process) receives from: those
+        of the processes just upstream, or the orchestrator's."""
+        unit = len(self._plan.units) if index is None else self._plan.processes[index].unit
+        if unit == 0:
+            return [pools.SOURCE]
+        return [p.index + 1 for p in self._plan.processes if p.unit == unit - 1]
+
     def _start_process(self) -> subprocess.Popen[bytes]:
         env = {**_MALLOC_KEEP_FREED, **os.environ}
         if self.native_threads:  # in the environment: the libraries read it as they load
             env.update(threads.environment(self.native_threads))
-        return child.start("pystream_zmq.worker.main", env=env)
+        return child.start("pystream_zmq.worker.main", env=env, pass_fds=self.shm_fds)
 
     def _wait_ready(self, control: Control, waiting: set[int], deadline: Deadline) -> None:
         while waiting:
@@ -239,11 +256,18 @@ class Launcher:
 
 
 def _teardown(
-    procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0, owner: int = 0
+    procs: list[subprocess.Popen[bytes]],
+    directory: str,
+    shm_fds: list[int],
+    grace: float = 1.0,
+    owner: int = 0,
 ) -> None:
-    """Let workers exit, stop those that do not; remove the socket files. Only in the
-    ``owner`` process (when given): a child forked from it that exits must leave them."""
+    """Let workers exit, stop those that do not; remove the socket files; close the pools
+    (each one's memory goes with the last process that maps it). Only in the ``owner``
+    process (when given): a child forked from it that exits must leave them."""
     if owner and os.getpid() != owner:
         return
     child.stop(procs, grace)
     shutil.rmtree(directory, ignore_errors=True)
+    pools.close_pools(shm_fds)
+    shm_fds.clear()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from pystream_zmq import threads
 from pystream_zmq.orchestrator import links
+from pystream_zmq.shm import layout
+from pystream_zmq.shm.pools import DEFAULT_POOL_MB
 from pystream_zmq.wire import codec, transport
 
 DEFAULT_MAX_IN_FLIGHT = 1000
@@ -38,6 +40,15 @@ class ParallelSettings:
     # Each worker's native thread pools (OpenCV, BLAS, OpenMP): "auto" for a fair share of
     # the CPUs, a number of threads, or None to leave them alone (threads.py).
     native_threads: int | str | None = threads.AUTO
+    # Large arrays through shared memory on ipc links (pystream_zmq.shm); each sending
+    # process's pool holds this many MiB at most (sparse: only what is in flight is memory).
+    shm: bool = True
+    shm_pool_mb: float = DEFAULT_POOL_MB
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether this run has shared-memory pools: asked for, ipc links, and Linux."""
+        return self.shm and self.endpoint is None and layout.AVAILABLE
 
     def credit_window(self, workers: int) -> tuple[int, int]:
         """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
@@ -68,5 +79,7 @@ class ParallelSettings:
             raise ValueError(f"max_age must be a positive number of seconds, not {self.max_age!r}")
         links.check(self.endpoint, curve=self.curve, insecure=self.insecure)
         threads.check(self.native_threads)
+        if not (isinstance(self.shm_pool_mb, (int, float)) and self.shm_pool_mb > 0):
+            raise ValueError(f"shm_pool_mb must be a positive number, not {self.shm_pool_mb!r}")
         if self.pin_cpus and not hasattr(os, "sched_setaffinity"):
             raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")
