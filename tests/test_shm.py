@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 import stages
 from conftest import wait_until
+from shm_checks import dev_shm, left_in_dev_shm
 
 from pystream_zmq import Pipeline
 
 SHAPE = (480, 720, 3)  # 1 MB
 STAGES = ("MainPipeline__A", "MainPipeline__B", "MainPipeline__C")
-
-
-def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def shm_counters(pipeline: Pipeline) -> dict[str, dict[str, int]]:
@@ -61,7 +58,7 @@ def test_large_arrays_through_three_stages_arrive_intact_writeable_and_by_shared
             assert counters[path]["shm_arrays"] == 2 * items, counters
             assert counters[path]["frame_arrays"] == 0 and counters[path]["shm_full"] == 0
             assert counters[path]["shm_bytes"] == items * (2 * np.prod(SHAPE) + 800_000)
-    assert dev_shm() == before
+    assert not left_in_dev_shm(before)
 
 
 def test_a_stage_keeping_views_for_ever_never_sees_them_change_nor_stalls() -> None:
