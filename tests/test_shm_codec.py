@@ -73,7 +73,7 @@ def test_a_hostile_descriptor_raises_decode_error(
 @pytest.mark.parametrize("count", [5, 7])
 def test_a_descriptor_of_another_length_raises_decode_error(shared: Shared, count: int) -> None:
     fields = placed(shared)
-    fields = (fields + [0])[:count]
+    fields = [*fields, 0][:count]
     with pytest.raises(DecodeError):
         codec.decode([header(fields)], shared=shared.views)
 
