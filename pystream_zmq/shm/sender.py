@@ -64,7 +64,12 @@ class Allocator:
             if spot is not None:
                 entry, offset = spot
                 target = self._data[offset : offset + size]
-                np.copyto(target.view(arr.dtype).reshape(arr.shape), arr, casting="no")
+                try:
+                    np.copyto(target.view(arr.dtype).reshape(arr.shape), arr, casting="no")
+                except BaseException:  # the reservation goes with it
+                    with self._lock:
+                        del self._out[entry]
+                    raise
                 with self._lock:
                     gen = self._gens[entry] + 1
                     self._gens[entry] = gen
