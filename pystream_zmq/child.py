@@ -50,9 +50,14 @@ def command(module: str, *args: str) -> list[str]:
 _started: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
 
 
-def start(module: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``module``'s ``main()`` as a child with a pipe on its stdin."""
-    proc = subprocess.Popen(command(module, *args), stdin=subprocess.PIPE, env=env)
+def start(
+    module: str, *args: str, env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> subprocess.Popen[bytes]:
+    """Start ``module``'s ``main()`` as a child with a pipe on its stdin; ``pass_fds``: open
+    file descriptors it inherits, under the same numbers (shared-memory pools)."""
+    proc = subprocess.Popen(
+        command(module, *args), stdin=subprocess.PIPE, env=env, pass_fds=tuple(pass_fds)
+    )
     _started.add(proc)
     return proc
 

@@ -30,6 +30,7 @@ from pystream_zmq.plan import (
 )
 from pystream_zmq.profiling import report, runs, store, summary
 from pystream_zmq.serial import SerialRunner
+from pystream_zmq.shm.pools import DEFAULT_POOL_MB
 from pystream_zmq.source_input import EndOfInput, Input, raise_error
 from pystream_zmq.stage import (
     MAIN_PIPELINE_NAME,
@@ -214,6 +215,8 @@ class Pipeline:
         pin_cpus: bool = False,
         native_threads: int | str | None = "auto",
         cluster: str | None = None,
+        shm: bool = True,
+        shm_pool_mb: float = DEFAULT_POOL_MB,
     ) -> Pipeline:
         """Run every stage (or serial sub-pipeline) in its own process; returns once all
         workers are ready. The settings, in short (docs/api.md has each in full):
@@ -235,7 +238,10 @@ class Pipeline:
           share of the CPUs; ``None`` or 0: left alone;
         - ``cluster="ray"`` (the current ``ray.init()`` connection) or a Ray address: every
           worker runs on a node of a Ray cluster, placed by ``add(resources=, num_cpus=)``
-          (docs/ray.md)."""
+          (docs/ray.md);
+        - ``shm``: large arrays (64 KiB or more) go through shared memory on this host's
+          ipc links, each sending process's pool up to ``shm_pool_mb`` MiB; when a pool is
+          full they go by frame, as with ``shm=False`` (docs/shared-memory.md)."""
         settings = ParallelSettings(  # checks them all
             block_input=block_input,
             input_timeout=input_timeout,
@@ -256,6 +262,8 @@ class Pipeline:
             pin_cpus=pin_cpus,
             native_threads=native_threads,
             cluster=cluster,
+            shm=shm,
+            shm_pool_mb=shm_pool_mb,
         )
         self._drain_timeout = drain_timeout
         self._start("parallel", settings)

@@ -57,3 +57,9 @@ class PipelineStats:
     endpoints: dict[str, str] = field(default_factory=dict)
     socket_dir: str | None = None  # the private folder of ipc files and run keys
     curve_public_key: bytes | None = None  # the run's CURVE public key (curve=True)
+    # Whether large arrays go through shared memory (parallelize(shm=True), ipc, Linux);
+    # how forward()'s went: shm_arrays/shm_bytes, frame_arrays/frame_bytes, shm_full (sent
+    # by frame for want of room). Each stage's own output link: the same names in
+    # ``stages``. See docs/shared-memory.md.
+    shared_memory: bool = False
+    source: dict[str, int] = field(default_factory=dict)

@@ -63,6 +63,11 @@ CHAINS = ["pystream_zmq", "zmq raw", "zmq msgpack", "mp.Queue"]
 PINNED = "pystream_zmq pinned"  # parallelize(pin_cpus=True): small messages only
 SMALL_CHAINS = [*CHAINS, PINNED]
 PURE = ["serial", "parallel", "bare 2 processes", "PyStream threads"]
+# Issue 16: large frames through 3 no-op stages, shared memory on (the default) and off.
+FRAMES_OFF = "pystream_zmq frames"  # parallelize(shm=False)
+SHM_CHAINS = ["pystream_zmq", FRAMES_OFF, "zmq raw"]
+SHAPE_4K = (2160, 3840, 3)  # 24 MB
+SHM_TARGETS = {"mb": 2.0, "4k": 4.0}  # x the raw chain (issue 16)
 
 
 # ===================================================================== trial side ======
@@ -256,14 +261,16 @@ class _PystreamChain(_Chain):
     """pystream_zmq itself; recv() works only one item at a time (get_results() returns
     the latest output), which is all the latency trial needs."""
 
-    def __init__(self, hops: int, hwm: int, stamp: bool, pin_cpus: bool = False) -> None:
+    def __init__(
+        self, hops: int, hwm: int, stamp: bool, pin_cpus: bool = False, shm: bool = True
+    ) -> None:
         from pystream_zmq import Pipeline
 
         self.pipeline = Pipeline()
         for i in range(hops):
             self.pipeline.add(_stamp if stamp else _noop, f"Hop{i}")
         self.pipeline.parallelize(
-            block_output=True, output_timeout=TIMEOUT, hwm=hwm, pin_cpus=pin_cpus
+            block_output=True, output_timeout=TIMEOUT, hwm=hwm, pin_cpus=pin_cpus, shm=shm
         )
 
     def send(self, item: dict[str, Any]) -> None:
@@ -293,8 +300,10 @@ def _join_or_terminate(procs: list[Any]) -> None:
 
 
 def _make_chain(variant: str, hops: int, hwm: int, payload: str, stamp: bool) -> _Chain:
-    if variant in ("pystream_zmq", PINNED):
-        return _PystreamChain(hops, hwm, stamp, pin_cpus=variant == PINNED)
+    if variant in ("pystream_zmq", PINNED, FRAMES_OFF):
+        return _PystreamChain(
+            hops, hwm, stamp, pin_cpus=variant == PINNED, shm=variant != FRAMES_OFF
+        )
     if variant == "zmq raw":
         return _ZmqChain(hops, hwm, "raw", stamp)
     if variant == "zmq msgpack":
@@ -305,10 +314,11 @@ def _make_chain(variant: str, hops: int, hwm: int, payload: str, stamp: bool) ->
 
 
 def _items(payload: str, n: int) -> list[dict[str, Any]]:
-    if payload == "mb":
+    if payload in ("mb", "4k"):
         import numpy as np
 
-        frame = (np.arange(np.prod(SHAPE)) % 251).astype(np.uint8).reshape(SHAPE)
+        shape = SHAPE if payload == "mb" else SHAPE_4K
+        frame = (np.arange(np.prod(shape)) % 251).astype(np.uint8).reshape(shape)
         return [{"image": frame, "index": i, "stamps": []} for i in range(n)]
     return [{"small": dict(SMALL), "stamps": []} for _ in range(n)]
 
@@ -353,6 +363,20 @@ def trial_throughput(variant: str, payload: str, hops: int, n: int, hwm: int) ->
         return {"rate": n / elapsed}
     finally:
         chain.close()
+
+
+def trial_memcpy(payload: str) -> dict[str, Any]:
+    """One memcpy of a frame into a buffer already touched (np.copyto), median seconds."""
+    import numpy as np
+
+    src = _items(payload, 1)[0]["image"]
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(50 if payload == "mb" else 20):
+        started = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - started)
+    return {"seconds": statistics.median(times)}
 
 
 def trial_latency(variant: str, hops: int, n: int, rate: float, hwm: int) -> dict[str, Any]:
@@ -499,6 +523,7 @@ TRIALS: dict[str, Callable[..., dict[str, Any]]] = {
     "pure": trial_pure,
     "replicas": trial_replicas,
     "profiler": trial_profiler,
+    "memcpy": trial_memcpy,
 }
 
 
@@ -599,7 +624,7 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"mb": {}, "small": {}, "latency": {}, "pure": {}, "startup": []}
-    res |= {"replicas": {}, "profiler": {}}
+    res |= {"replicas": {}, "profiler": {}, "shm": {}, "memcpy": {}}
     pystream_py = pystream_python(args.quick) if "pure" in args.sections else None
     pure_variants = [v for v in PURE if v != "PyStream threads" or pystream_py]
     for r in range(args.repeats):
@@ -612,6 +637,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     spec |= {"hops": hops, "n": args.frames, "hwm": args.hwm}
                     rate = run_trial(spec)["rate"]
                     res["mb"].setdefault(hops, {}).setdefault(variant, []).append(rate)
+        if "shm" in args.sections:
+            shift = r % len(SHM_CHAINS)
+            for payload, n in (("mb", args.frames), ("4k", args.frames_4k)):
+                for variant in SHM_CHAINS[shift:] + SHM_CHAINS[:shift]:
+                    spec = {"kind": "throughput", "variant": variant, "payload": payload}
+                    spec |= {"hops": 3, "n": n, "hwm": args.hwm}
+                    rate = run_trial(spec)["rate"]
+                    res["shm"].setdefault(payload, {}).setdefault(variant, []).append(rate)
+                copy = run_trial({"kind": "memcpy", "payload": payload})["seconds"]
+                res["memcpy"].setdefault(payload, []).append(copy)
         if "small" in args.sections:
             shift = r % len(SMALL_CHAINS)
             for variant in SMALL_CHAINS[shift:] + SMALL_CHAINS[:shift]:
@@ -688,6 +723,38 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
                 else:
                     verdicts.append(f"{label:44} = {p:8.2f}  (no target){extra}")
         tables.append("1 MB frames, frames/s (median):\n\n" + "\n".join(table))
+    if res["shm"]:
+        table = ["| frames | " + " | ".join(SHM_CHAINS) + " | one memcpy |", "|---" * 5 + "|"]
+        for payload, by_variant in res["shm"].items():
+            name = "1 MB" if payload == "mb" else "4K (24 MB)"
+            copy = statistics.median(res["memcpy"][payload])
+            lines.append(
+                f"{name} frames through 3 no-op stages, frames/s (median; runs); "
+                f"one memcpy {copy * 1e6:.0f} us ({1 / copy:.0f}/s)"
+            )
+            for variant in SHM_CHAINS:
+                values = by_variant[variant]
+                lines.append(
+                    f"  {variant:20} {statistics.median(values):8.1f}  ({runs_text(values)})"
+                )
+            table.append(
+                f"| {name} | "
+                + " | ".join(f"{statistics.median(by_variant[v]):.1f}" for v in SHM_CHAINS)
+                + f" | {copy * 1e6:.0f} us |"
+            )
+            target = SHM_TARGETS[payload]
+            for variant in ("pystream_zmq", FRAMES_OFF):
+                p, m = paired(by_variant[variant], by_variant["zmq raw"])
+                label = f"{name}, 3 stages: {variant} / zmq raw"
+                extra = f"  (ratio of medians {m:.2f})"
+                if variant == "pystream_zmq":
+                    check(label, p, p >= target, f">= {target}", extra)
+                else:
+                    verdicts.append(f"{label:44} = {p:8.2f}  (shm off; no target){extra}")
+        tables.append(
+            "Large frames through 3 no-op stages, frames/s (median; `pystream_zmq` uses "
+            "shared memory, `frames`: `shm=False`):\n\n" + "\n".join(table)
+        )
     if res["small"]:
         lines.append(f"small messages {SMALL}, one stage, msgs/s (median; runs)")
         for variant in SMALL_CHAINS:
@@ -920,10 +987,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer items and repeats")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md in --quick")
     parser.add_argument("--no-write", action="store_true", help="only print")
-    parser.add_argument("--sections", default="mb,small,latency,pure,replicas,profiler,startup")
+    parser.add_argument("--sections", default="mb,shm,small,latency,pure,replicas,profiler,startup")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--hops", default="1,3,5", help="stage counts for 1 MB frames")
     parser.add_argument("--frames", type=int, help="1 MB frames per trial")
+    parser.add_argument("--frames-4k", type=int, help="4K frames per trial (shm section)")
     parser.add_argument("--messages", type=int, help="small messages per trial")
     parser.add_argument("--hwm", type=int, default=2, help="every link's buffer (library default)")
     parser.add_argument("--rate", type=float, default=100.0, help="latency: items/s offered")
@@ -940,6 +1008,7 @@ def main() -> None:
     defaults = {
         "repeats": (2, 5),
         "frames": (60, 300),
+        "frames_4k": (30, 100),
         "messages": (2000, 20000),
         "latency_items": (30, 100),
         "pure_items": (30, 100),

@@ -241,3 +241,30 @@ class SlowCount(Stage):
 
     def cleanup(self) -> None:
         pass
+
+
+class KeepsViews(Stage):
+    """Keeps a view (and a slice) of every array it receives, for ever, and checks on each
+    call that none of them has changed: shared memory must never reuse a region it holds."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[int, Any, Any]] = []
+        self.checked = 0
+        self.changed = 0
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        image = data["image"]
+        self.kept.append((data["x"] % 251, image.reshape(-1), image[::2, 1]))
+        for value, flat, part in self.kept:
+            self.checked += 1
+            self.changed += int(not ((flat == value).all() and (part == value).all()))
+        return data
+
+    def cleanup(self) -> None:
+        self.kept = []
+
+
+def fill_image(data: dict[str, Any]) -> dict[str, Any]:
+    """Writes into the array it received (which must be writeable) before passing it on."""
+    data["image"][...] = data["x"] % 251
+    return data

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -25,6 +25,9 @@ from pystream_zmq.profiling.store import Recorder
 from pystream_zmq.stage import MAIN_PIPELINE_NAME, EventBuffer
 from pystream_zmq.wire import codec, formats, security, status, transport
 from pystream_zmq.wire.inputs import Inputs
+
+if TYPE_CHECKING:
+    from pystream_zmq.shm.receiver import Views
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class Collector(threading.Thread):
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         status_link: tuple[str, Callable[[list[bytes]], None]] | None = None,
         input_format: str = formats.PYSTREAM,
+        shared: Views | None = None,
     ) -> None:
         """One sink endpoint per replica of the last stage; ``ordered``: merge them in
         sequence order; ``in_order``: whether outputs arrive in input order at all;
@@ -75,7 +79,8 @@ class Collector(threading.Thread):
         ``cpu``: the CPU to run on (pin_cpus); ``sent_below()``: no sequence number at or
         above it was sent (an output with one is a rogue, see Ledger); ``status_link``: where
         to bind the workers' status link, and what takes each message from it
-        (``StallBoard.take``); ``input_format``: what the sinks receive (wire/formats.py)."""
+        (``StallBoard.take``); ``input_format``: what the sinks receive (wire/formats.py);
+        ``shared``: the shared-memory pools the last stage sends into (pystream_zmq.shm)."""
         super().__init__(name="pystream-collector", daemon=True)
         self._cpu = cpu
         sinks = []
@@ -85,7 +90,7 @@ class Collector(threading.Thread):
             self.sink_endpoints.append(security.bind(sinks[-1], endpoint, curve))
         for sink in sinks:
             sink.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._decode = formats.decoder(input_format, max_message_bytes)
+        self._decode = formats.decoder(input_format, max_message_bytes, shared)
         foreign = input_format == formats.MSGPACK_NUMPY
         self._inputs = Inputs(sinks, ordered=ordered, burst=_BURST, foreign=foreign)
         self._profile: zmq.Socket[Any] | None = None

@@ -35,6 +35,7 @@ from pystream_zmq.orchestrator.control import Control
 from pystream_zmq.orchestrator.deadline import SLICE_MS, Deadline
 from pystream_zmq.orchestrator.settings import ParallelSettings
 from pystream_zmq.plan import Plan
+from pystream_zmq.shm import pools
 from pystream_zmq.wire import transport
 from pystream_zmq.worker.spec import WorkerSpec, write_spec
 
@@ -111,11 +112,16 @@ class BaseLauncher(Generic[P]):
         self._blobs: list[bytes] = []  # each unit's stages, cloudpickled once
         self._control: Control | None = None  # admits each process started (start())
         self.socket_dir = tempfile.mkdtemp(prefix="pystream-")
+        # Shared-memory pools: the orchestrator's (0), then one per worker process (i + 1).
+        self.shm_fds: list[int] = []
         # type(self): a bound method would keep this object alive, and the finalizer unrun.
         self._finalizer = weakref.finalize(
-            self, type(self).teardown, self.procs, self.socket_dir, owner=os.getpid()
+            self, type(self).teardown, self.procs, self.socket_dir, self.shm_fds, owner=os.getpid()
         )
         try:
+            if settings.uses_shm:
+                pool_bytes = int(settings.shm_pool_mb * 2**20)
+                self.shm_fds.extend(pools.create_pools(len(plan.processes) + 1, pool_bytes))
             self.links = links.Links(self.socket_dir, host, settings.curve)
         except BaseException:
             self._finalizer()
@@ -218,12 +224,18 @@ class BaseLauncher(Generic[P]):
             status=self.links.endpoint("status"),
             process=index,
             limits=unit.limits_by_path(),
+            shm_fds=tuple(self.shm_fds),
+            shm_sends=index + 1 if self.shm_fds else None,
+            shm_receives=tuple(self.shm_receives(index)) if self.shm_fds else (),
         )
         self._deliver(index, spec, self._blobs[process.unit])
 
     @staticmethod
-    def teardown(procs: list[Any], directory: str, grace: float = 1.0, owner: int = 0) -> None:
-        """Stop ``procs`` within ``grace`` and remove ``directory``; only in the ``owner``
+    def teardown(
+        procs: list[Any], directory: str, shm_fds: list[int], grace: float = 1.0, owner: int = 0
+    ) -> None:
+        """Stop ``procs`` within ``grace``, remove ``directory`` and close the shared-memory
+        pools ``shm_fds``; only in the ``owner``
         process (when given): a child forked from it that exits must leave them. Also run,
         by a finalizer, when the launcher is dropped without close()."""
         raise NotImplementedError
@@ -234,6 +246,14 @@ class BaseLauncher(Generic[P]):
         if self.native_threads:  # in the environment: the libraries read it as they load
             overrides = threads.environment(self.native_threads)
         return dict(_MALLOC_KEEP_FREED), overrides
+
+    def shm_receives(self, index: int | None) -> list[int]:
+        """The pools process ``index`` (None: the sink, this process) receives from: those
+        of the processes just upstream, or the orchestrator's."""
+        unit = len(self._plan.units) if index is None else self._plan.processes[index].unit
+        if unit == 0:
+            return [pools.SOURCE]
+        return [p.index + 1 for p in self._plan.processes if p.unit == unit - 1]
 
     def _wait_ready(self, control: Control, waiting: set[int], deadline: Deadline) -> None:
         while waiting:
@@ -265,14 +285,21 @@ class BaseLauncher(Generic[P]):
 
 
 def _teardown(
-    procs: list[subprocess.Popen[bytes]], directory: str, grace: float = 1.0, owner: int = 0
+    procs: list[subprocess.Popen[bytes]],
+    directory: str,
+    shm_fds: list[int],
+    grace: float = 1.0,
+    owner: int = 0,
 ) -> None:
-    """Let workers exit, stop those that do not; remove the socket files. Only in the
-    ``owner`` process (when given): a child forked from it that exits must leave them."""
+    """Let workers exit, stop those that do not; remove the socket files; close the pools
+    (each one's memory goes with the last process that maps it). Only in the ``owner``
+    process (when given): a child forked from it that exits must leave them."""
     if owner and os.getpid() != owner:
         return
     child.stop(procs, grace)
     shutil.rmtree(directory, ignore_errors=True)
+    pools.close_pools(shm_fds)
+    shm_fds.clear()
 
 
 class Launcher(BaseLauncher[subprocess.Popen[bytes]]):
@@ -301,7 +328,7 @@ class Launcher(BaseLauncher[subprocess.Popen[bytes]]):
         """Let every process exit within ``grace`` (terminate, then kill, what does not);
         remove the socket folder. Each exit code is logged (DEBUG)."""
         self._finalizer.detach()
-        self.teardown(self.procs, self.socket_dir, grace)
+        self.teardown(self.procs, self.socket_dir, self.shm_fds, grace)
         for name, proc in zip(self.names, self.procs, strict=False):
             log.debug("worker %s (pid %d) exited with code %s", name, proc.pid, proc.returncode)
 
@@ -309,7 +336,8 @@ class Launcher(BaseLauncher[subprocess.Popen[bytes]]):
 
     def _start_process(self, index: int) -> subprocess.Popen[bytes]:
         defaults, overrides = self.worker_environment()
-        return child.start("pystream_zmq.worker.main", env={**defaults, **os.environ, **overrides})
+        env = {**defaults, **os.environ, **overrides}
+        return child.start("pystream_zmq.worker.main", env=env, pass_fds=self.shm_fds)
 
     def _deliver(self, index: int, spec: WorkerSpec, blob: bytes) -> None:
         stdin = self.procs[index].stdin

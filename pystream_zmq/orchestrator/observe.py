@@ -42,6 +42,7 @@ def pipeline_stats(
     lost_ranges: tuple[tuple[int, int], ...],
     out: int,
     max_in_flight: int,
+    source: dict[str, int],
 ) -> PipelineStats:
     """``counters``: the orchestrator's (``ParallelRunner.main_counters()``)."""
     curve = launcher.links.curve
@@ -64,4 +65,6 @@ def pipeline_stats(
         endpoints=launcher.links.bound(),
         socket_dir=launcher.socket_dir,
         curve_public_key=curve.public if curve is not None else None,
+        source=source,
+        shared_memory=bool(launcher.shm_fds),
     )

@@ -226,7 +226,7 @@ class RayLauncher(BaseLauncher[RayWorker]):
     # -- stopping ------------------------------------------------------------------------
     def close(self, grace: float = 1.0) -> None:
         self._finalizer.detach()
-        self.teardown(self.procs, self.socket_dir, grace)
+        self.teardown(self.procs, self.socket_dir, self.shm_fds, grace)
         for name, worker in zip(self.names, self.procs, strict=False):
             log.debug("worker %s (pid %d) exited with code %s", name, worker.pid, worker.code)
         self._disconnect()
@@ -237,8 +237,11 @@ class RayLauncher(BaseLauncher[RayWorker]):
             ray_cluster.import_ray().shutdown()
 
     @staticmethod
-    def teardown(procs: list[Any], directory: str, grace: float = 1.0, owner: int = 0) -> None:
-        """Have every actor stop its worker within ``grace``, then end the actors."""
+    def teardown(
+        procs: list[Any], directory: str, shm_fds: list[int], grace: float = 1.0, owner: int = 0
+    ) -> None:
+        """Have every actor stop its worker within ``grace``, then end the actors (no pools:
+        shared memory is for one host, ``shm_fds`` stays empty)."""
         if owner and os.getpid() != owner:
             return
         shutil.rmtree(directory, ignore_errors=True)

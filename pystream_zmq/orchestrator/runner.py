@@ -41,6 +41,7 @@ from pystream_zmq.orchestrator.worker_logs import WorkerLogs
 from pystream_zmq.plan import Plan
 from pystream_zmq.profiling.store import ProfileRun, Recorder, RunRecorder
 from pystream_zmq.profiling.writer_handle import ProfileProcess
+from pystream_zmq.shm import pools
 from pystream_zmq.stage import MAIN_PIPELINE_NAME
 from pystream_zmq.stats import PipelineStats
 from pystream_zmq.wire import codec, security, status, transport
@@ -91,6 +92,14 @@ class ParallelRunner:
         if cpu is not None:
             self._ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before its I/O thread
         links = self.launcher.links
+        self.shared: pools.Shared | None = None  # this process's shared-memory pools
+        if self.launcher.shm_fds:
+            self.shared = pools.Shared(
+                self.launcher.shm_fds,
+                # "latest" at the source keeps an item back, and may let it go unsent.
+                sends=None if self.settings.drop_policy == transport.LATEST else pools.SOURCE,
+                receives=self.launcher.shm_receives(None),
+            )
         # The control channel's allow-list: the data links' too, when they are under CURVE.
         self._auth = security.start_authenticator(self._ctx, links.control_curve)
         undo.callback(security.stop_authenticator, self._auth)
@@ -173,6 +182,7 @@ class ParallelRunner:
             sent_below=self._sent_below,
             max_message_bytes=self.settings.max_message_bytes,
             status_link=(links.endpoint("status"), self._on_status),
+            shared=self.shared.views if self.shared is not None else None,
         )
         assert collector.status_endpoint is not None
         links.record("status", collector.status_endpoint)
@@ -272,9 +282,21 @@ class ParallelRunner:
     def forward(self, data: Any) -> bool:
         self._raise_if_failed()
         sent_at = time.time()
-        frames = codec.encode(data, max_message_bytes=self.settings.max_message_bytes)
-        if self._ingress.send(frames, sent_at):
-            return True
+        placer = self.shared.allocator if self.shared is not None else None
+        limit = self.settings.max_message_bytes
+        if placer is None:
+            frames = codec.encode(data, max_message_bytes=limit)
+        else:
+            frames, placed = codec.encode_shared(data, placer, max_message_bytes=limit)
+        try:
+            if self._ingress.send(frames, sent_at):
+                return True
+        except BaseException:
+            if placer is not None:
+                placer.cancel(placed)
+            raise
+        if placer is not None:  # refused: nobody will read what it placed
+            placer.cancel(placed)
         self._raise_if_failed()
         return False
 
@@ -324,6 +346,7 @@ class ParallelRunner:
         return observe.pipeline_stats(
             counters, workers, stages, self.launcher,
             lost_ranges=lost_ranges, out=out, max_in_flight=self.max_in_flight,
+            source=self.source_counters(),
         )  # fmt: skip
 
     def main_counters(self) -> dict[str, int]:
@@ -334,10 +357,17 @@ class ParallelRunner:
             "replaced": self.replaced,
             **self.collector.counters(),
             "rogue_control": self.control.rogue,
+            **self.source_counters(),
         }
         if self._sink_recorder is not None:
             counters["dropped_events"] = self._sink_recorder.dropped_events
         return counters
+
+    def source_counters(self) -> dict[str, int]:
+        """What forward() sent by shared memory and by frame (large arrays only); empty
+        without shared memory."""
+        placer = self.shared.allocator if self.shared is not None else None
+        return dict(placer.counters) if placer is not None else {}
 
     def flush_profile(self, timeout: float = 5.0) -> None:
         """Wait until the profile records sent so far are stored: the collector's, and the

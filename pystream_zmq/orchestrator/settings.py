@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from pystream_zmq import threads
 from pystream_zmq.orchestrator import links
+from pystream_zmq.shm import layout
+from pystream_zmq.shm.pools import DEFAULT_POOL_MB
 from pystream_zmq.wire import codec, transport
 
 DEFAULT_MAX_IN_FLIGHT = 1000
@@ -42,6 +44,16 @@ class ParallelSettings:
     # address: every worker is started by a Ray actor on a node of that cluster
     # (orchestrator/ray_launcher.py); None: local processes.
     cluster: str | None = None
+    # Large arrays through shared memory on ipc links (pystream_zmq.shm); each sending
+    # process's pool holds this many MiB at most (sparse: only what is in flight is memory).
+    shm: bool = True
+    shm_pool_mb: float = DEFAULT_POOL_MB
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether this run has shared-memory pools: asked for, ipc links on this machine
+        (not a cluster's nodes), and Linux."""
+        return self.shm and self.endpoint is None and self.cluster is None and layout.AVAILABLE
 
     def credit_window(self, workers: int) -> tuple[int, int]:
         """(floor, cap) of the items in flight (ingress.Credits): ``hwm`` per link (a chain
@@ -76,5 +88,7 @@ class ParallelSettings:
             raise ValueError(f"cluster must be 'ray' or a Ray address, not {self.cluster!r}")
         if self.cluster is not None and self.pin_cpus:
             raise ValueError("pin_cpus=True pins CPUs of this machine: not with cluster=")
+        if not (isinstance(self.shm_pool_mb, (int, float)) and self.shm_pool_mb > 0):
+            raise ValueError(f"shm_pool_mb must be a positive number, not {self.shm_pool_mb!r}")
         if self.pin_cpus and not hasattr(os, "sched_setaffinity"):
             raise ValueError("pin_cpus=True needs CPU affinity (os.sched_setaffinity: Linux)")

@@ -11,6 +11,9 @@ rest are ExtTypes whose payload is itself msgpack:
   the whole frame ``frames[index]``. Arrays of ``OUT_OF_BAND_MIN_BYTES`` or more travel this
   way, as zero-copy memoryviews; each frame after the header is referenced exactly once.
 - ``EXT_SCALAR`` (4): ``[dtype.str, raw bytes]``, a numpy scalar.
+- ``EXT_SHARED`` (5): ``[dtype.str, shape, pool, entry, generation, offset]``, an array
+  whose C-order bytes are in a same-host shared-memory pool (``pystream_zmq.shm``), put
+  there by ``encode_shared``; only a decoder given that pool's ``Views`` reads it.
 
 Byte order is kept as it is (``'>f4'`` arrives as ``'>f4'``). Decoding treats every frame
 as hostile: no pickle, only bool/int/uint/float/complex dtypes, sizes checked before any
@@ -19,13 +22,14 @@ another program's single msgpack frame under the same checks (``wire/foreign_cod
 """
 
 from pystream_zmq.wire.decoding import array_from, decode, decode_plain
-from pystream_zmq.wire.encoding import check, encode
+from pystream_zmq.wire.encoding import Placer, check, encode, encode_shared
 from pystream_zmq.wire.format import (
     DEFAULT_MAX_CONTAINER_LEN,
     DEFAULT_MAX_MESSAGE_BYTES,
     EXT_ARRAY,
     EXT_BUFFER,
     EXT_SCALAR,
+    EXT_SHARED,
     EXT_TUPLE,
     MAX_DEPTH,
     OUT_OF_BAND_MIN_BYTES,
@@ -37,12 +41,15 @@ __all__ = [
     "EXT_ARRAY",
     "EXT_BUFFER",
     "EXT_SCALAR",
+    "EXT_SHARED",
     "EXT_TUPLE",
     "MAX_DEPTH",
     "OUT_OF_BAND_MIN_BYTES",
+    "Placer",
     "array_from",
     "check",
     "decode",
     "decode_plain",
     "encode",
+    "encode_shared",
 ]

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import zmq
     from typing_extensions import Buffer
 
+    from pystream_zmq.shm.receiver import Views
+
 from pystream_zmq.wire.format import (
     DEFAULT_MAX_CONTAINER_LEN,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -25,6 +27,7 @@ from pystream_zmq.wire.format import (
     EXT_ARRAY,
     EXT_BUFFER,
     EXT_SCALAR,
+    EXT_SHARED,
     EXT_TUPLE,
     KINDS,
     MAX_DEPTH,
@@ -39,6 +42,7 @@ def decode(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
     adopt: bool = False,
+    shared: Views | None = None,
 ) -> object:
     """Rebuild the object from ``frames`` (bytes, bytearray, memoryview or zmq.Frame).
 
@@ -46,6 +50,9 @@ def decode(
     ``adopt``: the frames are the caller's to give away (zmq.Frames it has just received
     with copy=False, that nothing else references), and an out-of-band array whose frame is
     writeable and aligned is a view on it, no copy; the array keeps its frame alive.
+    ``shared``: the shared-memory pools this link may name (``EXT_SHARED``); such an array
+    is a writeable view on the pool, whose region is released once the array and every
+    view of it are gone. Without ``shared``, a message naming a pool is malformed.
     Raises ``DecodeError`` for any malformed input and nothing else. Left unchecked on
     purpose: bytes dict keys pass (a check per map costs ~60% on dict-heavy messages, and
     ``encode`` refuses them downstream); msgpack's timestamp ext (-1) arrives as a float.
@@ -57,7 +64,7 @@ def decode(
         size = sum(view.nbytes for view in views)
         if size > max_message_bytes:
             raise DecodeError(f"message of {size} bytes is over the {max_message_bytes} limit")
-        decoder = _Decoder(views, max_container_len, max_message_bytes, adopt)
+        decoder = _Decoder(views, max_container_len, max_message_bytes, adopt, shared=shared)
         obj = decoder.unpack(views[0], decoder.ext_hook)
         if decoder.made:
             obj = decoder.expand(obj)
@@ -112,7 +119,9 @@ class _Tuple:
 
 
 class _Decoder:
-    __slots__ = ("adopt", "budget", "count", "frames", "length", "made", "object_hook", "used")
+    __slots__ = (
+        "adopt", "budget", "count", "frames", "length", "made", "object_hook", "shared", "used",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -121,8 +130,10 @@ class _Decoder:
         budget: int,
         adopt: bool,
         object_hook: Callable[[dict[Any, Any]], object] | None = None,
+        shared: Views | None = None,
     ) -> None:
         self.frames = frames
+        self.shared = shared
         self.adopt = adopt
         self.object_hook = object_hook  # decode_plain's; our own format has no use for one
         self.used = [False] * len(frames)
@@ -165,6 +176,12 @@ class _Decoder:
         if code == EXT_BUFFER and len(fields) == 3:
             frame = self.take(fields[2])
             return array_from(fields[0], fields[1], frame, copy=frame.readonly or not self.adopt)
+        if code == EXT_SHARED and len(fields) == 6:
+            if self.shared is None:
+                raise DecodeError("a shared-memory array on a link without shared memory")
+            dtype, shape, pool, entry, gen, offset = fields
+            owner = self.shared.view(pool, entry, gen, offset, array_bytes(dtype, shape))
+            return array_from(dtype, shape, owner, copy=False)  # type: ignore[arg-type]
         if code == EXT_SCALAR and len(fields) == 2 and type(fields[1]) is bytes:
             return array_from(fields[0], [], fields[1])[()]
         raise DecodeError(f"unknown ext code {code} or bad payload")
@@ -241,18 +258,30 @@ def array_from(
     64 non-negative ints whose product times the itemsize is ``len(buf)``; a writeable copy
     of ``buf`` unless ``copy`` is false and it can be a view. ``DecodeError`` otherwise."""
     dtype = _dtype(dtype_name)
-    if type(shape) is not list or len(shape) > MAX_NDIM:
-        raise DecodeError("array shape is not a list of at most 64 dims")
-    if not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise DecodeError("array shape holds a negative or non-int dim")
-    if math.prod(shape) * dtype.itemsize != len(buf):  # Python ints: no overflow
+    dims, size = _checked_shape(dtype, shape)
+    if size != len(buf):
         raise DecodeError(f"array {dtype}{shape} does not match its {len(buf)} bytes")
-    arr = np.frombuffer(buf, dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype).reshape(dims)
     if copy or not arr.flags.aligned:
         return arr.copy()  # the one copy: writeable, own data
     # An adopted frame: the ~1 MB copy of a camera frame cost a worker more (page faults
     # on fresh memory, then the memcpy) than all the rest of its work on the item.
     return arr
+
+
+def array_bytes(dtype_name: object, shape: object) -> int:
+    """The bytes of the array a sender described, its dtype and shape checked as in
+    ``array_from``; ``DecodeError`` otherwise."""
+    return _checked_shape(_dtype(dtype_name), shape)[1]
+
+
+def _checked_shape(dtype: np.dtype[Any], shape: object) -> tuple[list[int], int]:
+    """(``shape``, its bytes) once checked: a list of at most 64 non-negative ints."""
+    if type(shape) is not list or len(shape) > MAX_NDIM:
+        raise DecodeError("array shape is not a list of at most 64 dims")
+    if not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise DecodeError("array shape holds a negative or non-int dim")
+    return shape, math.prod(shape) * dtype.itemsize  # Python ints: no overflow
 
 
 def _dtype(name: object) -> np.dtype[Any]:

@@ -3,7 +3,7 @@ them (``check``, for ``serialize()``); the format is described in ``codec.py``."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -15,6 +15,7 @@ from pystream_zmq.wire.format import (
     EXT_ARRAY,
     EXT_BUFFER,
     EXT_SCALAR,
+    EXT_SHARED,
     EXT_TUPLE,
     INT_MAX,
     INT_MIN,
@@ -36,6 +37,48 @@ class _Refused(Exception):
         self.keys: list[object] = []
 
 
+class Placer(Protocol):
+    """Where large arrays may go instead of frames (``pystream_zmq.shm.sender.Allocator``)."""
+
+    def place(self, arr: np.ndarray[Any, Any]) -> tuple[int, int, int, int] | None:
+        """Copy ``arr`` in: (pool, entry, generation, offset), or None for a frame."""
+
+    def cancel(self, entries: list[int]) -> None:
+        """Free what ``place`` took for an item that is not sent after all."""
+
+
+class _Arrays(list[np.ndarray[Any, Any]]):
+    """The arrays that go as frames, and what went to a Placer instead."""
+
+    __slots__ = ("placed", "placer", "shared_bytes")
+
+    def __init__(self, placer: Placer) -> None:
+        super().__init__()
+        self.placer = placer
+        self.placed: list[int] = []  # the entries taken, to cancel if the item fails
+        self.shared_bytes = 0
+
+
+def encode_shared(
+    obj: object,
+    placer: Placer,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_container_len: int = DEFAULT_MAX_CONTAINER_LEN,
+) -> tuple[list[bytes | memoryview], list[int]]:
+    """``encode``, with every array that ``placer`` takes copied into shared memory and
+    described in the header (``EXT_SHARED``) instead of sent as a frame: (frames, the
+    entries taken). Whoever does not send the frames gives the entries back
+    (``placer.cancel``); when encoding fails, that is done here."""
+    arrays = _Arrays(placer)
+    try:
+        frames = _encode(obj, arrays, max_message_bytes, max_container_len)
+    except BaseException:
+        placer.cancel(arrays.placed)
+        raise
+    return frames, arrays.placed
+
+
 def encode(
     obj: object,
     *,
@@ -52,13 +95,18 @@ def encode(
     refuse is refused here, as ``ItemTooLargeError``: a container of more than
     ``max_container_len`` items, or frames of more than ``max_message_bytes`` in all.
     """
-    arrays: list[np.ndarray[Any, Any]] = []
+    return _encode(obj, [], max_message_bytes, max_container_len)
+
+
+def _encode(
+    obj: object, arrays: list[np.ndarray[Any, Any]], max_message_bytes: int, max_container_len: int
+) -> list[bytes | memoryview]:
     try:
         tree = _walk(obj, arrays, 0, max_container_len)
     except _Refused as e:
         raise _error(e) from None
     header = msgpack.packb(tree)
-    size = len(header)
+    size = len(header) + (arrays.shared_bytes if type(arrays) is _Arrays else 0)
     for arr in arrays:
         size += arr.nbytes
     if size > max_message_bytes:
@@ -274,5 +322,11 @@ def _array(arr: np.ndarray[Any, Any], arrays: list[np.ndarray[Any, Any]]) -> msg
     shape = list(arr.shape)
     if arr.nbytes < OUT_OF_BAND_MIN_BYTES:
         return msgpack.ExtType(EXT_ARRAY, msgpack.packb((arr.dtype.str, shape, arr.tobytes())))
+    if type(arrays) is _Arrays:
+        spot = arrays.placer.place(arr)  # the one copy, into shared memory
+        if spot is not None:
+            arrays.placed.append(spot[1])
+            arrays.shared_bytes += arr.nbytes
+            return msgpack.ExtType(EXT_SHARED, msgpack.packb((arr.dtype.str, shape, *spot)))
     arrays.append(arr)  # a frame of its own (encode), no copy yet
     return msgpack.ExtType(EXT_BUFFER, msgpack.packb((arr.dtype.str, shape, len(arrays))))

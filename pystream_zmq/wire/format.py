@@ -10,7 +10,7 @@ OUT_OF_BAND_MIN_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_CONTAINER_LEN = 1_000_000
 MAX_DEPTH = 100  # levels of nested containers; far below Python's recursion limit
-EXT_TUPLE, EXT_ARRAY, EXT_BUFFER, EXT_SCALAR = 1, 2, 3, 4
+EXT_TUPLE, EXT_ARRAY, EXT_BUFFER, EXT_SCALAR, EXT_SHARED = 1, 2, 3, 4, 5
 
 KINDS = frozenset("biufc")  # numpy dtype kinds that travel: bool, int, uint, float, complex
 PLAIN = frozenset({str, float, bool, bytes, type(None)})  # msgpack carries these as they are

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from pystream_zmq.wire import codec, foreign_codec, transport
 from pystream_zmq.wire.outputs import Outputs
+
+if TYPE_CHECKING:
+    from pystream_zmq.shm.receiver import Views
 
 PYSTREAM = "pystream"
 MSGPACK_NUMPY = "msgpack-numpy"
@@ -29,19 +32,23 @@ Decoder = Callable[[Message], object]
 Packer = Callable[[int, int, float, object], Message]
 
 
-def decoder(name: str, max_message_bytes: int) -> Decoder:
+def decoder(name: str, max_message_bytes: int, shared: Views | None = None) -> Decoder:
     """How a receiver reads the item in a data message (after its envelope); every failure
-    is a ``DecodeError``. The arrays are writeable and the receiver's own."""
+    is a ``DecodeError``. The arrays are writeable and the receiver's own (``shared``: the
+    shared-memory pools it may read, ``pystream_zmq.shm``)."""
     if name == MSGPACK_NUMPY:
         return functools.partial(_decode_foreign, max_message_bytes=max_message_bytes)
-    return functools.partial(_decode_ours, max_message_bytes=max_message_bytes)
+    return functools.partial(_decode_ours, max_message_bytes=max_message_bytes, shared=shared)
 
 
-def packer(name: str, max_message_bytes: int) -> Packer:
+def packer(name: str, max_message_bytes: int, placer: codec.Placer | None = None) -> Packer:
     """``pack(kind, seq, sent_at, item)``: the message a sender hands to its outputs.
-    ``PyStreamError`` (UnsupportedTypeError, ItemTooLargeError) for what it cannot send."""
+    ``PyStreamError`` (UnsupportedTypeError, ItemTooLargeError) for what it cannot send.
+    ``placer``: large arrays go to this shared-memory pool when it has room."""
     if name == MSGPACK_NUMPY:
         return functools.partial(_pack_foreign, max_message_bytes=max_message_bytes)
+    if placer is not None:
+        return functools.partial(_pack_shared, max_message_bytes=max_message_bytes, placer=placer)
     return functools.partial(_pack_ours, max_message_bytes=max_message_bytes)
 
 
@@ -49,10 +56,10 @@ def outputs(name: str, sockets: list[zmq.Socket[Any]]) -> Outputs:
     return ForeignOutputs(sockets) if name == MSGPACK_NUMPY else Outputs(sockets)
 
 
-def _decode_ours(message: Message, max_message_bytes: int) -> object:
+def _decode_ours(message: Message, max_message_bytes: int, shared: Views | None) -> object:
     # adopt: the frames were just received, and are the receiver's alone.
     payload = transport.payload(message)
-    return codec.decode(payload, max_message_bytes=max_message_bytes, adopt=True)
+    return codec.decode(payload, max_message_bytes=max_message_bytes, adopt=True, shared=shared)
 
 
 def _decode_foreign(message: Message, max_message_bytes: int) -> object:
@@ -63,6 +70,13 @@ def _pack_ours(
     kind: int, seq: int, sent_at: float, item: object, max_message_bytes: int
 ) -> Message:
     frames = codec.encode(item, max_message_bytes=max_message_bytes)
+    return transport.pack_message(kind, seq, sent_at, frames)
+
+
+def _pack_shared(
+    kind: int, seq: int, sent_at: float, item: object, max_message_bytes: int, placer: codec.Placer
+) -> Message:
+    frames, _ = codec.encode_shared(item, placer, max_message_bytes=max_message_bytes)
     return transport.pack_message(kind, seq, sent_at, frames)
 
 

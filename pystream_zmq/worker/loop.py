@@ -7,6 +7,7 @@ send waits for room or for a release): it raises _Stop there, which ``run`` catc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import zmq
 from pystream_zmq import child
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
+from pystream_zmq.shm.pools import Shared
 from pystream_zmq.stage import (
     REPLICA_MARK,
     Event,
@@ -69,8 +71,16 @@ class Worker:
             foreign=spec.input_format == formats.MSGPACK_NUMPY,
         )  # fmt: skip
         self.outputs = formats.outputs(spec.output_format, pushes)
-        self._decode = formats.decoder(spec.input_format, spec.max_message_bytes)
-        self._pack = formats.packer(spec.output_format, spec.max_message_bytes)
+        self.shared: Shared | None = None  # orchestrated over ipc: shared-memory pools
+        if spec.shm_fds:
+            self.shared = Shared(
+                spec.shm_fds, sends=spec.shm_sends, receives=spec.shm_receives,
+                min_bytes=spec.shm_min_bytes,
+            )  # fmt: skip
+        views = self.shared.views if self.shared is not None else None
+        placer = self.shared.allocator if self.shared is not None else None
+        self._decode = formats.decoder(spec.input_format, spec.max_message_bytes, views)
+        self._pack = formats.packer(spec.output_format, spec.max_message_bytes, placer)
         self._sender = Sender(self.outputs, self._between_waits)
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
@@ -133,6 +143,8 @@ class Worker:
         paths end in #N, so that replicas do not overwrite each other."""
         suffix = "" if self.spec.replica is None else f"{REPLICA_MARK}{self.spec.replica}"
         counters = {**self.counters, **self.memory.counters()}
+        if self.shared is not None and self.shared.allocator is not None:
+            counters.update(self.shared.allocator.counters)  # its output link's
         if self.inputs.ordered:
             counters.update(reorder_skipped=self.inputs.skipped, reorder_late=self.inputs.late)
         snapshot = {self.spec.name + suffix: counters}
@@ -180,7 +192,7 @@ class Worker:
             self.upstream_done = False
             self._last_seq = seq
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
-                self._drop(seq, sent_at, "expired")
+                self._drop(seq, sent_at, "expired", frames)
                 return
             data = self._decode(frames)
         except DecodeError as e:
@@ -214,9 +226,12 @@ class Worker:
         shared = len(message) > 1 and share_received_frames(message, frames)
         self._sender.send(message, tracked=not shared)
 
-    def _drop(self, seq: int, sent_at: float, counter: str) -> None:
+    def _drop(self, seq: int, sent_at: float, counter: str, frames: Message) -> None:
         """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
         self.counters[counter] += 1
+        if self.shared is not None:  # its arrays' leases: taken, and let go at once
+            with contextlib.suppress(DecodeError):
+                self._decode(frames)
         self._sender.send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
 
     def _handle_newest(self, batch: list[Message]) -> None:
@@ -228,7 +243,7 @@ class Worker:
             if i < newest and kinds[i] == transport.KIND_DATA:
                 _, seq, sent_at = transport.unpack_envelope(frames[0])
                 self.upstream_done = False
-                self._drop(seq, sent_at, "replaced")
+                self._drop(seq, sent_at, "replaced", frames)
             else:
                 self._handle_item(frames)
                 self._check_memory()

@@ -1,0 +1,59 @@
+"""What the orchestrator creates, and what each process of a pipeline holds.
+
+One pool per sending process: number 0 is the orchestrator's (what ``forward()`` sends),
+number ``i + 1`` is worker process ``i``'s output. One pool per sender, not per link: a
+sender with replicas downstream places an array before it knows which replica takes it,
+and a receiver with replicas upstream reads each one's pool. Every process gets every
+pool's descriptor (``Popen(pass_fds=...)``; the numbers travel in its spec) and maps the
+ones it reads or writes; a restarted worker gets the same ones and takes up its own pool
+where its predecessor left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+from pystream_zmq.shm import layout
+from pystream_zmq.shm.receiver import Views
+from pystream_zmq.shm.sender import DEFAULT_MIN_BYTES, Allocator
+
+DEFAULT_POOL_MB = 256  # per sending process, sparse: only what is in flight takes memory
+SOURCE = 0  # the orchestrator's pool
+
+
+def create_pools(count: int, pool_bytes: int) -> list[int]:
+    """``count`` new pools of ``pool_bytes`` each: their descriptors (the caller closes
+    them). None of them has a name: nothing to clean up after a crash."""
+    fds: list[int] = []
+    try:
+        for _ in range(count):
+            fds.append(layout.create(pool_bytes))
+    except BaseException:
+        close_pools(fds)
+        raise
+    return fds
+
+
+def close_pools(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Shared:
+    """A process's pools: ``allocator`` for the one it sends into (None: it sends none),
+    ``views`` for those it receives from."""
+
+    def __init__(
+        self,
+        fds: Sequence[int],
+        *,
+        sends: int | None,
+        receives: Sequence[int],
+        min_bytes: int = DEFAULT_MIN_BYTES,
+    ) -> None:
+        maps = {n: layout.Pool(fds[n]) for n in {*receives, *([] if sends is None else [sends])}}
+        self.allocator = None if sends is None else Allocator(maps[sends], sends, min_bytes)
+        self.views = Views({n: maps[n] for n in receives})

@@ -1,0 +1,178 @@
+"""Large arrays through shared memory (issue 16): the data, what a kept view or result
+sees, the pool full, the counters, and the switch. Crashes: test_shm_crashes.py; hostile
+descriptors: test_shm_codec.py."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+import stages
+from conftest import wait_until
+from shm_checks import dev_shm, left_in_dev_shm
+
+from pystream_zmq import Pipeline
+
+SHAPE = (480, 720, 3)  # 1 MB
+STAGES = ("MainPipeline__A", "MainPipeline__B", "MainPipeline__C")
+
+
+def shm_counters(pipeline: Pipeline) -> dict[str, dict[str, int]]:
+    stats = pipeline.stats()
+    picked = {path: {k: v for k, v in c.items() if k.startswith(("shm_", "frame_"))}
+              for path, c in stats.stages.items()}  # fmt: skip
+    return {"source": dict(stats.source), **picked}
+
+
+def three_stages(**settings: object) -> Pipeline:
+    pipeline = Pipeline()
+    pipeline.add(stages.add_to_buffer, "A")
+    pipeline.add(stages.add_to_buffer, "B")
+    pipeline.add(stages.add_to_buffer, "C")
+    pipeline.parallelize(block_output=True, **settings)  # type: ignore[arg-type]
+    return pipeline
+
+
+def test_large_arrays_through_three_stages_arrive_intact_writeable_and_by_shared_memory() -> None:
+    before = dev_shm()
+    items = 40
+    with three_stages() as pipeline:
+        assert pipeline.stats().shared_memory
+        out = []
+        for x in range(items):
+            buffer = np.full(SHAPE, x, np.int16)  # 2 MB, changed by each stage
+            extra = np.arange(100_000, dtype=">f8") * x  # another dtype, byte order kept
+            assert pipeline.forward({"x": x, "buffer": buffer, "extra": extra})
+            out.append(pipeline.get_results())
+        assert [item["x"] for item in out] == [x + 3 for x in range(items)]
+        for x, item in enumerate(out):
+            assert item["buffer"].dtype == np.int16 and item["buffer"].shape == SHAPE
+            assert (item["buffer"] == x + 3).all()
+            assert item["extra"].dtype == np.dtype(">f8")
+            assert np.array_equal(item["extra"], np.arange(100_000, dtype=">f8") * x)
+            assert item["buffer"].flags.writeable and item["extra"].flags.writeable
+        counters = shm_counters(pipeline)
+        for path in ("source", *STAGES):
+            assert counters[path]["shm_arrays"] == 2 * items, counters
+            assert counters[path]["frame_arrays"] == 0 and counters[path]["shm_full"] == 0
+            assert counters[path]["shm_bytes"] == items * (2 * np.prod(SHAPE) + 800_000)
+    assert not left_in_dev_shm(before)
+
+
+def test_a_stage_keeping_views_for_ever_never_sees_them_change_nor_stalls() -> None:
+    """A small pool, held on to: it fills, the rest goes by frame, nothing is lost."""
+    keeper = stages.KeepsViews()
+    items = 30
+    with Pipeline() as pipeline:
+        pipeline.add(stages.fill_image, "Fill")
+        pipeline.add(keeper, "Keep")
+        pipeline.parallelize(block_output=True, shm_pool_mb=6)  # ~5 regions of 1 MB
+        results = pipeline.results()
+        for x in range(items):
+            assert pipeline.forward({"x": x, "image": np.zeros(SHAPE, np.uint8)})
+            assert next(results)["x"] == x  # every one comes out: none stalls
+        counters = shm_counters(pipeline)["MainPipeline__Fill"]
+        assert counters["shm_full"] > 0 and counters["shm_arrays"] >= 4, counters
+        assert counters["shm_arrays"] + counters["frame_arrays"] == items
+        pipeline.stop_loop()
+        assert keeper.checked == items * (items + 1) // 2
+        assert keeper.changed == 0
+
+
+def test_results_kept_by_the_user_never_change_nor_stall_the_pipeline() -> None:
+    items = 30
+    with Pipeline() as pipeline:
+        pipeline.add(stages.fill_image, "Fill")
+        pipeline.parallelize(block_output=True, shm_pool_mb=6)
+        kept = []
+        for x in range(items):
+            assert pipeline.forward({"x": x, "image": np.zeros(SHAPE, np.uint8)})
+            result = pipeline.get_results()
+            kept.append((result["x"], result["image"], result["image"][100:200]))
+        for x, (seen, image, part) in enumerate(kept):
+            assert seen == x and (image == x).all() and (part == x).all()
+        counters = shm_counters(pipeline)
+        assert counters["MainPipeline__Fill"]["shm_full"] > 0, counters  # we hold its pool
+        assert counters["source"]["shm_full"] == 0  # what forward() sent was let go
+        # Let go of them: the pool serves again.
+        del kept, result, image, part
+        full = counters["MainPipeline__Fill"]["shm_full"]
+        for x in range(10):
+            assert pipeline.forward({"x": x, "image": np.zeros(SHAPE, np.uint8)})
+            assert (pipeline.get_results()["image"] == x).all()
+        assert shm_counters(pipeline)["MainPipeline__Fill"]["shm_full"] == full
+
+
+def test_results_iterator_keeps_every_output_intact() -> None:
+    with three_stages(shm_pool_mb=8) as pipeline:
+        results = pipeline.results()
+        kept = []
+        for x in range(20):
+            assert pipeline.forward({"x": x, "buffer": np.full(SHAPE, x, np.uint8)})
+            kept.append(next(results))
+        assert [(item["x"], int(item["buffer"].min()), int(item["buffer"].max()))
+                for item in kept] == [(x + 3, x + 3, x + 3) for x in range(20)]  # fmt: skip
+
+
+def test_small_arrays_keep_the_frame_path() -> None:
+    with three_stages() as pipeline:
+        small = np.zeros(60 * 1024 // 8, np.float64)  # inline in the header: under 64 KiB
+        assert pipeline.forward({"x": 0, "buffer": small})
+        assert (pipeline.get_results()["buffer"] == 3).all()
+        counters = shm_counters(pipeline)
+        assert all(c["shm_arrays"] == 0 and c["frame_arrays"] == 0 for c in counters.values())
+        assert pipeline.forward({"x": 0, "buffer": np.zeros(64 * 1024, np.uint8)})
+        assert (pipeline.get_results()["buffer"] == 3).all()
+        assert all(c["shm_arrays"] == 1 for c in shm_counters(pipeline).values())
+
+
+@pytest.mark.parametrize("how", ["off", "tcp"])
+def test_the_switch_and_tcp_links_keep_the_frame_path(how: str) -> None:
+    settings = {"shm": False} if how == "off" else {"endpoint": "tcp://127.0.0.1"}
+    with three_stages(**settings) as pipeline:
+        for x in range(5):
+            assert pipeline.forward({"x": x, "buffer": np.full(SHAPE, x, np.uint8)})
+            assert (pipeline.get_results()["buffer"] == x + 3).all()
+        stats = pipeline.stats()
+        assert not stats.shared_memory and stats.source == {}
+        assert not any("shm_arrays" in counters for counters in stats.stages.values())
+
+
+def test_the_counters_reach_the_profile_report() -> None:
+    with Pipeline(use_profiler=True) as pipeline:
+        pipeline.add(stages.add_to_buffer, "A")
+        pipeline.parallelize(block_output=True)
+        for x in range(5):
+            assert pipeline.forward({"x": x, "buffer": np.zeros(SHAPE, np.uint8)})
+            assert pipeline.get_results() is not None
+        pipeline.stop_loop()
+    report = pipeline.get_profile_report()
+    assert report is not None
+    by_path = {stage.path: stage.counters for stage in report.stages}
+    assert by_path["MainPipeline__A"]["shm_arrays"] == 5
+    assert by_path["MainPipeline"]["shm_arrays"] == 5  # forward()'s link
+
+
+def test_a_pipeline_that_stopped_holds_no_pool_once_its_results_are_let_go() -> None:
+    """The pools go with the processes: the workers' with them, ours with the last result
+    built on one (its mapping holds the file)."""
+    with three_stages() as pipeline:
+        assert pipeline.forward({"x": 0, "buffer": np.zeros(SHAPE, np.uint8)})
+        result = pipeline.get_results()
+    assert (result["buffer"] == 3).all()  # still readable after cleanup
+    del result
+    assert wait_until(lambda: gc.collect() >= 0 and not _fds_named("pystream-shm"))
+
+
+def _fds_named(name: str) -> list[str]:
+    fd_dir = "/proc/self/fd"
+    found = []
+    for fd in os.listdir(fd_dir):
+        try:
+            if name in os.readlink(os.path.join(fd_dir, fd)):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
