@@ -11,7 +11,10 @@ One command; every figure comes from the same run:
 - two pure-Python stages: serial, parallel, two bare processes, thread-based PyStream;
 - replicas: one pure-Python stage with replicas=2 versus replicas=1;
 - the profiler on versus off: small messages through one stage, 1 MB frames through three;
-- start-up and shutdown of 5 stages, and the RSS of a no-op worker.
+- start-up and shutdown of 5 stages, and the RSS of a no-op worker;
+- dora-rs 1.1 as a peer (issue 16; ``scripts/dora_peer.py``, in its own ``.dora-venv``; not in
+  --quick mode): 1 MB and 4K frames through 3 hops, small messages through 1, latency per hop,
+  each in its zero-copy default and its lossless settings, with the items each lost.
 
 Method: every trial runs in a fresh interpreter (``--trial``), which starts its own worker
 processes; variants alternate (the order rotates every repeat), results are medians, and
@@ -622,41 +625,80 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def _rotate(variants: list[str], r: int) -> list[str]:
+    """Repeat r's order: rotated, so that no variant always goes first."""
+    shift = r % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"mb": {}, "small": {}, "latency": {}, "pure": {}, "startup": []}
-    res |= {"replicas": {}, "profiler": {}, "shm": {}, "memcpy": {}}
+    res |= {"replicas": {}, "profiler": {}, "shm": {}, "memcpy": {}, "dora": {}}
     pystream_py = pystream_python(args.quick) if "pure" in args.sections else None
+    import dora_peer
+
+    dora = None  # the dora CLI of .dora-venv: set up only for the sections that use it
+    if not args.no_dora and {"mb", "shm", "small", "latency"} & set(args.sections):
+        dora = dora_peer.setup(args.quick)
+
+    def dora_variants(payload: str, latency: bool = False) -> list[str]:
+        return dora_peer.variants(payload, latency) if dora else []
+
+    def run_dora(section: str, variant: str, spec: dict[str, Any]) -> None:
+        """One dora trial; a failure skips every dora row (never a failure of bench.py)."""
+        nonlocal dora
+        if dora is None:
+            return
+        try:
+            out = dora_peer.run(dora, spec | {"variant": variant})
+        except RuntimeError as e:
+            print(f"dora-rs: {variant} failed ({e}); dora rows skipped")
+            dora, res["dora"] = None, {}
+            return
+        res["dora"].setdefault(section, {}).setdefault(variant, []).append(out)
+
     pure_variants = [v for v in PURE if v != "PyStream threads" or pystream_py]
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", flush=True)
-        order = CHAINS[r % 4 :] + CHAINS[: r % 4]  # rotate, so no variant always goes first
         if "mb" in args.sections:
             for hops in args.hops:
-                for variant in order:
+                peers = dora_variants("mb") if hops == 3 else []
+                for variant in _rotate(CHAINS + peers, r):
                     spec = {"kind": "throughput", "variant": variant, "payload": "mb"}
                     spec |= {"hops": hops, "n": args.frames, "hwm": args.hwm}
+                    if dora_peer.is_dora(variant):
+                        run_dora("mb", variant, spec)
+                        continue
                     rate = run_trial(spec)["rate"]
                     res["mb"].setdefault(hops, {}).setdefault(variant, []).append(rate)
         if "shm" in args.sections:
-            shift = r % len(SHM_CHAINS)
             for payload, n in (("mb", args.frames), ("4k", args.frames_4k)):
-                for variant in SHM_CHAINS[shift:] + SHM_CHAINS[:shift]:
+                peers = dora_variants("4k") if payload == "4k" else []  # dora 1 MB: in "mb"
+                for variant in _rotate(SHM_CHAINS + peers, r):
                     spec = {"kind": "throughput", "variant": variant, "payload": payload}
                     spec |= {"hops": 3, "n": n, "hwm": args.hwm}
+                    if dora_peer.is_dora(variant):  # ~4 frames/s: fewer frames
+                        run_dora("4k", variant, spec | {"n": min(n, dora_peer.MAX_4K)})
+                        continue
                     rate = run_trial(spec)["rate"]
                     res["shm"].setdefault(payload, {}).setdefault(variant, []).append(rate)
                 copy = run_trial({"kind": "memcpy", "payload": payload})["seconds"]
                 res["memcpy"].setdefault(payload, []).append(copy)
         if "small" in args.sections:
-            shift = r % len(SMALL_CHAINS)
-            for variant in SMALL_CHAINS[shift:] + SMALL_CHAINS[:shift]:
+            for variant in _rotate(SMALL_CHAINS + dora_variants("small"), r):
                 spec = {"kind": "throughput", "variant": variant, "payload": "small"}
                 spec |= {"hops": 1, "n": args.messages, "hwm": args.hwm}
+                if dora_peer.is_dora(variant):
+                    run_dora("small", variant, spec)
+                    continue
                 res["small"].setdefault(variant, []).append(run_trial(spec)["rate"])
         if "latency" in args.sections:
-            for variant in order:
+            for variant in _rotate(CHAINS + dora_variants("mb", latency=True), r):
                 spec = {"kind": "latency", "variant": variant, "hops": args.latency_hops}
                 spec |= {"n": args.latency_items, "rate": args.rate, "hwm": args.hwm}
+                if dora_peer.is_dora(variant):
+                    run_dora("latency", variant, spec | {"payload": "mb"})
+                    continue
                 out = run_trial(spec)
                 lat = res["latency"].setdefault(variant, {"hop_ms": [], "total_ms": []})
                 lat["hop_ms"] += out["hop_ms"]
@@ -900,8 +942,18 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
             f"| {statistics.median(rss):.1f} MB (max {max(rss):.1f}) "
             f"| {statistics.median(uss):.1f} MB | {bare:.1f} MB |"
         )
+    if res["dora"]:
+        import dora_peer
+
+        dora_lines, dora_verdicts = dora_peer.report(res, args, paired, pct)
+        lines += dora_lines
+        for verdict in dora_verdicts:
+            if isinstance(verdict, str):
+                verdicts.append(verdict)
+            else:
+                check(*verdict)
     lines.append("")
-    lines.append("ratios (paired: median of per-repeat ratios) against issue 7's targets")
+    lines.append("ratios (paired: median of per-repeat ratios) against issues 7 and 16's targets")
     lines += verdicts
     return lines, tables
 
@@ -993,6 +1045,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="1 MB frames per trial")
     parser.add_argument("--frames-4k", type=int, help="4K frames per trial (shm section)")
     parser.add_argument("--messages", type=int, help="small messages per trial")
+    parser.add_argument("--no-dora", action="store_true", help="leave dora-rs out")
     parser.add_argument("--hwm", type=int, default=2, help="every link's buffer (library default)")
     parser.add_argument("--rate", type=float, default=100.0, help="latency: items/s offered")
     parser.add_argument("--latency-hops", type=int, default=3)
