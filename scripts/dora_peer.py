@@ -196,9 +196,10 @@ def rate_lines(by_variant: dict[str, list[dict[str, Any]]], n: int, unit: str) -
     lines = []
     for variant, runs in by_variant.items():
         rates = [r["rate"] for r in runs]
+        digits = 1 if max(rates) < 100 else 0  # 4K frames: a few a second
         lines.append(
-            f"  {variant:19} {statistics.median(rates):8.0f} {unit}  "
-            f"({', '.join(f'{v:.0f}' for v in rates)})  {_loss_text(runs)} of {n} each"
+            f"  {variant:19} {statistics.median(rates):8.{digits}f} {unit}  "
+            f"({', '.join(f'{v:.{digits}f}' for v in rates)})  {_loss_text(runs)} of {n} each"
         )
     return lines
 
