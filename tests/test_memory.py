@@ -148,7 +148,7 @@ def test_a_worker_past_max_memory_is_replaced_and_the_pipeline_goes_on(
     )
     assert len(found) == worker.restarts, caplog.text
     assert all(int(mb) > limit for mb, _ in found), found
-    assert "with exit code -9; replaced in 0.1 s (memory restart 1)" in caplog.text
+    assert "with exit code -9; replaced in 0.1 s (max_memory restart 1)" in caplog.text
     assert "was ended (stage MainPipeline__Leak: its resident memory" in caplog.text
     # ... and counted in the profiles, under the worker's path.
     result = report.build_report(profile_folder / store.DB_FILENAME)
