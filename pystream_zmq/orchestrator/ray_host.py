@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 
 from pystream_zmq import child
 from pystream_zmq.wire import security
@@ -37,18 +38,27 @@ class UnitHost:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="pystream-ray-")  # mode 0700
+        # A threaded actor runs its calls concurrently and in no set order: a launch must
+        # neither interleave with a stop (which would miss the worker it starts) nor start
+        # a worker after it (nobody would stop that one).
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def launch(self, defaults: dict[str, str], overrides: dict[str, str]) -> tuple[str, str, int]:
         """Start a worker process, which waits for its spec: (node id, node address, pid).
         ``defaults`` and ``overrides`` go around this node's own environment."""
         import ray
 
-        self._stop(grace=0.0)  # a previous worker has exited already, or is being replaced
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)  # an orphan removed it
-        env = {**defaults, **os.environ, **overrides}
-        self._proc = child.start(WORKER_MODULE, env=env)
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("this unit host was stopped: it starts no more workers")
+            self._stop(grace=0.0)  # a previous worker has exited already, or is replaced
+            os.makedirs(self._dir, mode=0o700, exist_ok=True)  # an orphan removed it
+            env = {**defaults, **os.environ, **overrides}
+            self._proc = child.start(WORKER_MODULE, env=env)
+            pid = self._proc.pid
         node = ray.get_runtime_context().get_node_id()
-        return node, ray.util.get_node_ip_address(), self._proc.pid
+        return node, ray.util.get_node_ip_address(), pid
 
     def send_spec(self, spec: WorkerSpec, blob: bytes) -> None:
         """Write the worker's spec and stages to its stdin; OSError if it has exited."""
@@ -77,7 +87,9 @@ class UnitHost:
     def stop(self, grace: float) -> int | None:
         """Close the worker's stdin (its cue to exit after BYE), terminate and kill it if it
         has not exited within ``grace``; remove this actor's folder. Its exit code."""
-        code = self._stop(grace)
+        with self._lock:
+            self._stopped = True
+            code = self._stop(grace)
         shutil.rmtree(self._dir, ignore_errors=True)
         return code
 

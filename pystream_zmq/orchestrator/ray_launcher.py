@@ -92,6 +92,12 @@ class RayWorker:
                 self.code = int(value)
             return self.code  # launched (None), or the worker's exit code
 
+    def pending(self) -> Any:
+        """The ObjectRef that resolves once its worker is known to have exited or its actor
+        to have died: the exit code's, else (launch not yet read) the launch's."""
+        with self._lock:
+            return self._exit if self._exit is not None else self._launched
+
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the worker to exit (it may not)."""
         ray = ray_cluster.import_ray()
@@ -248,13 +254,28 @@ class RayLauncher(BaseLauncher[RayWorker]):
         ray = ray_cluster.import_ray()
         if not ray.is_initialized():  # the connection is gone, and with it the actors
             return
-        # An actor never placed (no node fits it) would take the call only once placed.
-        stops = [worker.actor.stop.remote(grace) for worker in procs if worker.node_address]
+        # An actor never placed (no node fits it) would take the call only once placed; one
+        # whose launch answered has a worker, even if that answer is still unread here.
+        launches = [worker._launched for worker in procs]
+        answered: list[Any] = []
+        with contextlib.suppress(Exception):
+            answered, _ = ray.wait(launches, num_returns=len(launches), timeout=0)
+        stops = [
+            worker.actor.stop.remote(grace)
+            for worker, launch in zip(procs, launches, strict=True)
+            if worker.node_address or launch in answered
+        ]
         with contextlib.suppress(Exception):
             ray.wait(stops, num_returns=len(stops), timeout=grace + _CALL_TIMEOUT)
         for worker in procs:
             with contextlib.suppress(Exception):
                 ray.kill(worker.actor)
+        # ray.kill only asks: the actor process, which holds its worker's stdin pipe, ends
+        # later -- seconds later on a busy machine -- and with it a worker its stop missed.
+        # Return only once Ray reports every worker exited or its actor dead.
+        ends = [worker.pending() for worker in procs]
+        with contextlib.suppress(Exception):
+            ray.wait(ends, num_returns=len(ends), timeout=_CALL_TIMEOUT)
         for worker in procs:  # the exit codes, for close()'s log
             with contextlib.suppress(Exception):
                 worker.wait(0.0)
