@@ -60,6 +60,7 @@ class PipelineStats:
     # Whether large arrays go through shared memory (parallelize(shm=True), ipc, Linux);
     # how forward()'s went: shm_arrays/shm_bytes, frame_arrays/frame_bytes, shm_full (sent
     # by frame for want of room). Each stage's own output link: the same names in
-    # ``stages``. See docs/shared-memory.md.
+    # ``stages``, and shm_passed (of shm_arrays, received regions passed on without a
+    # copy). See docs/shared-memory.md.
     shared_memory: bool = False
     source: dict[str, int] = field(default_factory=dict)

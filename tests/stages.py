@@ -268,3 +268,45 @@ def fill_image(data: dict[str, Any]) -> dict[str, Any]:
     """Writes into the array it received (which must be writeable) before passing it on."""
     data["image"][...] = data["x"] % 251
     return data
+
+
+def no_op(data: Any) -> Any:
+    """Returns the very item it was given."""
+    return data
+
+
+class KeepsFirstImage(Stage):
+    """Keeps what it received first, as ``how`` says, and checks on every call that the
+    first value is still what it keeps; shared memory must copy what a stage keeps, never
+    pass it on (``shm.handoff``)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.kept: Any = None
+        self.value = -1
+        self.checked = 0
+        self.changed = 0
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        image = data["image"]
+        if self.kept is None:
+            self.value = int(image.flat[0])
+            if self.how == "array":
+                self.kept = image
+            elif self.how == "slice":
+                self.kept = image[10:20]
+            elif self.how == "view":
+                self.kept = image.reshape(-1)
+            elif self.how == "memoryview":
+                self.kept = memoryview(image)
+            elif self.how == "dict":  # the dict, and a copy of it goes on
+                self.kept = data
+                data = dict(data)
+        else:
+            self.checked += 1
+            kept = np.asarray(self.kept["image"] if self.how == "dict" else self.kept)
+            self.changed += int(not (kept == self.value).all())
+        return data
+
+    def cleanup(self) -> None:
+        self.kept = None

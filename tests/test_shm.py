@@ -58,6 +58,7 @@ def test_large_arrays_through_three_stages_arrive_intact_writeable_and_by_shared
             assert counters[path]["shm_arrays"] == 2 * items, counters
             assert counters[path]["frame_arrays"] == 0 and counters[path]["shm_full"] == 0
             assert counters[path]["shm_bytes"] == items * (2 * np.prod(SHAPE) + 800_000)
+            assert counters[path]["shm_passed"] == (0 if path == "source" else 2 * items)
     assert not left_in_dev_shm(before)
 
 
@@ -94,15 +95,20 @@ def test_results_kept_by_the_user_never_change_nor_stall_the_pipeline() -> None:
         for x, (seen, image, part) in enumerate(kept):
             assert seen == x and (image == x).all() and (part == x).all()
         counters = shm_counters(pipeline)
-        assert counters["MainPipeline__Fill"]["shm_full"] > 0, counters  # we hold its pool
-        assert counters["source"]["shm_full"] == 0  # what forward() sent was let go
-        # Let go of them: the pool serves again.
+        # Fill passes forward()'s regions on to us without a copy, and we hold them: that
+        # pool fills, then Fill's own (forward() goes by frame, Fill copies).
+        fill = counters["MainPipeline__Fill"]
+        assert fill["shm_passed"] >= 4 and counters["source"]["shm_full"] > 0, counters
+        assert fill["shm_full"] > 0, counters
+        # Let go of them: the pools serve again.
         del kept, result, image, part
-        full = counters["MainPipeline__Fill"]["shm_full"]
+        full = {path: counters[path]["shm_full"] for path in ("source", "MainPipeline__Fill")}
         for x in range(10):
             assert pipeline.forward({"x": x, "image": np.zeros(SHAPE, np.uint8)})
             assert (pipeline.get_results()["image"] == x).all()
-        assert shm_counters(pipeline)["MainPipeline__Fill"]["shm_full"] == full
+        counters = shm_counters(pipeline)
+        assert {path: counters[path]["shm_full"] for path in full} == full, counters
+        assert counters["MainPipeline__Fill"]["shm_passed"] == fill["shm_passed"] + 10
 
 
 def test_results_iterator_keeps_every_output_intact() -> None:
@@ -152,6 +158,7 @@ def test_the_counters_reach_the_profile_report() -> None:
     assert report is not None
     by_path = {stage.path: stage.counters for stage in report.stages}
     assert by_path["MainPipeline__A"]["shm_arrays"] == 5
+    assert by_path["MainPipeline__A"]["shm_passed"] == 5  # forward()'s regions, passed on
     assert by_path["MainPipeline"]["shm_arrays"] == 5  # forward()'s link
 
 
@@ -176,3 +183,52 @@ def _fds_named(name: str) -> list[str]:
         except OSError:
             pass
     return found
+
+
+def test_a_no_op_stage_passes_the_region_on_without_a_copy() -> None:
+    """forward()'s regions go through three stages that return what they got (in place
+    changes, a new dict, the same dict) to the results, never copied."""
+    items = 40
+    with Pipeline() as pipeline:
+        pipeline.add(stages.no_op, "A")
+        pipeline.add(stages.add_to_buffer, "B")  # changes it in place: passed on too
+        pipeline.add(lambda data: {"x": data["x"], "buffer": data["buffer"].reshape(-1)}, "C")
+        pipeline.parallelize(block_output=True, shm_pool_mb=8)
+        for x in range(items):
+            assert pipeline.forward({"x": x, "buffer": np.full(SHAPE, x % 200, np.uint8)})
+            result = pipeline.get_results()
+            assert result["x"] == x + 1 and result["buffer"].shape == (np.prod(SHAPE),)
+            assert (result["buffer"] == x % 200 + 1).all() and result["buffer"].flags.writeable
+        del result
+        counters = shm_counters(pipeline)
+        assert counters["source"]["shm_arrays"] == items and counters["source"]["shm_full"] == 0
+        for path in ("MainPipeline__A", "MainPipeline__B", "MainPipeline__C"):
+            assert counters[path]["shm_passed"] == counters[path]["shm_arrays"] == items, counters
+            assert counters[path]["shm_bytes"] == items * np.prod(SHAPE)
+
+
+@pytest.mark.parametrize("how", ["array", "slice", "view", "memoryview", "dict"])
+def test_a_stage_keeping_what_it_received_gets_a_copy_and_its_kept_data_never_changes(
+    how: str,
+) -> None:
+    keeper = stages.KeepsFirstImage(how)
+    items = 60  # many times what the small pools hold: every region is reused
+    with Pipeline() as pipeline:
+        pipeline.add(stages.no_op, "Before")
+        pipeline.add(keeper, "Keep")
+        pipeline.add(stages.no_op, "After")
+        pipeline.parallelize(block_output=True, shm_pool_mb=6)
+        for x in range(items):
+            assert pipeline.forward({"x": x, "image": np.full(SHAPE, x % 200 + 1, np.uint8)})
+            result = pipeline.get_results()
+            assert result["x"] == x and (result["image"] == x % 200 + 1).all()
+        del result
+        counters = shm_counters(pipeline)
+        keep = counters["MainPipeline__Keep"]
+        # The first item is copied, the rest are passed on; so are all of them before and after.
+        assert keep["shm_arrays"] == items and keep["shm_passed"] == items - 1, counters
+        assert counters["MainPipeline__Before"]["shm_passed"] == items, counters
+        assert counters["MainPipeline__After"]["shm_passed"] == items, counters
+        pipeline.stop_loop()
+    assert keeper.value == 1 and keeper.checked == items - 1
+    assert keeper.changed == 0

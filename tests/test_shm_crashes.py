@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from shm_checks import dev_shm, holders_of_pools, left_in_dev_shm
 from test_seed_notebook import _env, alive
 
 from pystream_zmq import Pipeline
+from pystream_zmq.shm import sender as sender_module
+from pystream_zmq.shm.handoff import Handoff
 from pystream_zmq.shm.pools import Shared, close_pools, create_pools
 from pystream_zmq.wire import codec
 
@@ -168,5 +171,66 @@ def test_a_restarted_sender_takes_up_its_pool_where_its_predecessor_left_it() ->
         assert again.allocator.place(np.zeros(2**20, np.uint8)) is not None
         assert again.allocator.place(np.zeros(2**20, np.uint8)) is None  # the kept one's
         assert (kept["i"] == 7).all()
+    finally:
+        close_pools(fds)
+
+
+def _pass_on(fds: list[int], count: int, wait: float = 0.0) -> tuple[Shared, list[bytes]]:
+    """``count`` arrays of 1 MB placed in pool 0 by its sender, received by a middle
+    process (this one) and, ``wait`` seconds later, passed on without a copy: (the
+    sender, the headers sent on)."""
+    sender = Shared(fds, sends=0, receives=[])
+    middle = Shared(fds, sends=1, receives=[0])
+    assert sender.allocator is not None and middle.allocator is not None
+    handoff = Handoff(middle.allocator, middle.views)
+    headers = []
+    for _ in range(count):
+        frames, _ = codec.encode_shared({"i": np.ones(2**20, np.uint8)}, sender.allocator)
+        box = [codec.decode(frames, shared=middle.views)]
+        time.sleep(wait)
+        handoff.prepare(box)
+        item = box.pop()
+        headers.append(bytes(codec.encode_shared(item, handoff)[0][0]))
+        handoff.done()
+        del item
+    assert handoff.counters["shm_passed"] == count and not middle.views.held
+    return sender, headers
+
+
+def test_passed_leases_of_a_receiver_killed_holding_them_are_taken_back_when_short() -> None:
+    fds = create_pools(2, 3 * 2**20)  # room for 3 arrays of 1 MB
+    try:
+        sender, headers = _pass_on(fds, 3)
+        assert sender.allocator is not None
+        assert sender.allocator.place(np.ones(2**20, np.uint8)) is None  # in flight: kept
+        env = {**_env(), "PYTHONPATH": str(Path(__file__).parent.parent)}
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(fds[0]), *(h.hex() for h in headers)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=fds,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+            assert sender.allocator.place(np.ones(2**20, np.uint8)) is None  # alive: kept
+            holder.kill()
+            holder.wait(timeout=10)
+            assert sender.allocator.place(np.ones(2**20, np.uint8)) is not None  # dead pid
+        finally:
+            holder.kill()
+            holder.communicate(timeout=10)
+    finally:
+        close_pools(fds)
+
+
+def test_a_passed_lease_nobody_claims_is_an_orphan_counted_from_when_it_was_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sender_module, "ORPHAN_AFTER", 0.5)
+    fds = create_pools(2, 2**20)  # room for one
+    try:
+        sender, _ = _pass_on(fds, 1, wait=0.6)  # sent longer ago than ORPHAN_AFTER
+        assert sender.allocator is not None
+        assert sender.allocator.place(np.ones(2**20, np.uint8)) is None  # just passed: kept
+        time.sleep(0.6)
+        assert sender.allocator.place(np.ones(2**20, np.uint8)) is not None  # an orphan now
     finally:
         close_pools(fds)

@@ -4,16 +4,28 @@ process holds its descriptor or a mapping of it, so ``kill -9`` of any or all of
 leaves nothing behind.
 
 Layout, little-endian: a header, a table of leases, then the data area (page-aligned).
-A lease entry describes one region handed to a receiver. Every field has a single writer,
-so no lock or atomic is needed across processes:
+A lease entry describes one region handed to a receiver. Every field has a single writer
+at a time, so no lock or atomic is needed across processes:
 
 - the sender writes ``sent`` (the entry's generation, raised on each use), ``offset``,
   ``length``, ``sender_pid`` and ``sent_time``, ``sent`` last;
-- a receiver writes ``claim`` (its pid, and the low 32 bits of the generation it took, in
-  one 8-byte store) when it builds an array on the region, and ``released`` (= the
-  generation) when the last view of that array is gone.
+- the lease's holder, the receiver that has it now, writes the rest: ``claim`` (its pid,
+  and the low 32 bits of the generation it took, in one 8-byte store) when it builds an
+  array on the region, and ``released`` (= the generation) when the last view of that
+  array is gone. A holder that passes the region on whole, unchanged, to the next process
+  (``pass_on``: a lease that moves with the item) writes ``passed_time``, then a claim of
+  pid 0 ("in flight"), and never touches the entry again: the next receiver is the holder
+  from then on. Holders follow each other along the item's path, one at a time.
 
 An entry is in use while ``released != sent``.
+
+Memory ordering: every write is a plain store, and a reader of another process's fields
+may see them late. The sender publishes a region's place before its generation, so a
+receiver that sees the generation sees the place (``publish``; the receiver checks both).
+``pass_on`` stores ``passed_time`` before the claim; the sender reads the claim first and
+trusts a ``passed_time`` only when it is not older than ``sent_time`` (a stale one from an
+earlier use of the entry is older), so a reordered view errs on keeping the region out of
+use, never on taking it back early (``sender.Allocator._reclaim``).
 """
 
 from __future__ import annotations
@@ -24,11 +36,13 @@ import struct
 
 MAGIC = b"PSZMQSHM"
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, entries, data offset, data size
-VERSION = 1
-ENTRY = struct.Struct("<QQQQIIdQ")  # sent, released, offset, length, sender pid, spare, time, claim
-_SENT, _RELEASED, _CLAIM = 0, 8, 48
+VERSION = 2
+# sent, released, offset, length, sender pid, spare, sent time, claim, passed time
+ENTRY = struct.Struct("<QQQQIIdQd")
+_SENT, _RELEASED, _CLAIM, _PASSED = 0, 8, 48, 56
 _META = struct.Struct("<QQIId")  # offset, length, sender pid, spare, sent time: at +16
 _U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
 ENTRIES = 256  # leases per pool: arrays of one sender held at once, at most
 ALIGN = 4096  # regions start on a page: aligned for every dtype, and for memcpy
 _TABLE_AT = 64
@@ -81,6 +95,10 @@ class Pool:
         value = int(_U64.unpack_from(self.map, self._at(entry) + _CLAIM)[0])
         return value & 0xFFFFFFFF, value >> 32
 
+    def passed_time(self, entry: int) -> float:
+        """When a holder last passed the region on (``pass_on``), of whatever generation."""
+        return float(_F64.unpack_from(self.map, self._at(entry) + _PASSED)[0])
+
     def meta(self, entry: int) -> tuple[int, int, int, float]:
         """(offset, length, sender pid, sent time) of its latest use."""
         offset, length, pid, _, when = _META.unpack_from(self.map, self._at(entry) + 16)
@@ -99,3 +117,11 @@ class Pool:
 
     def release(self, entry: int, gen: int) -> None:
         _U64.pack_into(self.map, self._at(entry) + _RELEASED, gen)
+
+    def pass_on(self, entry: int, gen: int, when: float) -> None:
+        """The holder gives the lease to whoever receives the item next: the time first,
+        then the claim of pid 0 (see the module docstring for the order). No dead pid to
+        take it back by now; only the orphan rule, counted from ``when``."""
+        at = self._at(entry)
+        _F64.pack_into(self.map, at + _PASSED, when)
+        _U64.pack_into(self.map, at + _CLAIM, (gen & GEN_MASK) << 32)

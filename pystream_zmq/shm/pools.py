@@ -4,9 +4,9 @@ One pool per sending process: number 0 is the orchestrator's (what ``forward()``
 number ``i + 1`` is worker process ``i``'s output. One pool per sender, not per link: a
 sender with replicas downstream places an array before it knows which replica takes it,
 and a receiver with replicas upstream reads each one's pool. Every process gets every
-pool's descriptor (``Popen(pass_fds=...)``; the numbers travel in its spec) and maps the
-ones it reads or writes; a restarted worker gets the same ones and takes up its own pool
-where its predecessor left it.
+pool's descriptor (``Popen(pass_fds=...)``; the numbers travel in its spec) and maps them
+all once (a region may reach it from any pool, passed on by the stages between); a
+restarted worker gets the same ones and takes up its own pool where its predecessor left it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def close_pools(fds: Sequence[int]) -> None:
 
 class Shared:
     """A process's pools: ``allocator`` for the one it sends into (None: it sends none),
-    ``views`` for those it receives from."""
+    ``views`` for those it receives from: every one of the run, since a region may come
+    from further up than ``receives``, the pools of the processes just upstream."""
 
     def __init__(
         self,
@@ -54,6 +55,10 @@ class Shared:
         receives: Sequence[int],
         min_bytes: int = DEFAULT_MIN_BYTES,
     ) -> None:
-        maps = {n: layout.Pool(fds[n]) for n in {*receives, *([] if sends is None else [sends])}}
+        # Every pool of the run is read: a stage may pass on, without a copy, a region it
+        # received from further up (shm.handoff). A mapping costs address space, and
+        # memory only for the pages touched.
+        maps = {n: layout.Pool(fd) for n, fd in enumerate(fds)}
         self.allocator = None if sends is None else Allocator(maps[sends], sends, min_bytes)
-        self.views = Views({n: maps[n] for n in receives})
+        self.views = Views(maps)
+        self.receives = tuple(receives)  # the pools of the processes just upstream

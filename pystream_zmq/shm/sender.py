@@ -8,7 +8,8 @@ region out of use. When no region is free the array goes by the frame path, coun
 Leases that no receiver will ever release are taken back when the pool runs short: those
 held by a process that has died (``kill -9`` of a receiver), and those never taken by any
 receiver for ``ORPHAN_AFTER`` seconds (lost in a queue with a process that died, or let go
-unread). A restarted sender rebuilds what is in use from the lease table.
+unread; or passed on by a receiver, counted from when it was passed). A restarted sender
+rebuilds what is in use from the lease table.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Allocator:
             "frame_arrays": 0,  # arrays of OUT_OF_BAND_MIN_BYTES or more that went by frame
             "frame_bytes": 0,
             "shm_full": 0,  # of those, sent by frame because the pool had no room
+            # Of shm_arrays, the received regions passed on whole without a copy (in
+            # another process's pool: shm.handoff); counted by the Handoff that did it.
+            "shm_passed": 0,
         }
 
     def place(self, arr: np.ndarray[Any, Any]) -> tuple[int, int, int, int] | None:
@@ -146,11 +150,19 @@ class Allocator:
         for entry, (_, _, gen) in self._out.items():
             if gen < 0:
                 continue
-            pid, claimed = pool.claim(entry)
-            if claimed == gen & layout.GEN_MASK and pid:
+            pid, claimed = pool.claim(entry)  # first: see layout's note on ordering
+            ours = claimed == gen & layout.GEN_MASK
+            if ours and pid:
                 if pid != mine and not _alive(pid):
                     back.append(entry)
-            elif now - pool.meta(entry)[3] > ORPHAN_AFTER:
+                continue
+            since = pool.meta(entry)[3]
+            if ours:  # pid 0: passed on by a holder, in flight to the next one
+                passed = pool.passed_time(entry)
+                if passed < since:  # not seen yet (or the clock went back): keep it
+                    continue
+                since = passed
+            if now - since > ORPHAN_AFTER:
                 back.append(entry)
         for entry in back:  # ``released`` stays the receiver's: a new generation will do
             del self._out[entry]

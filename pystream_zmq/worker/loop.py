@@ -18,6 +18,7 @@ import zmq
 from pystream_zmq import child
 from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.profiling.events import pack_events
+from pystream_zmq.shm.handoff import Handoff
 from pystream_zmq.shm.pools import Shared
 from pystream_zmq.stage import (
     REPLICA_MARK,
@@ -78,7 +79,14 @@ class Worker:
                 min_bytes=spec.shm_min_bytes,
             )  # fmt: skip
         views = self.shared.views if self.shared is not None else None
-        placer = self.shared.allocator if self.shared is not None else None
+        # What it received from shared memory and passes on whole goes on without a copy,
+        # when nothing here can see it again (shm.handoff); the rest to its own pool.
+        self._handoff: Handoff | None = None
+        shared = self.shared
+        pystream_out = spec.output_format == formats.PYSTREAM
+        if shared is not None and shared.allocator is not None and pystream_out:
+            self._handoff = Handoff(shared.allocator, shared.views)
+        placer = self._handoff
         self._decode = formats.decoder(spec.input_format, spec.max_message_bytes, views)
         self._pack = formats.packer(spec.output_format, spec.max_message_bytes, placer)
         self._sender = Sender(self.outputs, self._between_waits)
@@ -194,7 +202,9 @@ class Worker:
             if self.spec.max_age is not None and arrive - sent_at > self.spec.max_age:
                 self._drop(seq, sent_at, "expired", frames)
                 return
-            data = self._decode(frames)
+            # In a list that the stages take it from: this frame holds no reference to
+            # the item while it is encoded (shm.handoff counts them).
+            box = [self._decode(frames)]
         except DecodeError as e:
             self.counters["decode_errors"] += 1
             log.warning("dropped a malformed message: %s", e)
@@ -202,29 +212,45 @@ class Worker:
                 self._sender.send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
             return
         try:
-            self._run_stages(frames, data, seq, sent_at, arrive)
+            self._run_stages(frames, box, seq, sent_at, arrive)
         except _Stop:  # it stops while this item waits for room downstream
             self.counters["discarded"] += 1
             raise
 
     def _run_stages(
-        self, frames: list[zmq.Frame], data: Any, seq: int, sent_at: float, arrive: float
+        self, frames: list[zmq.Frame], box: list[Any], seq: int, sent_at: float, arrive: float
     ) -> None:
+        """Run the stages on ``box[0]``, the item (``box``: the only reference to it), and
+        send what they give."""
         self._sender.wait_for_release()
-        ok, out = self.chain.run(data, seq, arrive)
+        ok, out = self.chain.run(box.pop(), seq, arrive)
         if not ok:
             self._sender.send(self._failure_frames(out, sent_at))
             return
+        handoff = self._handoff
+        if handoff is not None:  # what may go on without a copy, found while only
+            box.append(out)  # ``box`` holds the item
+            del out
+            handoff.prepare(box)
+            out = box.pop()
         try:
             message = self._pack(transport.KIND_DATA, seq, sent_at, out)
-        except PyStreamError as e:
+        except PyStreamError as e:  # encode_shared has cancelled what it placed
             self.counters["encode_errors"] += 1
             failure = unsendable(self.chain.leaves[-1][0], seq, e)
             self._sender.send(self._failure_frames(failure, sent_at))
             return
         self.counters["processed"] += 1
         shared = len(message) > 1 and share_received_frames(message, frames)
-        self._sender.send(message, tracked=not shared)
+        try:
+            self._sender.send(message, tracked=not shared)
+        except _Stop:  # not sent: what it would have passed on is this process's again
+            if handoff is not None:
+                handoff.cancel([])
+            raise
+        finally:
+            if handoff is not None:
+                handoff.done()
 
     def _drop(self, seq: int, sent_at: float, counter: str, frames: Message) -> None:
         """Drop an item unprocessed, counted, with a marker in its place for the ledger."""
