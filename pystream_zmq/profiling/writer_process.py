@@ -52,7 +52,7 @@ FLUSH = b"flush"
 FLUSHED = b"flushed"
 RECEIVE, STORE, CLOSE = 0, 1, 2  # what a request waits for: ends, + stored, + closed
 HWM = 1000  # messages queued towards the process; beyond it batches are dropped, counted
-SETTLE = 0.1  # a restarted writer: this long without a message means nothing more is coming
+SETTLE = 0.3  # a restarted writer: this long without a message means nothing more is coming
 _EXIT_GRACE = 10.0  # after a close, how long to wait for stdin to close before exiting anyway
 _IDLE_POLL_MS = 1000
 
@@ -192,8 +192,11 @@ class _Server:
         assert self._request is not None
         token, what, _, events, _ = self._request
         # Only then is a shortfall known to be lost rather than still on its way: at a close,
-        # and when a restarted writer settled.
-        settled = what == CLOSE or (self._spec.restarts > 0 and not self._count_met())
+        # and when a restarted writer settled. A settle is a guess (SETTLE of quiet): records
+        # that come after it were late, not lost, and the next answer counts them back.
+        settled = what == CLOSE or (
+            self._spec.restarts > 0 and (not self._count_met() or self._lost > 0)
+        )
         if settled and events:
             self._lost = max(0, events - self._accounted)
             if self._lost or self._spec.restarts:
