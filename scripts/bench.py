@@ -64,7 +64,10 @@ SMALL = {"a": 1, "b": 2.0, "c": "x"}
 TIMEOUT = 30.0  # any single blocking receive or join in a trial
 CHAINS = ["pystream_zmq", "zmq raw", "zmq msgpack", "mp.Queue"]
 PINNED = "pystream_zmq pinned"  # parallelize(pin_cpus=True): small messages only
-SMALL_CHAINS = [*CHAINS, PINNED]
+# Small messages read by another thread from results() as they come (issue 16's target):
+# forward() in the trial's thread, every output read in a sink thread, as a user writes it.
+READER = "pystream_zmq results()"
+SMALL_CHAINS = [*CHAINS, PINNED, READER]
 PURE = ["serial", "parallel", "bare 2 processes", "PyStream threads"]
 # Issue 16: large frames through 3 no-op stages, shared memory on (the default) and off.
 FRAMES_OFF = "pystream_zmq frames"  # parallelize(shm=False)
@@ -262,10 +265,17 @@ class _MpQueueChain(_Chain):
 
 class _PystreamChain(_Chain):
     """pystream_zmq itself; recv() works only one item at a time (get_results() returns
-    the latest output), which is all the latency trial needs."""
+    the latest output), which is all the latency trial needs; with ``every``, recv() reads
+    every output in order (results()), and a sink thread can read them all."""
 
     def __init__(
-        self, hops: int, hwm: int, stamp: bool, pin_cpus: bool = False, shm: bool = True
+        self,
+        hops: int,
+        hwm: int,
+        stamp: bool,
+        pin_cpus: bool = False,
+        shm: bool = True,
+        every: bool = False,
     ) -> None:
         from pystream_zmq import Pipeline
 
@@ -275,13 +285,14 @@ class _PystreamChain(_Chain):
         self.pipeline.parallelize(
             block_output=True, output_timeout=TIMEOUT, hwm=hwm, pin_cpus=pin_cpus, shm=shm
         )
+        self.every = self.pipeline.results() if every else None
 
     def send(self, item: dict[str, Any]) -> None:
         if not self.pipeline.forward(item):
             raise TimeoutError("forward() refused an item")
 
     def recv(self) -> dict[str, Any]:
-        out = self.pipeline.get_results()
+        out = self.pipeline.get_results() if self.every is None else next(self.every, None)
         if out is None:
             raise TimeoutError("no output")
         return out
@@ -303,9 +314,14 @@ def _join_or_terminate(procs: list[Any]) -> None:
 
 
 def _make_chain(variant: str, hops: int, hwm: int, payload: str, stamp: bool) -> _Chain:
-    if variant in ("pystream_zmq", PINNED, FRAMES_OFF):
+    if variant in ("pystream_zmq", PINNED, FRAMES_OFF, READER):
         return _PystreamChain(
-            hops, hwm, stamp, pin_cpus=variant == PINNED, shm=variant != FRAMES_OFF
+            hops,
+            hwm,
+            stamp,
+            pin_cpus=variant == PINNED,
+            shm=variant != FRAMES_OFF,
+            every=variant == READER,
         )
     if variant == "zmq raw":
         return _ZmqChain(hops, hwm, "raw", stamp)
@@ -334,7 +350,7 @@ def trial_throughput(variant: str, payload: str, hops: int, n: int, hwm: int) ->
         items = [dict(SMALL) for _ in range(n + 1)]  # what a user sends: the dict itself
     chain = _make_chain(variant, hops, hwm, payload, stamp=False)
     try:
-        if isinstance(chain, _PystreamChain):
+        if isinstance(chain, _PystreamChain) and chain.every is None:
             chain.send(items[0])
             chain.drain()  # warm-up: every link is connected
             started = time.perf_counter()
@@ -811,6 +827,9 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[list[str], li
                     check(label, p, p >= 0.8, ">= 0.8", extra)
                 else:
                     verdicts.append(f"{label:44} = {p:8.2f}  (no target){extra}")
+        p, m = paired(res["small"][READER], res["small"]["zmq msgpack"])
+        label = f"small msgs: {READER} / zmq msgpack"
+        check(label, p, p >= 1.0, ">= 1.0", f"  (ratio of medians {m:.2f}; issue 16)")
         tables.append(
             "Small messages, one stage, msgs/s (median; pinned: `parallelize(pin_cpus=True)`):"
             + "\n\n| "
