@@ -27,7 +27,7 @@ IMAGE = np.arange(2**18, dtype="<u4")  # 1 MiB
 def shared() -> Iterator[Shared]:
     fds = create_pools(1, 4 * 2**20)
     try:
-        yield Shared(fds, sends=0, receives=[0])
+        yield Shared(fds, sends=0)
     finally:
         close_pools(fds)
 
@@ -117,9 +117,9 @@ def run() -> Iterator[tuple[Shared, Shared, Shared]]:
     fds = create_pools(3, 8 * 2**20)
     try:
         yield (
-            Shared(fds, sends=0, receives=[]),
-            Shared(fds, sends=1, receives=[0]),
-            Shared(fds, sends=2, receives=[1]),
+            Shared(fds, sends=0),
+            Shared(fds, sends=1),
+            Shared(fds, sends=2),
         )
     finally:
         close_pools(fds)

@@ -125,7 +125,7 @@ HOLDER = textwrap.dedent("""
     from pystream_zmq.shm.pools import Shared
     from pystream_zmq.wire import codec
 
-    shared = Shared([int(sys.argv[1])], sends=None, receives=[0])
+    shared = Shared([int(sys.argv[1])], sends=None)
     held = [codec.decode([bytes.fromhex(line)], shared=shared.views) for line in sys.argv[2:]]
     print("held", flush=True)
     sys.stdin.read()
@@ -135,7 +135,7 @@ HOLDER = textwrap.dedent("""
 def test_leases_of_a_receiver_killed_holding_them_are_taken_back_when_short() -> None:
     fds = create_pools(1, 3 * 2**20)  # room for 3 arrays of 1 MB
     try:
-        sender = Shared(fds, sends=0, receives=[])
+        sender = Shared(fds, sends=0)
         assert sender.allocator is not None
         image = np.ones(2**20, np.uint8)
         headers = [codec.encode_shared({"i": image}, sender.allocator)[0][0] for _ in range(3)]
@@ -162,11 +162,11 @@ def test_a_restarted_sender_takes_up_its_pool_where_its_predecessor_left_it() ->
     """What a receiver still holds stays out of use for the new sender too."""
     fds = create_pools(1, 2 * 2**20)  # room for 2 arrays of 1 MB
     try:
-        first = Shared(fds, sends=0, receives=[0])
+        first = Shared(fds, sends=0)
         assert first.allocator is not None
         frames, _ = codec.encode_shared({"i": np.full(2**20, 7, np.uint8)}, first.allocator)
         kept = codec.decode(frames, shared=first.views)
-        again = Shared(fds, sends=0, receives=[])  # a new sender on the same pool
+        again = Shared(fds, sends=0)  # a new sender on the same pool
         assert again.allocator is not None
         assert again.allocator.place(np.zeros(2**20, np.uint8)) is not None
         assert again.allocator.place(np.zeros(2**20, np.uint8)) is None  # the kept one's
@@ -179,8 +179,8 @@ def _pass_on(fds: list[int], count: int, wait: float = 0.0) -> tuple[Shared, lis
     """``count`` arrays of 1 MB placed in pool 0 by its sender, received by a middle
     process (this one) and, ``wait`` seconds later, passed on without a copy: (the
     sender, the headers sent on)."""
-    sender = Shared(fds, sends=0, receives=[])
-    middle = Shared(fds, sends=1, receives=[0])
+    sender = Shared(fds, sends=0)
+    middle = Shared(fds, sends=1)
     assert sender.allocator is not None and middle.allocator is not None
     handoff = Handoff(middle.allocator, middle.views)
     headers = []

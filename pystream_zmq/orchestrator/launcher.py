@@ -226,7 +226,6 @@ class BaseLauncher(Generic[P]):
             limits=unit.limits_by_path(),
             shm_fds=tuple(self.shm_fds),
             shm_sends=index + 1 if self.shm_fds else None,
-            shm_receives=tuple(self.shm_receives(index)) if self.shm_fds else (),
         )
         self._deliver(index, spec, self._blobs[process.unit])
 
@@ -246,14 +245,6 @@ class BaseLauncher(Generic[P]):
         if self.native_threads:  # in the environment: the libraries read it as they load
             overrides = threads.environment(self.native_threads)
         return dict(_MALLOC_KEEP_FREED), overrides
-
-    def shm_receives(self, index: int | None) -> list[int]:
-        """The pools process ``index`` (None: the sink, this process) receives from: those
-        of the processes just upstream, or the orchestrator's."""
-        unit = len(self._plan.units) if index is None else self._plan.processes[index].unit
-        if unit == 0:
-            return [pools.SOURCE]
-        return [p.index + 1 for p in self._plan.processes if p.unit == unit - 1]
 
     def _wait_ready(self, control: Control, waiting: set[int], deadline: Deadline) -> None:
         while waiting:

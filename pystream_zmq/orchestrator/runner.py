@@ -98,7 +98,6 @@ class ParallelRunner:
                 self.launcher.shm_fds,
                 # "latest" at the source keeps an item back, and may let it go unsent.
                 sends=None if self.settings.drop_policy == transport.LATEST else pools.SOURCE,
-                receives=self.launcher.shm_receives(None),
             )
         # The control channel's allow-list: the data links' too, when they are under CURVE.
         self._auth = security.start_authenticator(self._ctx, links.control_curve)
@@ -288,15 +287,14 @@ class ParallelRunner:
             frames = codec.encode(data, max_message_bytes=limit)
         else:
             frames, placed = codec.encode_shared(data, placer, max_message_bytes=limit)
+        sent = False
         try:
-            if self._ingress.send(frames, sent_at):
-                return True
-        except BaseException:
-            if placer is not None:
+            sent = self._ingress.send(frames, sent_at)
+        finally:
+            if placer is not None and not sent:  # refused or raised: nobody will read it
                 placer.cancel(placed)
-            raise
-        if placer is not None:  # refused: nobody will read what it placed
-            placer.cancel(placed)
+        if sent:
+            return True
         self._raise_if_failed()
         return False
 

@@ -45,15 +45,10 @@ def close_pools(fds: Sequence[int]) -> None:
 class Shared:
     """A process's pools: ``allocator`` for the one it sends into (None: it sends none),
     ``views`` for those it receives from: every one of the run, since a region may come
-    from further up than ``receives``, the pools of the processes just upstream."""
+    from further up than the processes just upstream."""
 
     def __init__(
-        self,
-        fds: Sequence[int],
-        *,
-        sends: int | None,
-        receives: Sequence[int],
-        min_bytes: int = DEFAULT_MIN_BYTES,
+        self, fds: Sequence[int], *, sends: int | None, min_bytes: int = DEFAULT_MIN_BYTES
     ) -> None:
         # Every pool of the run is read: a stage may pass on, without a copy, a region it
         # received from further up (shm.handoff). A mapping costs address space, and
@@ -61,4 +56,3 @@ class Shared:
         maps = {n: layout.Pool(fd) for n, fd in enumerate(fds)}
         self.allocator = None if sends is None else Allocator(maps[sends], sends, min_bytes)
         self.views = Views(maps)
-        self.receives = tuple(receives)  # the pools of the processes just upstream

@@ -75,8 +75,7 @@ class Worker:
         self.shared: Shared | None = None  # orchestrated over ipc: shared-memory pools
         if spec.shm_fds:
             self.shared = Shared(
-                spec.shm_fds, sends=spec.shm_sends, receives=spec.shm_receives,
-                min_bytes=spec.shm_min_bytes,
+                spec.shm_fds, sends=spec.shm_sends, min_bytes=spec.shm_min_bytes,
             )  # fmt: skip
         views = self.shared.views if self.shared is not None else None
         # What it received from shared memory and passes on whole goes on without a copy,

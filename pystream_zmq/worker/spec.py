@@ -62,10 +62,9 @@ class WorkerSpec:
     limits: dict[str, Limits] = field(default_factory=dict)  # {leaf path: its limits}
     # Orchestrated over ipc: the pipeline's shared-memory pools (pystream_zmq.shm), the
     # descriptor of pool n at index n (inherited, same numbers); the pool this process
-    # sends into, the pools it receives from, and the smallest array that goes there.
+    # sends into, and the smallest array that goes there. It reads every pool.
     shm_fds: tuple[int, ...] = ()
     shm_sends: int | None = None
-    shm_receives: tuple[int, ...] = ()
     shm_min_bytes: int = 64 * 1024
     # Standalone only (pystream-worker --input-format/--output-format): a link to a program
     # outside PyStream, in msgpack-numpy's layout; see wire/formats.py.
