@@ -36,7 +36,7 @@ from pystream_zmq.cli.loader import (
 from pystream_zmq.pipeline import Pipeline
 from pystream_zmq.plan import Plan
 from pystream_zmq.stage import PATH_SEPARATOR
-from pystream_zmq.wire import security
+from pystream_zmq.wire import endpoints, security
 
 _WORKER = "pystream-worker"
 _ALLOWED = "allowed"  # in the --curve folder: the public keys every binding process accepts
@@ -98,7 +98,7 @@ def procfile(
     if save_latest:
         sink += ["--save-latest", save_latest]
     if live_view is not None:
-        address = _host_port(*live_view)
+        address = endpoints.address(*live_view)
         if not security.is_loopback_host(live_view[0]):
             raise ValueError(
                 f"--live-view {address}: not a loopback address; the view has no "
@@ -204,10 +204,6 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _process_name(stage_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", stage_name)
 
@@ -264,7 +260,7 @@ def procfile_command(
     command = ["pystream", "procfile", ref, "--period", f"{period:g}"]
     command += ["--base-port", str(base_port)]
     command += ["--save-latest", save_latest] if save_latest else []
-    command += ["--live-view", _host_port(*live_view)] if live_view else []
+    command += ["--live-view", endpoints.address(*live_view)] if live_view else []
     command += ["--run-name", run_name] if run_name else []
     command += ["--curve", curve_dir] if curve_dir else []
     import_from_working_directory()

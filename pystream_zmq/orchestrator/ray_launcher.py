@@ -139,7 +139,7 @@ class RayLauncher(BaseLauncher[RayWorker]):
         if bound is not None:
             return bound
         node = self.addresses.node_host(self._launched(index))
-        endpoint = f"tcp://{endpoints.parse(f'tcp://{node}').url_host}:*"
+        endpoint = f"tcp://{endpoints.address(node, '*')}"
         security.check_bind(
             endpoint,
             secured=self.links.curve is not None,
@@ -213,7 +213,7 @@ class RayLauncher(BaseLauncher[RayWorker]):
             if name not in bound:
                 continue
             old = endpoints.parse(bound[name])
-            new = f"tcp://{endpoints.parse(f'tcp://{host}').url_host}:{old.port}"
+            new = f"tcp://{endpoints.address(host, str(old.port))}"
             if new != bound[name]:
                 log.warning("worker %s moved: %s is now at %s", self.names[index], name, new)
                 self.links.record(name, new)

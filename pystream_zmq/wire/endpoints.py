@@ -41,6 +41,11 @@ class Endpoint:
         return f"[{self.host}]" if self.is_ipv6 else self.host
 
 
+def address(host: str, port: int | str) -> str:
+    """``HOST:PORT`` as an endpoint (or a URL) writes it: an IPv6 ``host`` in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse(text: str) -> Endpoint:
     """The parts of ``text``; ValueError saying what is wrong with it."""
     form = _FORM.fullmatch(text)
