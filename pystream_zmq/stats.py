@@ -61,6 +61,7 @@ class PipelineStats:
     # how forward()'s went: shm_arrays/shm_bytes, frame_arrays/frame_bytes, shm_full (sent
     # by frame for want of room). Each stage's own output link: the same names in
     # ``stages``, and shm_passed (of shm_arrays, received regions passed on without a
-    # copy). See docs/shared-memory.md.
+    # copy). See docs/shared-memory.md. ``source`` and each stage also count the batches
+    # small items went in (batches) and the items those held (batched).
     shared_memory: bool = False
     source: dict[str, int] = field(default_factory=dict)

@@ -93,6 +93,17 @@ class Gate(Stage):
         pass
 
 
+class HoldAt(Gate):
+    """A Gate for the items whose ``x`` is in ``held``; the others pass at once."""
+
+    def __init__(self, fifo: str, held: tuple[int, ...]) -> None:
+        super().__init__(fifo)
+        self.held = held
+
+    def __call__(self, data: Any) -> Any:
+        return super().__call__(data) if data["x"] in self.held else data
+
+
 def _refuse_to_load() -> None:
     raise ImportError("this stage cannot be loaded in a worker")
 

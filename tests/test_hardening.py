@@ -285,6 +285,22 @@ def test_truncated_and_odd_multipart_shapes(live: LiveWorker) -> None:
     live.flows(3)
 
 
+def test_a_malformed_batch_is_counted_and_a_batch_s_good_items_flow(live: LiveWorker) -> None:
+    rogue = live.connect()
+    good = good_message(7)
+    assert len(good) == 1  # one frame: what batches hold
+    truncated = transport.pack_batch([good[0], good[0]])[:-3]
+    odd = transport.pack_envelope(9, 1, 0.0)  # an unknown kind, inside a well-formed batch
+    for frames, errors in (([truncated], 1), ([transport.pack_batch([odd, good[0]])], 2)):
+        rogue.send_multipart(frames)
+        assert wait_until(lambda e=errors: live.worker.counters["decode_errors"] == e, 5)
+    assert live.downstream.poll(TIMEOUT_MS)
+    frames = live.downstream.recv_multipart()  # the good item of the second batch, alone
+    assert transport.unpack_envelope(frames[0])[1] == 7
+    assert codec.decode(transport.payload(frames)) == {"x": 8}
+    live.flows(8)
+
+
 def test_the_size_cap_is_configurable_and_enforced_twice(
     ctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture
 ) -> None:

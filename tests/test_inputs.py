@@ -8,7 +8,10 @@ from typing import Any
 import pytest
 import zmq
 from conftest import wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pystream_zmq.errors import DecodeError
 from pystream_zmq.wire import transport
 from pystream_zmq.wire.inputs import Inputs
 
@@ -117,3 +120,77 @@ def test_a_stop_lets_go_of_what_the_merge_holds(links, ordered: bool) -> None:  
     assert ended == {0}
     assert [transport.unpack_envelope(m[0])[:2] for m in held] == ([(DATA, 5)] if ordered else [])
     assert inputs.let_go() == ([], {0})  # taken once; the marker stays received
+
+
+# -- batches (transport.KIND_BATCH): several one-frame messages in one ---------------------
+def batch(*seqs: int, kind: int = DATA) -> bytes:
+    return transport.pack_batch([transport.pack_envelope(kind, seq, 0.0) for seq in seqs])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_batch_comes_out_as_its_messages(links, ordered: bool) -> None:  # type: ignore[no-untyped-def]
+    senders, receivers = links
+    inputs = Inputs(receivers, ordered=ordered)
+    senders[0].send(batch(0, 3, 4, 7))
+    senders[1].send(batch(1, 2, 5, 6))
+    send(senders[2], DATA, 8)
+    out = drain(inputs, 9)
+    assert sorted(out) == [(DATA, seq) for seq in range(9)]
+    if ordered:  # the merge takes each batch's messages as heads in turn
+        assert out == [(DATA, seq) for seq in range(9)]
+
+
+def test_an_ordered_stop_lets_go_of_the_rest_of_a_batch(links) -> None:  # type: ignore[no-untyped-def]
+    senders, receivers = links
+    inputs = Inputs(receivers, ordered=True)
+    senders[1].send(batch(3, 4, 5))  # held: 0-2 may still come from the other inputs
+    assert drain(inputs, 1, timeout=0.2) == []
+    held, _ = inputs.let_go()
+    assert [transport.unpack_envelope(m[0])[:2] for m in held] == [(DATA, 3), (DATA, 4), (DATA, 5)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_malformed_batch_is_handed_on_to_be_refused_and_nothing_else_is_lost(  # type: ignore[no-untyped-def]
+    links, ordered: bool
+) -> None:
+    senders, receivers = links
+    inputs = Inputs(receivers[:1], ordered=ordered)
+    good = batch(0, 1)
+    senders[0].send(good[:-3])  # cut inside its last message
+    senders[0].send(good)
+    out: list[Any] = []
+    wait_until(lambda: bool(out.extend(inputs.take(inputs.wanted()))) or len(out) >= 3)
+    with pytest.raises(DecodeError, match="a malformed batch"):
+        transport.unpack_envelope(out[0][0])
+    assert [transport.unpack_envelope(m[0])[:2] for m in out[1:]] == [(DATA, 0), (DATA, 1)]
+
+
+def test_batches_round_trip_and_refuse_what_is_malformed() -> None:
+    messages = [transport.pack_envelope(DATA, seq, 0.5) + b"x" * seq for seq in range(5)]
+    packed = transport.pack_batch(messages)
+    assert transport.is_batch(packed) and not transport.is_batch(messages[0])
+    assert [bytes(m[0]) for m in transport.unpack_batch(packed)] == messages
+    nested = transport.pack_batch([packed])
+    envelope = len(transport.pack_envelope(DATA, 0, 0.0))
+    miscounted = transport.pack_envelope(transport.KIND_BATCH, 6, 0.0) + packed[envelope:]
+    short = transport.pack_batch([b"tiny"])
+    for bad, reason in [
+        (packed[:-1], "malformed message"),
+        (packed + b"\x01", "inside a length"),
+        (nested, "malformed message"),
+        (miscounted, "says 6 messages and holds 5"),
+        (short, "malformed message"),
+    ]:
+        with pytest.raises(DecodeError, match=reason):
+            transport.unpack_batch(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_after_a_batch_envelope_unpack_or_raise_decode_error(tail: bytes) -> None:
+    frame = transport.pack_envelope(transport.KIND_BATCH, 2, 0.0) + tail
+    try:
+        messages = transport.unpack_batch(frame)
+    except DecodeError:
+        return
+    assert len(messages) == 2

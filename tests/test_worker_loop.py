@@ -24,7 +24,9 @@ ITEMS = 20
 
 
 def small_output(data: dict[str, Any]) -> dict[str, Any]:
-    return {"x": data["x"]}  # a single frame: copied, so a send waits only for room
+    # A single frame: copied, so a send waits only for room; over the size that goes in
+    # batches, so each output is a message of its own and the second one waits.
+    return {"x": data["x"], "pad": bytes(8192)}
 
 
 def new_array(data: dict[str, Any]) -> dict[str, Any]:

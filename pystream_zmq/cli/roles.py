@@ -27,7 +27,7 @@ from pystream_zmq.errors import DecodeError, PyStreamError
 from pystream_zmq.pacing import Pacer
 from pystream_zmq.stage import Leaf
 from pystream_zmq.wire import codec, formats, security, transport
-from pystream_zmq.wire.inputs import Inputs, Message
+from pystream_zmq.wire.inputs import Inputs, Message, messages_in
 from pystream_zmq.wire.outputs import Outputs
 from pystream_zmq.worker.loop import Worker
 from pystream_zmq.worker.spec import WorkerSpec
@@ -217,11 +217,12 @@ def _discard_until_end(inputs: Inputs, timeout: float, *, foreign: bool = False)
         if not ready and left_ms <= 0:
             break
         for pull in ready:
-            kind = _kind(pull.recv_multipart(zmq.NOBLOCK, copy=False))
-            dropped += foreign or kind == transport.KIND_DATA
-            if kind == transport.KIND_EOS:
-                poller.unregister(pull)
-                waiting -= 1
+            for message in messages_in(pull.recv_multipart(zmq.NOBLOCK, copy=False)):
+                kind = _kind(message)
+                dropped += foreign or kind == transport.KIND_DATA
+                if kind == transport.KIND_EOS:
+                    poller.unregister(pull)
+                    waiting -= 1
     return dropped
 
 

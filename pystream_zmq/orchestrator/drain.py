@@ -37,6 +37,8 @@ class Drain:
         first = self._first
         with first.lock:
             first.check_open()
+            if not in_slices(deadline, first.flush, self._failed):  # the items go first
+                return False
             self._last_token += 1
             token = self._waiting_for = self._last_token
             forwarded = first.next_seq

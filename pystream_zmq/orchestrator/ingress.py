@@ -13,6 +13,11 @@ counted here, by sequence number (``Credits``).
 
 They all send through one ``FirstStage``: the sockets to the first stage's replicas, the
 next sequence number, and the lock that a drain's end-of-stream marker takes too.
+
+Under "block", small items go in batches while the pipeline is moving fast (transport.
+KIND_BATCH): each ZeroMQ message costs this process, the worker and both I/O threads more
+than a small item's own work. The first item of a batch waits at most BATCH_WAIT: the next
+``forward()`` sends it when it is due, or the batch's own thread does.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ from pystream_zmq.wire import security, transport
 from pystream_zmq.wire.outputs import Outputs
 
 _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
+BATCH_WAIT = 0.001  # seconds the first item of a batch may wait for the others
+# Batches only while items come out at least this fast (under 200 us each): slower, a
+# message per item costs little next to their work, and replicas share items more evenly.
+BATCH_RATE = 5000
+BATCH_GAP = 0.0002  # ... and only an item that follows the one before this closely
+_BATCH_ITEM_BYTES = 4096  # larger items go alone: a message costs little next to their bytes
+_BATCH_RETRY_MS = 10  # how long the batch's thread waits for room in one go
 
 Frames = list[bytes | memoryview]
 
@@ -52,8 +64,15 @@ class FirstStage:
         self._curve = curve
         self.outputs = Outputs(sockets)
         self.lock = threading.Lock()
-        self.next_seq = 0  # of the next item; every one below has been sent
+        self.next_seq = 0  # of the next item; every one below has been sent or batched
         self.closed = False
+        self._batch: list[bytes] = []  # one-frame messages, to go as one
+        self._batch_bytes = 0
+        self._batch_since = 0.0
+        self._batch_due = threading.Condition(self.lock)
+        # batches sent, and the items they held (an item alone is no batch)
+        self.batch_counters = {"batches": 0, "batched": 0}
+        self._flusher: threading.Thread | None = None
 
     @property
     def sockets(self) -> list[zmq.Socket[Any]]:
@@ -73,6 +92,65 @@ class FirstStage:
     def check_open(self) -> None:
         if self.closed:
             raise PipelineStateError("the pipeline has been cleaned up")
+
+    def close(self) -> None:
+        """Refuse items from now on; a batch not sent by now is let go."""
+        with self.lock:
+            self.closed = True
+            self._batch_due.notify()
+        if self._flusher is not None:
+            self._flusher.join()
+
+    # -- batches: hold the lock ----------------------------------------------------------
+    def batch(self, frame: bytes) -> None:
+        """Send ``frame`` (a one-frame message) with the next ones; ``batch_full`` says when
+        to ``flush`` first."""
+        if not self._batch:
+            self._batch_since = time.monotonic()
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_when_due, name="pystream-batches", daemon=True
+                )
+                self._flusher.start()
+            self._batch_due.notify()
+        self._batch.append(frame)
+        self._batch_bytes += len(frame)
+
+    def batch_full(self) -> bool:
+        """Whether the batch must go before another item joins it."""
+        return bool(self._batch) and (
+            len(self._batch) >= transport.BATCH_MAX_ITEMS
+            or self._batch_bytes >= transport.BATCH_MAX_BYTES
+            or time.monotonic() - self._batch_since >= BATCH_WAIT
+        )
+
+    def flush(self, timeout_ms: int) -> bool:
+        """Send the batch, waiting up to ``timeout_ms`` for room; whether it went (or
+        there was none)."""
+        batch = self._batch
+        if not batch:
+            return True
+        frame = batch[0] if len(batch) == 1 else transport.pack_batch(batch)
+        if not self.outputs.send([frame], timeout_ms):
+            return False
+        if len(batch) > 1:
+            self.batch_counters["batches"] += 1
+            self.batch_counters["batched"] += len(batch)
+        batch.clear()
+        self._batch_bytes = 0
+        return True
+
+    def _flush_when_due(self) -> None:
+        with self.lock:
+            while not self.closed:
+                if not self._batch:
+                    self._batch_due.wait()
+                    continue
+                left = self._batch_since + BATCH_WAIT - time.monotonic()
+                if left > 0:
+                    self._batch_due.wait(left)
+                elif not self.flush(_BATCH_RETRY_MS):
+                    self._batch_due.wait(BATCH_WAIT)  # let forward() and drain() in
 
 
 class Credits:
@@ -107,6 +185,12 @@ class Credits:
         self._settled = 0  # items sent before the last restart count as out
         self._out = 0  # every item below is out; read from the ledger only when it matters
         self._measured = (time.monotonic(), 0)  # (when, self._out then)
+        self.rate = 0.0  # items out per second, as last measured
+
+    def fast(self) -> bool:
+        """Whether items came out quickly enough, when last measured, that a ZeroMQ
+        message per item costs much next to their own work (see ``FirstStage.batch``)."""
+        return self.rate >= BATCH_RATE
 
     def free(self) -> bool:
         """Whether a credit is free, without waiting: the fast path, a subtraction while
@@ -126,7 +210,7 @@ class Credits:
         now = time.monotonic()
         then, out_then = self._measured
         if now - then >= self._MEASURE_EVERY:
-            rate = (self._out - out_then) / (now - then)
+            rate = self.rate = (self._out - out_then) / (now - then)
             self.window = min(self.cap, max(self._floor, int(rate * self.QUEUE_TIME)))
             self._measured = (now, self._out)
 
@@ -149,8 +233,9 @@ class Ingress:
         self.refused = 0  # items send() could not send
         self.replaced = 0  # "latest": items send() took that a newer one replaced
 
-    def send(self, frames: Frames, sent_at: float) -> bool:
-        """Hand one encoded item to the first stage; False when it was refused."""
+    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
+        """Hand one encoded item to the first stage; False when it was refused.
+        ``batch=False``: never in a batch (it holds shared memory)."""
         raise NotImplementedError
 
     def wait_sent(self, deadline: Deadline) -> bool:
@@ -159,13 +244,14 @@ class Ingress:
 
     def close(self) -> None:
         """Refuse items from now on (send() raises PipelineStateError)."""
-        with self.first.lock:
-            self.first.closed = True
+        self.first.close()
 
 
 class Block(Ingress):
     """Wait up to ``timeout`` seconds for a credit and room, in slices (see
     deadline.in_slices)."""
+
+    _batches = True  # small items go in batches while the pipeline moves fast
 
     def __init__(
         self, first: FirstStage, timeout: float, supervisor: Supervisor, credits: Credits
@@ -174,16 +260,36 @@ class Block(Ingress):
         self._timeout = timeout
         self._supervisor = supervisor
         self._credits = credits
+        self._last_item = 0.0  # when send() was called last (time.monotonic())
 
-    def send(self, frames: Frames, sent_at: float) -> bool:
+    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
         first = self.first
         with first.lock:
             first.check_open()
             deadline = Deadline(self._timeout)
             message = transport.pack_message(transport.KIND_DATA, first.next_seq, sent_at, frames)
+            credits = self._credits
+            now = time.monotonic()
+            follows, self._last_item = now - self._last_item < BATCH_GAP, now
+            if (
+                batch
+                and self._batches
+                and follows
+                and len(message) == 1
+                and len(message[0]) <= _BATCH_ITEM_BYTES
+                and credits.fast()
+                and credits.free()
+            ):
+                if first.batch_full() and not self._flush(deadline):
+                    self.refused += 1
+                    return False
+                first.batch(message[0])
+                first.next_seq += 1
+                return True
             # copy=True: the caller may reuse its arrays as soon as forward() returns.
             if not (
-                (self._credits.free() or in_slices(deadline, self._credits.wait, self._failed))
+                self._flush(deadline)
+                and (credits.free() or in_slices(deadline, credits.wait, self._failed))
                 and in_slices(
                     deadline, lambda ms: first.outputs.send(message, ms, copy=True), self._failed
                 )
@@ -193,12 +299,21 @@ class Block(Ingress):
             first.next_seq += 1
             return True
 
+    def wait_sent(self, deadline: Deadline) -> bool:
+        with self.first.lock:
+            return self._flush(deadline)
+
+    def _flush(self, deadline: Deadline) -> bool:
+        return in_slices(deadline, self.first.flush, self._failed)
+
     def _failed(self) -> bool:
         return self._supervisor.failed is not None
 
 
 class DropNewest(Block):
     """Refuse at once when no credit is free or no replica of the first stage has room."""
+
+    _batches = False  # a batch would hold items past the room the policy looks at
 
     def __init__(self, first: FirstStage, supervisor: Supervisor, credits: Credits) -> None:
         super().__init__(first, 0.0, supervisor, credits)
@@ -220,7 +335,7 @@ class Latest(Ingress):
         self._feeder = threading.Thread(target=self._feed, name="pystream-feeder", daemon=True)
         self._feeder.start()
 
-    def send(self, frames: Frames, sent_at: float) -> bool:
+    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
         owned = [bytes(frame) for frame in frames]  # the caller may reuse its arrays
         with self._pending_cond:
             self.first.check_open()

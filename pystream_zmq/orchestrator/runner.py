@@ -283,13 +283,14 @@ class ParallelRunner:
         sent_at = time.time()
         placer = self.shared.allocator if self.shared is not None else None
         limit = self.settings.max_message_bytes
+        placed: list[int] = []
         if placer is None:
             frames = codec.encode(data, max_message_bytes=limit)
         else:
             frames, placed = codec.encode_shared(data, placer, max_message_bytes=limit)
         sent = False
         try:
-            sent = self._ingress.send(frames, sent_at)
+            sent = self._ingress.send(frames, sent_at, batch=not placed)
         finally:
             if placer is not None and not sent:  # refused or raised: nobody will read it
                 placer.cancel(placed)
@@ -362,10 +363,13 @@ class ParallelRunner:
         return counters
 
     def source_counters(self) -> dict[str, int]:
-        """What forward() sent by shared memory and by frame (large arrays only); empty
-        without shared memory."""
+        """How forward() sent: small items in batches, large arrays by shared memory and
+        by frame (those without shared memory: none)."""
         placer = self.shared.allocator if self.shared is not None else None
-        return dict(placer.counters) if placer is not None else {}
+        return {
+            **self._ingress.first.batch_counters,
+            **(placer.counters if placer is not None else {}),
+        }
 
     def flush_profile(self, timeout: float = 5.0) -> None:
         """Wait until the profile records sent so far are stored: the collector's, and the

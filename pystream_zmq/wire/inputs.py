@@ -8,6 +8,8 @@ holds a later item, the missing one can never come (it was lost with a crashed r
 is skipped and counted. When the inputs go quiet right after such a loss, the wait is
 bounded by ``reorder_timeout``.
 
+A batch (transport.KIND_BATCH) is taken apart here: what comes out is one message per item.
+
 With ``foreign``, the senders are programs outside PyStream (wire/formats.py): a message
 has no envelope, so it gets one when it is read, with the next of this receiver's own
 sequence numbers; there is no end-of-stream marker, and nothing to order by.
@@ -15,6 +17,7 @@ sequence numbers; there is no end-of-stream marker, and nothing to order by.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -55,6 +58,8 @@ class Inputs:
         # ordered only: each input's head (key, message); the next sequence number expected
         # (None for a restarted receiver that joins mid-stream, until its first item).
         self._heads: list[tuple[float, Message] | None] = [None] * len(sockets)
+        # ordered only: the rest of each input's last batch, to become its heads in turn
+        self._batched: list[collections.deque[Message]] = [collections.deque() for _ in sockets]
         self._next_seq = first_seq
         self._waiting_since: float | None = None  # a head waits for a missing item
         self.skipped = 0  # items that never reached this merge (lost upstream)
@@ -88,6 +93,8 @@ class Inputs:
             if sock in ready and self._heads[index] is None:
                 self._read_head(index, out)
         self._release(out)
+        while self._refill_heads(out):  # from batches received already
+            self._release(out)
         yield from out
 
     def let_go(self) -> tuple[list[Message], set[int]]:
@@ -102,6 +109,9 @@ class Inputs:
                     ended.add(index)
                 else:
                     held.append(self._pop(index))
+        for batched in self._batched:
+            held += batched
+            batched.clear()
         return held, ended
 
     # -- not ordered ---------------------------------------------------------------------
@@ -116,6 +126,8 @@ class Inputs:
                 envelope = transport.pack_envelope(transport.KIND_DATA, self._numbered, time.time())
                 self._numbered += 1
                 yield [envelope, *message]
+            elif len(message) == 1 and transport.is_batch(message[0]):
+                yield from (one for one in _unbatch(message) if self._passes(one, index))
             elif self._passes(message, index):
                 yield message
 
@@ -139,6 +151,27 @@ class Inputs:
             message = self.sockets[index].recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
+        if len(message) == 1 and transport.is_batch(message[0]):
+            self._batched[index].extend(_unbatch(message))
+            self._refill_head(index, out)
+            return
+        self._set_head(index, message, out)
+
+    def _refill_heads(self, out: list[Message]) -> bool:
+        """Give each input without a head the next message of its batch; whether any got one."""
+        refilled = False
+        for index, head in enumerate(self._heads):
+            if head is None and self._batched[index]:
+                self._refill_head(index, out)
+                refilled = True
+        return refilled
+
+    def _refill_head(self, index: int, out: list[Message]) -> None:
+        batched = self._batched[index]
+        while batched and self._heads[index] is None:
+            self._set_head(index, batched.popleft(), out)
+
+    def _set_head(self, index: int, message: Message, out: list[Message]) -> None:
         kind, seq = _peek(message)
         if kind is None:
             out.append(message)  # malformed: the handler counts and logs it
@@ -189,6 +222,22 @@ class Inputs:
         assert head is not None
         self._heads[index] = None
         return head[1]
+
+
+def messages_in(message: Message) -> list[Message]:
+    """The messages a received one holds: itself, or those of a batch."""
+    if len(message) == 1 and transport.is_batch(message[0]):
+        return _unbatch(message)
+    return [message]
+
+
+def _unbatch(message: Message) -> list[Message]:
+    """The messages of a batch; a malformed one as it is, which its handler refuses
+    (``unpack_envelope``: "a malformed batch"), counted and logged as any malformed input."""
+    try:
+        return transport.unpack_batch(message[0])
+    except DecodeError:
+        return [message]
 
 
 def _peek(message: Message) -> tuple[int | None, int]:

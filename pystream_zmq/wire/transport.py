@@ -30,12 +30,20 @@ KIND_DATA = 0
 KIND_EOS = 1
 KIND_DROPPED = 2  # dropped by a stage (it raised), a drop policy or the deadline; no payload
 KIND_FAILED = 3  # a stage raised under on_error="raise": payload describes the error
+# Several one-frame messages in one frame, sent when items come quicker than ZeroMQ's
+# per-message cost (a send, a wake-up of each I/O thread, a poll and a receive): the
+# envelope with their count as its sequence number, then each as a 4-byte length and its
+# bytes. Only a receiver's ``Inputs`` ever sees one: it hands the messages on one by one.
+KIND_BATCH = 4
+BATCH_MAX_BYTES = 32 * 1024  # a batch is sent before it grows past this
+BATCH_MAX_ITEMS = 256
 # The sequence number of an end-of-stream marker between pystream-worker processes that
 # says the source's items have all been sent (the chain then ends by itself), not that a
 # process is stopping (0).
 END_OF_DATA = 2**64 - 1
 _KINDS = (KIND_DATA, KIND_EOS, KIND_DROPPED, KIND_FAILED)
 _ENVELOPE = struct.Struct("<BQd")  # kind, sequence number, time the source sent it
+_LENGTH = struct.Struct("<I")
 
 
 def pack_envelope(kind: int, seq: int, sent_at: float) -> bytes:
@@ -55,8 +63,43 @@ def unpack_envelope(frame: Any) -> tuple[int, int, float]:
         raise DecodeError(f"envelope has {buf.nbytes} bytes, expected {_ENVELOPE.size}")
     kind, seq, sent_at = _ENVELOPE.unpack_from(buf)
     if kind not in _KINDS:
-        raise DecodeError(f"unknown envelope kind {kind}")
+        what = "a malformed batch" if kind == KIND_BATCH else f"unknown envelope kind {kind}"
+        raise DecodeError(what)
     return kind, seq, sent_at
+
+
+def is_batch(frame: Any) -> bool:
+    buf = memoryview(frame)
+    return buf.nbytes >= _ENVELOPE.size and buf[0] == KIND_BATCH
+
+
+def pack_batch(messages: Sequence[bytes]) -> bytes:
+    """One frame holding ``messages``, each the single frame of a message."""
+    parts = [_ENVELOPE.pack(KIND_BATCH, len(messages), 0.0)]
+    for message in messages:
+        parts += (_LENGTH.pack(len(message)), message)
+    return b"".join(parts)
+
+
+def unpack_batch(frame: Any) -> list[list[Any]]:
+    """The messages in a batch (views of ``frame``, one frame each); ``DecodeError`` for
+    a malformed one, so that nothing in it is taken."""
+    buf = memoryview(frame)
+    count = _ENVELOPE.unpack_from(buf)[1]
+    messages: list[list[Any]] = []
+    at, end = _ENVELOPE.size, buf.nbytes
+    while at < end:
+        if at + _LENGTH.size > end:
+            raise DecodeError("a batch ends inside a length")
+        (length,) = _LENGTH.unpack_from(buf, at)
+        at += _LENGTH.size
+        if length < _ENVELOPE.size or at + length > end or buf[at] == KIND_BATCH:
+            raise DecodeError("a batch holds a malformed message")
+        messages.append([buf[at : at + length]])
+        at += length
+    if len(messages) != count:
+        raise DecodeError(f"a batch says {count} messages and holds {len(messages)}")
+    return messages
 
 
 def payload(message: Sequence[Any]) -> list[Any]:

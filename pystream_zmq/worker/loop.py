@@ -44,6 +44,11 @@ _POLL_MS = 100  # how often an idle worker flushes its profile events
 _BURST = 64  # items handled between two polls of the control socket
 _LATEST_BATCH = 1024  # under drop_policy="latest", most messages read before picking the newest
 _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its counters
+# Outputs that go in batches (worker/sending.py): small, from items handled this quickly,
+# after _BATCH_AFTER such items in a row: no output should wait long for the next call.
+_BATCH_ITEM_TIME = 0.0002
+_BATCH_AFTER = 16
+_BATCH_ITEM_BYTES = 4096
 # What one state reply may hold: the orchestrator refuses messages over the codec's limit.
 _STATE_BUDGET = codec.DEFAULT_MAX_MESSAGE_BYTES - 2**20
 
@@ -89,6 +94,8 @@ class Worker:
         self._decode = formats.decoder(spec.input_format, spec.max_message_bytes, views)
         self._pack = formats.packer(spec.output_format, spec.max_message_bytes, placer)
         self._sender = Sender(self.outputs, self._between_waits)
+        self._batches = pystream_out  # a program outside PyStream reads one item per message
+        self._quick_streak = 0  # items in a row handled within _BATCH_ITEM_TIME
         self.profile: zmq.Socket[Any] | None = None
         self.events: EventBuffer | None = None
         if spec.profile is not None:
@@ -149,7 +156,7 @@ class Worker:
         """{path: {name: value}}: the unit's counters, and each stage's errors; a replica's
         paths end in #N, so that replicas do not overwrite each other."""
         suffix = "" if self.spec.replica is None else f"{REPLICA_MARK}{self.spec.replica}"
-        counters = {**self.counters, **self.memory.counters()}
+        counters = {**self.counters, **self.memory.counters(), **self._sender.counters}
         if self.shared is not None and self.shared.allocator is not None:
             counters.update(self.shared.allocator.counters)  # its output link's
         if self.inputs.ordered:
@@ -180,13 +187,13 @@ class Worker:
             self.counters["dropped_events"] += len(events)
 
     # -- data path -----------------------------------------------------------------------
-    def _handle_item(self, frames: list[zmq.Frame]) -> None:
+    def _handle_item(self, frames: Message) -> None:
         """Process one message and send what it gives."""
         arrive = time.time()
         try:
             kind, seq, sent_at = transport.unpack_envelope(frames[0])
             if kind in (transport.KIND_DROPPED, transport.KIND_FAILED):
-                self._sender.send([frame.bytes for frame in frames])  # pass it on, in order
+                self._sender.send([bytes(frame) for frame in frames])  # pass it on, in order
                 return
             if kind == transport.KIND_EOS:
                 if self.events is not None:
@@ -217,7 +224,7 @@ class Worker:
             raise
 
     def _run_stages(
-        self, frames: list[zmq.Frame], box: list[Any], seq: int, sent_at: float, arrive: float
+        self, frames: Message, box: list[Any], seq: int, sent_at: float, arrive: float
     ) -> None:
         """Run the stages on ``box[0]``, the item (``box``: the only reference to it), and
         send what they give."""
@@ -240,6 +247,19 @@ class Worker:
             self._sender.send(self._failure_frames(failure, sent_at))
             return
         self.counters["processed"] += 1
+        quick = time.time() - arrive < _BATCH_ITEM_TIME
+        self._quick_streak = self._quick_streak + 1 if quick else 0
+        if (
+            self._batches
+            and self._quick_streak >= _BATCH_AFTER
+            and len(message) == 1
+            and len(message[0]) <= _BATCH_ITEM_BYTES
+            and not (handoff and handoff.placed)  # its leases go with a send of its own
+        ):
+            self._sender.defer(message[0])
+            if handoff is not None:
+                handoff.done()
+            return
         shared = len(message) > 1 and share_received_frames(message, frames)
         try:
             self._sender.send(message, tracked=not shared)
@@ -300,6 +320,7 @@ class Worker:
         answered (a STOP ends the run as usual); if it does not come, leave."""
         if not self.memory.over_limit(after_item):
             return
+        self._sender.flush()  # what is done goes on
         assert self._watchdog is not None
         self._watchdog.over_memory(self._last_seq, self.memory.rss, self.memory.limit)
         if self.events is not None:  # the items done so far keep their profile records
@@ -360,13 +381,14 @@ class Worker:
             poller.register(control, zmq.POLLIN)
         for sock in self.inputs.sockets:
             poller.register(sock, zmq.POLLIN)
-        watchdog = self._watchdog = Watchdog(self.chain, self.spec, self.ctx)
+        watchdog = Watchdog(self.chain, self.spec, self.ctx, self._sender.flush_aside)
+        self._watchdog = watchdog
         watchdog.start()
         try:
             while not done():
                 self._serve(poller, control)
         except _Stop:
-            pass
+            self.counters["discarded"] += self._sender.abandon()
         finally:
             watchdog.stop()
 
@@ -392,6 +414,7 @@ class Worker:
                 self._stop_if_done()
                 if self.events is not None:  # a slow stage may not leave the burst for long
                     self.events.flush_if_old()
+        self._sender.flush()  # before it waits for input
         if self.events is not None:
             self.events.flush_if_old()
             self._send_counters_if_due()

@@ -12,7 +12,8 @@ if they have to wait for it), a stalled RUNNING after ``stall_after`` and again 
 intervals (at most _MAX_REPEAT apart), DONE when a reported call returns, and DEADLINE past
 ``deadline``: the orchestrator then kills the worker, which ends itself if it is not killed
 within _DEADLINE_GRACE. It also sends, for the main thread (``over_memory``), MEMORY: the
-worker's resident size passed its limit (worker/memory.py).
+worker's resident size passed its limit (worker/memory.py). And while a call runs, it sends
+the batch of outputs done before it (``Sender.flush_aside``), so that they do not wait for it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -43,9 +45,16 @@ _MIN_CHECK_INTERVAL = 0.01
 
 
 class Watchdog(threading.Thread):
-    def __init__(self, chain: StageChain, spec: WorkerSpec, ctx: zmq.Context[Any]) -> None:
+    def __init__(
+        self,
+        chain: StageChain,
+        spec: WorkerSpec,
+        ctx: zmq.Context[Any],
+        flush_batch: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(name="pystream-watchdog", daemon=True)
         self._chain = chain
+        self._flush_batch = flush_batch
         self._spec = spec
         self._ctx = ctx
         # {leaf path: (stall_after, deadline)}
@@ -92,6 +101,7 @@ class Watchdog(threading.Thread):
             self._next_report = self._first_report(current)
         if current is None:
             return
+        self._flush_batch()
         path, _, start = current
         running = now - start
         stall_after, deadline = self._limits_of(path)
