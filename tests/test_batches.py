@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import stages
 from conftest import wait_until
 
@@ -74,3 +75,39 @@ def test_outputs_done_before_a_stage_call_that_hangs_do_not_wait_for_it(tmp_path
     reader.join(10)
     assert [out["x"] for out in outputs] == list(range(100))
     assert stats.stages["MainPipeline__Hold"]["batches"] > 0
+
+
+def test_shared_memory_frames_in_batches_arrive_whole_and_in_order() -> None:
+    """Arrays in shared memory travel as small descriptors: those batch too, with their
+    leases. Every frame's content arrives as it was sent, and a kept one never changes."""
+    shape = (480, 720, 3)  # 1 MB, through shared memory
+    seen: list[tuple[int, bool]] = []  # (x, whether its image was all x % 251)
+    kept: list[Any] = []  # every 50th output, kept to the end
+
+    def read(every: Any) -> None:
+        for out in every:
+            seen.append((out["x"], bool((out["image"] == out["x"] % 251).all())))
+            if out["x"] % 50 == 0:
+                kept.append(out)
+
+    with Pipeline() as pipeline:
+        for name in "ABC":
+            pipeline.add(stages.no_op, name)
+        pipeline.parallelize()
+        reader = threading.Thread(target=read, args=(pipeline.results(),), daemon=True)
+        reader.start()
+        sent = 0
+        while sent < 20_000:
+            for x in range(sent, sent + 1000):
+                assert pipeline.forward({"x": x, "image": np.full(shape, x % 251, np.uint8)})
+            sent += 1000
+            if batches(pipeline.stats().stages, "MainPipeline__C"):
+                break
+        assert wait_until(lambda: len(seen) == sent, timeout=30), (len(seen), sent)
+        pipeline.stop_loop()
+        stats = pipeline.stats()
+    reader.join(10)
+    assert seen == [(x, True) for x in range(sent)]
+    assert all((out["image"] == out["x"] % 251).all() for out in kept)
+    assert batches(stats.stages, "MainPipeline__C") > 0
+    assert stats.stages["MainPipeline__C"]["shm_passed"] > 0

@@ -233,9 +233,8 @@ class Ingress:
         self.refused = 0  # items send() could not send
         self.replaced = 0  # "latest": items send() took that a newer one replaced
 
-    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
-        """Hand one encoded item to the first stage; False when it was refused.
-        ``batch=False``: never in a batch (it holds shared memory)."""
+    def send(self, frames: Frames, sent_at: float) -> bool:
+        """Hand one encoded item to the first stage; False when it was refused."""
         raise NotImplementedError
 
     def wait_sent(self, deadline: Deadline) -> bool:
@@ -262,7 +261,7 @@ class Block(Ingress):
         self._credits = credits
         self._last_item = 0.0  # when send() was called last (time.monotonic())
 
-    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
+    def send(self, frames: Frames, sent_at: float) -> bool:
         first = self.first
         with first.lock:
             first.check_open()
@@ -272,8 +271,7 @@ class Block(Ingress):
             now = time.monotonic()
             follows, self._last_item = now - self._last_item < BATCH_GAP, now
             if (
-                batch
-                and self._batches
+                self._batches
                 and follows
                 and len(message) == 1
                 and len(message[0]) <= _BATCH_ITEM_BYTES
@@ -335,7 +333,7 @@ class Latest(Ingress):
         self._feeder = threading.Thread(target=self._feed, name="pystream-feeder", daemon=True)
         self._feeder.start()
 
-    def send(self, frames: Frames, sent_at: float, batch: bool = True) -> bool:
+    def send(self, frames: Frames, sent_at: float) -> bool:
         owned = [bytes(frame) for frame in frames]  # the caller may reuse its arrays
         with self._pending_cond:
             self.first.check_open()

@@ -283,14 +283,13 @@ class ParallelRunner:
         sent_at = time.time()
         placer = self.shared.allocator if self.shared is not None else None
         limit = self.settings.max_message_bytes
-        placed: list[int] = []
         if placer is None:
             frames = codec.encode(data, max_message_bytes=limit)
         else:
             frames, placed = codec.encode_shared(data, placer, max_message_bytes=limit)
         sent = False
         try:
-            sent = self._ingress.send(frames, sent_at, batch=not placed)
+            sent = self._ingress.send(frames, sent_at)
         finally:
             if placer is not None and not sent:  # refused or raised: nobody will read it
                 placer.cancel(placed)

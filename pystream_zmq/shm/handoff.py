@@ -127,11 +127,6 @@ class Handoff:
             self._copied.append(spot[1])
         return spot
 
-    @property
-    def placed(self) -> bool:
-        """Whether the item being encoded took shared memory: passed on, or copied in."""
-        return bool(self._passed or self._copied)
-
     def cancel(self, entries: list[int]) -> None:
         """The item is not sent after all: what was passed on is this process's again,
         and what was copied is freed. (``entries`` would name both pools' entries alike:

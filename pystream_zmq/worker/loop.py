@@ -254,7 +254,6 @@ class Worker:
             and self._quick_streak >= _BATCH_AFTER
             and len(message) == 1
             and len(message[0]) <= _BATCH_ITEM_BYTES
-            and not (handoff and handoff.placed)  # its leases go with a send of its own
         ):
             self._sender.defer(message[0])
             if handoff is not None:
