@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 _TAKE_SLICE = 0.1  # seconds every_output() waits for an output before it looks at the input
+_TAKE_MOST = 64  # outputs taken at once: what a reader holds past the pipeline's own bound
 
 
 class EveryOutput:
@@ -57,28 +58,31 @@ class EveryOutput:
         with self._cond:
             return self._cond.wait_for(lambda: len(self._queue) < capacity, timeout)
 
-    def take(self, timeout: float) -> tuple[bool, Any]:
-        """(True, the next output), or (False, None) when none came within ``timeout``."""
+    def take(self, timeout: float) -> list[Any]:
+        """The next outputs, as many as have come (at most _TAKE_MOST), waiting up to
+        ``timeout`` for the first; [] when none came. Several at once: a lock and a
+        wake-up per output cost a reader of small items more than the rest of its work."""
         with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._queue), timeout):
-                return False, None
-            output = self._queue.popleft()
-            self._cond.notify_all()  # a credit, or room, came back
-            return True, output
+            queue = self._queue
+            if not self._cond.wait_for(lambda: bool(queue), timeout):
+                return []
+            taken = [queue.popleft() for _ in range(min(len(queue), _TAKE_MOST))]
+            self._cond.notify_all()  # credits, or room, came back
+            return taken
 
 
 def every_output(
-    take: Callable[[float], tuple[bool, Any]],
+    take: Callable[[float], list[Any]],
     input_done: Callable[[], bool],
     running: Callable[[], bool],
 ) -> Iterator[Any]:
     """Yield what ``take(timeout)`` gives until ``input_done()``, then what is left; stop
     early once the pipeline is no longer ``running()``."""
     while running():
-        got, output = take(_TAKE_SLICE)
-        if got:
-            yield output
+        taken = take(_TAKE_SLICE)
+        if taken:
+            yield from taken
         elif input_done():
-            while (taken := take(0.0))[0]:
-                yield taken[1]
+            while taken := take(0.0):
+                yield from taken
             return

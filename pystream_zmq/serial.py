@@ -87,7 +87,7 @@ class SerialRunner:
         self.every.subscribe()
         return self._delivered
 
-    def take_output(self, timeout: float) -> tuple[bool, Any]:
+    def take_output(self, timeout: float) -> list[Any]:
         return self.every.take(timeout)
 
     def _stage_counters(self) -> dict[str, dict[str, int]]:

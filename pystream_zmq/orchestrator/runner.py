@@ -308,8 +308,8 @@ class ParallelRunner:
         self.collector.every.subscribe()
         return self.collector.delivered
 
-    def take_output(self, timeout: float) -> tuple[bool, Any]:
-        """The next output kept since subscribe(), waiting up to ``timeout``."""
+    def take_output(self, timeout: float) -> list[Any]:
+        """The next outputs kept since subscribe(), waiting up to ``timeout``."""
         self._raise_if_failed()
         return self.collector.every.take(timeout)
 
