@@ -4,7 +4,9 @@ descriptors: test_shm_codec.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import mmap
 import os
 
 import numpy as np
@@ -14,6 +16,7 @@ from conftest import wait_until
 from shm_checks import dev_shm, left_in_dev_shm
 
 from pystream_zmq import Pipeline
+from pystream_zmq.shm.sender import WARM_BYTES
 
 SHAPE = (480, 720, 3)  # 1 MB
 STAGES = ("MainPipeline__A", "MainPipeline__B", "MainPipeline__C")
@@ -234,3 +237,34 @@ def test_a_stage_keeping_what_it_received_gets_a_copy_and_its_kept_data_never_ch
         pipeline.stop_loop()
     assert keeper.value == 1 and keeper.checked == items - 1
     assert keeper.changed == 0
+
+
+def pool_bytes_in_memory() -> int:
+    """What the kernel holds of this process's shared-memory pools (memfd files), in bytes."""
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pystream-shm"):
+                total += os.fstat(int(fd)).st_blocks * 512
+    return total
+
+
+def populate_works() -> bool:
+    """Whether this kernel maps pages in on request (MADV_POPULATE_WRITE: linux 5.14+)."""
+    with mmap.mmap(-1, mmap.PAGESIZE) as probe:
+        try:
+            probe.madvise(23, 0, mmap.PAGESIZE)
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not populate_works(), reason="the kernel has no MADV_POPULATE_WRITE")
+def test_forward_s_pool_is_mapped_in_at_its_first_array_not_frame_by_frame() -> None:
+    """A fresh page costs a fault and a zeroing when first written: the sender has the
+    first WARM_BYTES of its pool mapped in on a thread of its own at its first array."""
+    gc.collect()  # earlier tests' pools, if any are still about
+    with three_stages() as pipeline:
+        before = pool_bytes_in_memory()  # the new pools are sparse until then
+        assert pipeline.forward({"buffer": np.zeros(SHAPE, np.uint8)})
+        assert wait_until(lambda: pool_bytes_in_memory() >= before + WARM_BYTES, timeout=10)
