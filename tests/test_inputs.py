@@ -194,3 +194,17 @@ def test_any_bytes_after_a_batch_envelope_unpack_or_raise_decode_error(tail: byt
     except DecodeError:
         return
     assert len(messages) == 2
+
+
+def test_more_waiting_says_whether_another_message_is_here_already(links) -> None:  # type: ignore[no-untyped-def]
+    """What a worker asks before it holds an output back for a batch: never for the last
+    message there is, which would only go later."""
+    senders, receivers = links
+    inputs = Inputs(receivers[:1])
+    senders[0].send(batch(0, 1))
+    send(senders[0], DATA, 2)
+    assert wait_until(lambda: inputs.more_waiting())
+    seen = []
+    for message in inputs.take(receivers[:1]):
+        seen.append((transport.unpack_envelope(message[0])[1], inputs.more_waiting()))
+    assert seen == [(0, True), (1, True), (2, False)]

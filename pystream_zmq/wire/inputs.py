@@ -62,6 +62,7 @@ class Inputs:
         self._batched: list[collections.deque[Message]] = [collections.deque() for _ in sockets]
         self._next_seq = first_seq
         self._waiting_since: float | None = None  # a head waits for a missing item
+        self._in_hand = 0  # messages take() has received and not yielded yet
         self.skipped = 0  # items that never reached this merge (lost upstream)
         self.late = 0  # items that came after they had been skipped: discarded
 
@@ -95,7 +96,20 @@ class Inputs:
         self._release(out)
         while self._refill_heads(out):  # from batches received already
             self._release(out)
-        yield from out
+        yield from self._handing(out)
+
+    def more_waiting(self) -> bool:
+        """Whether another message is here already: received with the one being handled
+        (a batch), or waiting in a socket's queue."""
+        if self._in_hand or any(self._batched):
+            return True
+        return any(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets)
+
+    def _handing(self, messages: list[Message]) -> Iterator[Message]:
+        for count, message in enumerate(messages, 1):
+            self._in_hand = len(messages) - count
+            yield message
+        self._in_hand = 0
 
     def let_go(self) -> tuple[list[Message], set[int]]:
         """For a receiver that stops before the end of stream: the messages held here
@@ -127,7 +141,8 @@ class Inputs:
                 self._numbered += 1
                 yield [envelope, *message]
             elif len(message) == 1 and transport.is_batch(message[0]):
-                yield from (one for one in _unbatch(message) if self._passes(one, index))
+                batch = [one for one in _unbatch(message) if self._passes(one, index)]
+                yield from self._handing(batch)
             elif self._passes(message, index):
                 yield message
 

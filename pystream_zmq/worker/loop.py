@@ -254,6 +254,7 @@ class Worker:
             and self._quick_streak >= _BATCH_AFTER
             and len(message) == 1
             and len(message[0]) <= _BATCH_ITEM_BYTES
+            and self.inputs.more_waiting()  # else it would go alone, only later
         ):
             self._sender.defer(message[0])
             if handoff is not None:
