@@ -35,6 +35,7 @@ Message = list[Any]  # [envelope + header, *buffers] (transport.py), as zmq.Fram
 
 REORDER_TIMEOUT = 10.0  # seconds a later item waits for a missing one before it is skipped
 _EOS_KEY = math.inf  # an end-of-stream head sorts after every item
+_ITEMS_PER_COUNT = 16  # of a batch's items, how many count as one message in a burst
 
 
 class Inputs:
@@ -130,18 +131,23 @@ class Inputs:
 
     # -- not ordered ---------------------------------------------------------------------
     def _read_burst(self, index: int) -> Iterator[Message]:
+        """At most ``burst`` messages, a batch counting as one per _ITEMS_PER_COUNT of its
+        items as well: a receiver gets back to its other sockets within ~1,000 items."""
         sock = self.sockets[index]
-        for _ in range(self._burst):
+        taken = 0
+        while taken < self._burst:
             try:
                 message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            taken += 1
             if self.foreign:
                 envelope = transport.pack_envelope(transport.KIND_DATA, self._numbered, time.time())
                 self._numbered += 1
                 yield [envelope, *message]
             elif len(message) == 1 and transport.is_batch(message[0]):
                 batch = [one for one in _unbatch(message) if self._passes(one, index)]
+                taken += len(batch) // _ITEMS_PER_COUNT
                 yield from self._handing(batch)
             elif self._passes(message, index):
                 yield message
