@@ -16,8 +16,9 @@ next sequence number, and the lock that a drain's end-of-stream marker takes too
 
 Under "block", small items go in batches while the pipeline is moving fast (transport.
 KIND_BATCH): each ZeroMQ message costs this process, the worker and both I/O threads more
-than a small item's own work. The first item of a batch waits at most BATCH_WAIT: the next
-``forward()`` sends it when it is due, or the batch's own thread does.
+than a small item's own work. The first item of a batch waits at most BATCH_WAIT
+(wire/batch.py): the next ``forward()`` sends it when it is due, or the batch's own thread
+does.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.orchestrator.deadline import Deadline, in_slices
 from pystream_zmq.orchestrator.supervisor import Supervisor
 from pystream_zmq.wire import security, transport
+from pystream_zmq.wire.batch import WAIT as BATCH_WAIT
+from pystream_zmq.wire.batch import Batch
 from pystream_zmq.wire.outputs import Outputs
 
 _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
-BATCH_WAIT = 0.001  # seconds the first item of a batch may wait for the others
 # Batches only while items come out at least this fast (under 200 us each): slower, a
 # message per item costs little next to their work, and replicas share items more evenly.
 BATCH_RATE = 5000
@@ -66,12 +68,8 @@ class FirstStage:
         self.lock = threading.Lock()
         self.next_seq = 0  # of the next item; every one below has been sent or batched
         self.closed = False
-        self._batch: list[bytes] = []  # one-frame messages, to go as one
-        self._batch_bytes = 0
-        self._batch_since = 0.0
-        self._batch_due = threading.Condition(self.lock)
-        # batches sent, and the items they held (an item alone is no batch)
-        self.batch_counters = {"batches": 0, "batched": 0}
+        self.batch = Batch()  # one-frame messages, to go as one
+        self._batch_started = threading.Condition(self.lock)
         self._flusher: threading.Thread | None = None
 
     @property
@@ -97,60 +95,42 @@ class FirstStage:
         """Refuse items from now on; a batch not sent by now is let go."""
         with self.lock:
             self.closed = True
-            self._batch_due.notify()
+            self._batch_started.notify()
         if self._flusher is not None:
             self._flusher.join()
 
-    # -- batches: hold the lock ----------------------------------------------------------
-    def batch(self, frame: bytes) -> None:
-        """Send ``frame`` (a one-frame message) with the next ones; ``batch_full`` says when
-        to ``flush`` first."""
-        if not self._batch:
-            self._batch_since = time.monotonic()
+    # -- the batch: hold the lock --------------------------------------------------------
+    def add_to_batch(self, frame: bytes) -> None:
+        """Send ``frame`` (a one-frame message) with the next ones; ``batch.due()`` says
+        when to ``flush`` first."""
+        if not len(self.batch):
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_when_due, name="pystream-batches", daemon=True
                 )
                 self._flusher.start()
-            self._batch_due.notify()
-        self._batch.append(frame)
-        self._batch_bytes += len(frame)
-
-    def batch_full(self) -> bool:
-        """Whether the batch must go before another item joins it."""
-        return bool(self._batch) and (
-            len(self._batch) >= transport.BATCH_MAX_ITEMS
-            or self._batch_bytes >= transport.BATCH_MAX_BYTES
-            or time.monotonic() - self._batch_since >= BATCH_WAIT
-        )
+            self._batch_started.notify()
+        self.batch.add(frame)
 
     def flush(self, timeout_ms: int) -> bool:
         """Send the batch, waiting up to ``timeout_ms`` for room; whether it went (or
         there was none)."""
-        batch = self._batch
-        if not batch:
+        if not len(self.batch):
             return True
-        frame = batch[0] if len(batch) == 1 else transport.pack_batch(batch)
-        if not self.outputs.send([frame], timeout_ms):
+        if not self.outputs.send([self.batch.frame()], timeout_ms):
             return False
-        if len(batch) > 1:
-            self.batch_counters["batches"] += 1
-            self.batch_counters["batched"] += len(batch)
-        batch.clear()
-        self._batch_bytes = 0
+        self.batch.sent()
         return True
 
     def _flush_when_due(self) -> None:
         with self.lock:
             while not self.closed:
-                if not self._batch:
-                    self._batch_due.wait()
-                    continue
-                left = self._batch_since + BATCH_WAIT - time.monotonic()
-                if left > 0:
-                    self._batch_due.wait(left)
+                if not len(self.batch):
+                    self._batch_started.wait()
+                elif (left := self.batch.left()) > 0:
+                    self._batch_started.wait(left)
                 elif not self.flush(_BATCH_RETRY_MS):
-                    self._batch_due.wait(BATCH_WAIT)  # let forward() and drain() in
+                    self._batch_started.wait(BATCH_WAIT)  # let forward() and drain() in
 
 
 class Credits:
@@ -285,10 +265,10 @@ class Block(Ingress):
                 and credits.fast()
                 and credits.free()
             ):
-                if first.batch_full() and not self._flush(deadline):
+                if first.batch.due() and not self._flush(deadline):
                     self.refused += 1
                     return False
-                first.batch(message[0])
+                first.add_to_batch(message[0])
                 first.next_seq += 1
                 return True
             # copy=True: the caller may reuse its arrays as soon as forward() returns.

@@ -366,7 +366,7 @@ class ParallelRunner:
         by frame (those without shared memory: none)."""
         placer = self.shared.allocator if self.shared is not None else None
         return {
-            **self._ingress.first.batch_counters,
+            **self._ingress.first.batch.counters,
             **(placer.counters if placer is not None else {}),
         }
 

@@ -156,7 +156,7 @@ class Worker:
         """{path: {name: value}}: the unit's counters, and each stage's errors; a replica's
         paths end in #N, so that replicas do not overwrite each other."""
         suffix = "" if self.spec.replica is None else f"{REPLICA_MARK}{self.spec.replica}"
-        counters = {**self.counters, **self.memory.counters(), **self._sender.counters}
+        counters = {**self.counters, **self.memory.counters(), **self._sender.batch.counters}
         if self.shared is not None and self.shared.allocator is not None:
             counters.update(self.shared.allocator.counters)  # its output link's
         if self.inputs.ordered:

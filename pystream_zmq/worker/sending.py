@@ -6,27 +6,24 @@ may write into the buffer it returned on its next call.
 Every wait is cut into slices of _POLL_MS, and ``between_waits`` runs after each: the worker
 answers its control channel there, and raises to abandon the send when it must stop.
 
-Quick small items are sent in batches (``defer``, then ``flush``; transport.KIND_BATCH): a
-ZeroMQ message costs the sender, the receiver and both I/O threads more than a small
-item's own work. A batch is sent when BATCH_WAIT has passed at the next item, before the
-worker waits for input, and, should a stage call run long, by the watchdog's thread
-(``flush_aside``): what is done goes on while a stage hangs."""
+Quick small items are sent in batches (``defer``, then ``flush``; wire/batch.py). A batch
+is sent when it is due at the next item, before the worker waits for input, and, should a
+stage call run long, by the watchdog's thread (``flush_aside``): what is done goes on while
+a stage hangs."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import zmq
 
-from pystream_zmq.wire import transport
+from pystream_zmq.wire.batch import Batch
 from pystream_zmq.wire.outputs import Outputs
 
 _POLL_MS = 100  # how long a wait lasts before ``between_waits`` runs
-BATCH_WAIT = 0.001  # seconds the first item of a batch may wait for the others
 
 
 class Sender:
@@ -37,69 +34,44 @@ class Sender:
         self._between_waits = between_waits
         self._tracker: zmq.MessageTracker | None = None
         self._poller: zmq.Poller | None = None  # made on the first full downstream
-        self._batch: list[bytes] = []  # deferred one-frame messages, in order
-        self._batch_bytes = 0
-        self._batch_since = 0.0
-        self.counters = {"batches": 0, "batched": 0}  # an item alone is no batch
+        self.batch = Batch()  # deferred one-frame messages, in order
         # Held by whoever uses the sockets: the worker's thread, or flush_aside's.
         self._lock = threading.Lock()
 
     def defer(self, frame: bytes) -> None:
-        """Send a one-frame message with the next ones, in a batch: before BATCH_WAIT
-        has passed at the next ``defer``, at ``flush`` or another send."""
+        """Send a one-frame message with the next ones, in a batch: once it is due at the
+        next ``defer``, at ``flush`` or another send."""
         with self._lock:
-            batch = self._batch
-            if not batch:
-                self._batch_since = time.monotonic()
-            batch.append(frame)
-            self._batch_bytes += len(frame)
-            if (
-                len(batch) >= transport.BATCH_MAX_ITEMS
-                or self._batch_bytes >= transport.BATCH_MAX_BYTES
-                or time.monotonic() - self._batch_since >= BATCH_WAIT
-            ):
+            self.batch.add(frame)
+            if self.batch.due():
                 self._flush()
 
     def flush(self) -> None:
         """Send what ``defer`` holds."""
-        if self._batch:
+        if len(self.batch):
             with self._lock:
                 self._flush()
 
     def flush_aside(self) -> None:
         """From another thread, while the worker's is inside a stage call: send what
         ``defer`` holds if there is room now; nothing if the worker's thread is sending."""
-        if not self._batch or not self._lock.acquire(blocking=False):
+        if not len(self.batch) or not self._lock.acquire(blocking=False):
             return
         try:
-            if self._batch and self.outputs.try_send([self._batch_frame()])[0]:
-                self._sent_batch()
+            if len(self.batch) and self.outputs.try_send([self.batch.frame()])[0]:
+                self.batch.sent()
         finally:
             self._lock.release()
-
-    def _flush(self) -> None:
-        if self._batch:
-            self._send_to(self.outputs, [self._batch_frame()])
-            self._sent_batch()
-
-    def _batch_frame(self) -> bytes:
-        batch = self._batch
-        return batch[0] if len(batch) == 1 else transport.pack_batch(batch)
-
-    def _sent_batch(self) -> None:
-        if len(self._batch) > 1:
-            self.counters["batches"] += 1
-            self.counters["batched"] += len(self._batch)
-        self._batch.clear()
-        self._batch_bytes = 0
 
     def abandon(self) -> int:
         """Forget what ``defer`` holds (the worker stops); how many messages that was."""
         with self._lock:
-            count = len(self._batch)
-            self._batch.clear()
-            self._batch_bytes = 0
-            return count
+            return self.batch.clear()
+
+    def _flush(self) -> None:
+        if len(self.batch):
+            self._send_to(self.outputs, [self.batch.frame()])
+            self.batch.sent()
 
     def send(self, frames: list[Any], everywhere: bool = False, tracked: bool = True) -> None:
         """Send to the next replica downstream with room (``everywhere``: to each one),
