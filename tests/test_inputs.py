@@ -168,7 +168,7 @@ def test_a_malformed_batch_is_handed_on_to_be_refused_and_nothing_else_is_lost( 
 def test_batches_round_trip_and_refuse_what_is_malformed() -> None:
     messages = [transport.pack_envelope(DATA, seq, 0.5) + b"x" * seq for seq in range(5)]
     packed = transport.pack_batch(messages)
-    assert transport.is_batch(packed) and not transport.is_batch(messages[0])
+    assert transport.is_batch([packed]) and not transport.is_batch([messages[0]])
     assert [bytes(m[0]) for m in transport.unpack_batch(packed)] == messages
     nested = transport.pack_batch([packed])
     envelope = len(transport.pack_envelope(DATA, 0, 0.0))

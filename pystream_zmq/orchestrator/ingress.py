@@ -16,7 +16,7 @@ next sequence number, and the lock that a drain's end-of-stream marker takes too
 
 Under "block", small items go in batches while the pipeline is moving fast (transport.
 KIND_BATCH): each ZeroMQ message costs this process, the worker and both I/O threads more
-than a small item's own work. The first item of a batch waits at most BATCH_WAIT
+than a small item's own work. The first item of a batch waits at most ``batch.WAIT``
 (wire/batch.py): the next ``forward()`` sends it when it is due, or the batch's own thread
 does.
 """
@@ -35,9 +35,7 @@ from pystream_zmq.errors import PipelineStateError
 from pystream_zmq.orchestrator.collector import Collector
 from pystream_zmq.orchestrator.deadline import Deadline, in_slices
 from pystream_zmq.orchestrator.supervisor import Supervisor
-from pystream_zmq.wire import security, transport
-from pystream_zmq.wire.batch import WAIT as BATCH_WAIT
-from pystream_zmq.wire.batch import Batch
+from pystream_zmq.wire import batch, security, transport
 from pystream_zmq.wire.outputs import Outputs
 
 _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before letting go
@@ -45,7 +43,6 @@ _FEED_POLL_MS = 20  # under "latest", how long the feeder waits for room before 
 # message per item costs little next to their work, and replicas share items more evenly.
 BATCH_RATE = 5000
 BATCH_GAP = 0.0002  # ... and only an item that follows the one before this closely
-_BATCH_ITEM_BYTES = 4096  # larger items go alone: a message costs little next to their bytes
 _BATCH_RETRY_MS = 10  # how long the batch's thread waits for room in one go
 
 Frames = list[bytes | memoryview]
@@ -68,7 +65,7 @@ class FirstStage:
         self.lock = threading.Lock()
         self.next_seq = 0  # of the next item; every one below has been sent or batched
         self.closed = False
-        self.batch = Batch()  # one-frame messages, to go as one
+        self.batch = batch.Batch()  # one-frame messages, to go as one
         self._batch_started = threading.Condition(self.lock)
         self._flusher: threading.Thread | None = None
 
@@ -130,7 +127,7 @@ class FirstStage:
                 elif (left := self.batch.left()) > 0:
                     self._batch_started.wait(left)
                 elif not self.flush(_BATCH_RETRY_MS):
-                    self._batch_started.wait(BATCH_WAIT)  # let forward() and drain() in
+                    self._batch_started.wait(batch.WAIT)  # let forward() and drain() in
 
 
 class Credits:
@@ -260,8 +257,7 @@ class Block(Ingress):
             if (
                 self._batches
                 and follows
-                and len(message) == 1
-                and len(message[0]) <= _BATCH_ITEM_BYTES
+                and batch.fits(message)
                 and credits.fast()
                 and credits.free()
             ):

@@ -6,10 +6,17 @@ one; what decides when an item joins it, and who sends it, is theirs."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pystream_zmq.wire import transport
 
 WAIT = 0.001  # seconds the first message of a batch may wait for the others
+ITEM_BYTES = 4096  # larger items go alone: a message costs little next to their bytes
+
+
+def fits(message: list[Any]) -> bool:
+    """Whether ``message`` may join a batch: one frame, small."""
+    return len(message) == 1 and len(message[0]) <= ITEM_BYTES
 
 
 class Batch:

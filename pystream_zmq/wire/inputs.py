@@ -145,7 +145,7 @@ class Inputs:
                 envelope = transport.pack_envelope(transport.KIND_DATA, self._numbered, time.time())
                 self._numbered += 1
                 yield [envelope, *message]
-            elif len(message) == 1 and transport.is_batch(message[0]):
+            elif transport.is_batch(message):
                 batch = [one for one in _unbatch(message) if self._passes(one, index)]
                 taken += len(batch) // _ITEMS_PER_COUNT
                 yield from self._handing(batch)
@@ -172,7 +172,7 @@ class Inputs:
             message = self.sockets[index].recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
-        if len(message) == 1 and transport.is_batch(message[0]):
+        if transport.is_batch(message):
             self._batched[index].extend(_unbatch(message))
             self._refill_head(index, out)
             return
@@ -247,7 +247,7 @@ class Inputs:
 
 def messages_in(message: Message) -> list[Message]:
     """The messages a received one holds: itself, or those of a batch."""
-    if len(message) == 1 and transport.is_batch(message[0]):
+    if transport.is_batch(message):
         return _unbatch(message)
     return [message]
 

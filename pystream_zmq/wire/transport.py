@@ -68,8 +68,11 @@ def unpack_envelope(frame: Any) -> tuple[int, int, float]:
     return kind, seq, sent_at
 
 
-def is_batch(frame: Any) -> bool:
-    buf = memoryview(frame)
+def is_batch(message: Sequence[Any]) -> bool:
+    """Whether a received message is a batch (its one frame says so)."""
+    if len(message) != 1:
+        return False
+    buf = memoryview(message[0])
     return buf.nbytes >= _ENVELOPE.size and buf[0] == KIND_BATCH
 
 

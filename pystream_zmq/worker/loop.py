@@ -30,7 +30,7 @@ from pystream_zmq.stage import (
     unsendable,
 )
 from pystream_zmq.throttle import Throttled
-from pystream_zmq.wire import codec, formats, security, transport
+from pystream_zmq.wire import batch, codec, formats, security, transport
 from pystream_zmq.wire.inputs import Inputs, Message
 from pystream_zmq.worker import memory
 from pystream_zmq.worker.sending import Sender, share_received_frames
@@ -48,7 +48,6 @@ _COUNTERS_INTERVAL = 1.0  # how often a profiled worker sends a snapshot of its 
 # after _BATCH_AFTER such items in a row: no output should wait long for the next call.
 _BATCH_ITEM_TIME = 0.0002
 _BATCH_AFTER = 16
-_BATCH_ITEM_BYTES = 4096
 # What one state reply may hold: the orchestrator refuses messages over the codec's limit.
 _STATE_BUDGET = codec.DEFAULT_MAX_MESSAGE_BYTES - 2**20
 
@@ -252,8 +251,7 @@ class Worker:
         if (
             self._batches
             and self._quick_streak >= _BATCH_AFTER
-            and len(message) == 1
-            and len(message[0]) <= _BATCH_ITEM_BYTES
+            and batch.fits(message)
             and self.inputs.more_waiting()  # else it would go alone, only later
         ):
             self._sender.defer(message[0])
@@ -279,12 +277,12 @@ class Worker:
                 self._decode(frames)
         self._sender.send([transport.pack_envelope(transport.KIND_DROPPED, seq, sent_at)])
 
-    def _handle_newest(self, batch: list[Message]) -> None:
+    def _handle_newest(self, waiting: list[Message]) -> None:
         """drop_policy="latest": of everything that was waiting, process only the newest
         item and drop the older ones (markers in their place, in order)."""
-        kinds = [_peek_kind(frames) for frames in batch]
+        kinds = [_peek_kind(frames) for frames in waiting]
         newest = max((i for i, kind in enumerate(kinds) if kind == transport.KIND_DATA), default=-1)
-        for i, frames in enumerate(batch):
+        for i, frames in enumerate(waiting):
             if i < newest and kinds[i] == transport.KIND_DATA:
                 _, seq, sent_at = transport.unpack_envelope(frames[0])
                 self.upstream_done = False

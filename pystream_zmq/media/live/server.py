@@ -28,7 +28,7 @@ from pystream_zmq.errors import SecurityError
 from pystream_zmq.media.live import page
 from pystream_zmq.media.live.figures import Figures, Rates, Row, pipeline_figures
 from pystream_zmq.media.live.frames import LatestFrame, is_image
-from pystream_zmq.wire import security
+from pystream_zmq.wire import endpoints, security
 
 if TYPE_CHECKING:
     from pystream_zmq.pipeline import Pipeline
@@ -90,8 +90,7 @@ class LiveView:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"http://{endpoints.address(self.host, self.port)}/"
 
     @property
     def frames(self) -> int:
