@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from pystream_zmq.shm import layout
 from pystream_zmq.shm.receiver import Views
-from pystream_zmq.shm.sender import DEFAULT_MIN_BYTES, Allocator
+from pystream_zmq.shm.sender import DEFAULT_MIN_BYTES, WARM_BYTES, Allocator
 
 DEFAULT_POOL_MB = 256  # per sending process, sparse: only what is in flight takes memory
 SOURCE = 0  # the orchestrator's pool
@@ -54,5 +54,8 @@ class Shared:
         # received from further up (shm.handoff). A mapping costs address space, and
         # memory only for the pages touched.
         maps = {n: layout.Pool(fd) for n, fd in enumerate(fds)}
-        self.allocator = None if sends is None else Allocator(maps[sends], sends, min_bytes)
+        self.allocator = None
+        if sends is not None:
+            warm = WARM_BYTES if sends == SOURCE else 0
+            self.allocator = Allocator(maps[sends], sends, min_bytes, warm)
         self.views = Views(maps)

@@ -31,11 +31,12 @@ DEFAULT_MIN_BYTES = 64 * 1024  # smaller arrays go by frame (or inline); see doc
 # long unread behind a slow stage, and taking its region back makes it a counted drop,
 # whereas a region held too long only sends a few arrays by frame.
 ORPHAN_AFTER = 600.0
-# At its first array, the sender has the pool's first pages mapped in by the kernel, on a
-# thread of its own: a fresh page costs a fault and a zeroing when first written, which
-# made the first 300 frames of a run (about 40 MB of pages, 1 MB each, 3 stages) run 30 %
-# slower than the next. Bounded by the pool; linux 5.14+ (MADV_POPULATE_WRITE), else
-# pages fault in as they are written, as before.
+# forward()'s pool (see pools.Shared) has its first pages mapped in by the kernel at its
+# first array, on a thread of its own: a fresh page costs a fault and a zeroing when first
+# written, which made the first 300 frames of a run (about 40 MB of pages, 1 MB each, 3
+# stages) run 30 % slower than the next. Not a worker's: those pages would count in its
+# resident size, which ``max_memory_mb`` limits. Bounded by the pool; linux 5.14+
+# (MADV_POPULATE_WRITE), else pages fault in as they are written, as before.
 WARM_BYTES = 32 * 2**20
 _MADV_POPULATE_WRITE = 23
 
@@ -44,13 +45,15 @@ class Allocator:
     """Places arrays in ``pool`` (pool number ``number``, as descriptors name it). Thread-safe:
     the orchestrator's user threads may forward() at once."""
 
-    def __init__(self, pool: Pool, number: int, min_bytes: int = DEFAULT_MIN_BYTES) -> None:
+    def __init__(
+        self, pool: Pool, number: int, min_bytes: int = DEFAULT_MIN_BYTES, warm_bytes: int = 0
+    ) -> None:
         self.pool = pool
         self.number = number
         self.min_bytes = min_bytes
         self._data = np.frombuffer(pool.map, np.uint8, pool.data_size, pool.data_at)
         self._lock = threading.Lock()
-        self._warming = False  # WARM_BYTES asked for
+        self._warm_bytes = warm_bytes  # to map in at the first array; 0 once asked for
         # {entry: (offset, padded length, generation)}: handed out, not yet seen released
         self._out: dict[int, tuple[int, int, int]] = {}
         for entry in range(pool.entries):  # a restarted sender: what its predecessor left
@@ -76,7 +79,7 @@ class Allocator:
         size = arr.nbytes
         counters = self.counters
         if size >= self.min_bytes:
-            if not self._warming:
+            if self._warm_bytes:
                 self._warm()
             with self._lock:
                 spot = self._allocate(size)
@@ -103,9 +106,9 @@ class Allocator:
         return None
 
     def _warm(self) -> None:
-        self._warming = True
         pool = self.pool
-        length = min(WARM_BYTES, pool.data_size) & ~(mmap.PAGESIZE - 1)
+        length = min(self._warm_bytes, pool.data_size) & ~(mmap.PAGESIZE - 1)
+        self._warm_bytes = 0
 
         def populate() -> None:
             with contextlib.suppress(OSError, ValueError):  # an older kernel; a closed map
